@@ -1,0 +1,719 @@
+#!/usr/bin/env python3
+"""Dahua P2P (Easy4IPCloud) signalling and crypto helpers, sans-IO.
+
+Everything here takes and returns bytes or plain values: building the cloud's
+HTTP-like DHGET/DHPOST requests with their WSSE header, parsing replies and
+their XML bodies, the device-credential crypto of newer firmware, the
+``/info/device`` blob, and the inverted-STUN hole-punch messages.  No sockets.
+See PROTOCOLS.md section 2.
+
+As a script it offers a few offline utilities (build a request, decode an
+Info blob, compute a device key); run ``helpers.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import struct
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from xml.sax.saxutils import escape as _xml_escape
+
+from Crypto.Cipher import AES
+from Crypto.Hash import SHA256
+from Crypto.Protocol.KDF import PBKDF2
+
+log = logging.getLogger("helpers")
+
+__all__ = [
+    "DEFAULT_CLOUD_USER",
+    "DEFAULT_CLOUD_KEY",
+    "DEFAULT_CLOUD_HOST",
+    "DEFAULT_CLOUD_PORT",
+    "DEFAULT_RANDSALT",
+    "P2PProtocolError",
+    "Request",
+    "Reply",
+    "wsse_digest",
+    "wsse_created",
+    "build_request",
+    "parse_request",
+    "build_reply",
+    "parse_reply",
+    "parse_xml_fields",
+    "xml_body",
+    "parse_host_port",
+    "device_key",
+    "derive_addr_key",
+    "encrypt_local_addr",
+    "decrypt_local_addr",
+    "dev_auth",
+    "dev_auth_xml",
+    "encrypt_info",
+    "decrypt_info",
+    "new_identify",
+    "format_identify",
+    "parse_identify",
+    "StunMessage",
+    "STUN_BINDING_REQUEST",
+    "STUN_BINDING_SUCCESS",
+    "ATTR_ADDRESS",
+    "ATTR_ICE_CONTROLLED",
+    "ATTR_ICE_CONTROLLING",
+    "build_punch_request",
+    "build_punch_response",
+    "parse_punch",
+    "looks_like_punch",
+    "main",
+]
+
+# ---------------------------------------------------------------------------
+# Constants (PROTOCOLS 2.1, 2.2, 2.4)
+# ---------------------------------------------------------------------------
+
+DEFAULT_CLOUD_USER = "cba1b29e32cb17aa46b8ff9e73c7f40b"
+DEFAULT_CLOUD_KEY = "996103384cdf19179e19243e959bbf8b"
+DEFAULT_CLOUD_HOST = "www.easy4ipcloud.com"
+DEFAULT_CLOUD_PORT = 8800
+DEFAULT_RANDSALT = "5daf91fc5cfc1be8e081cfb08f792726"
+
+INFO_KEY = b"kRjmsUB&ezmdGLL67H#$ojw@XflcaIaf"
+INFO_IV = b"MydvJw*Iw1w&i^kk"
+ADDR_IV = b"2z52*lk9o6HRyJrf"
+ADDR_KDF_ITERATIONS = 20000
+
+#: Largest signalling datagram we agree to parse (a UDP payload cannot exceed 65507).
+MAX_MESSAGE = 65536
+#: Largest XML body we hand to the XML parser.
+MAX_XML = 16384
+
+
+class P2PProtocolError(Exception):
+    """A cloud, device or punch message could not be parsed or is invalid."""
+
+
+# ---------------------------------------------------------------------------
+# Signalling messages: requests (PROTOCOLS 2.1)
+# ---------------------------------------------------------------------------
+
+
+def wsse_created(now: float | None = None) -> str:
+    """The WSSE ``Created`` timestamp (UTC, second precision) for unix time ``now``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+
+
+def wsse_digest(nonce: int, created: str, cloud_user: str, cloud_key: str) -> str:
+    """base64(SHA1(str(nonce) + created + "DHP2P:" + user + ":" + key))."""
+    raw = f"{nonce}{created}DHP2P:{cloud_user}:{cloud_key}".encode()
+    return base64.b64encode(hashlib.sha1(raw).digest()).decode("ascii")
+
+
+def build_request(
+    path: str,
+    cseq: int,
+    *,
+    body: str | None = None,
+    cloud_user: str = DEFAULT_CLOUD_USER,
+    cloud_key: str = DEFAULT_CLOUD_KEY,
+    nonce: int | None = None,
+    created: str | None = None,
+) -> bytes:
+    """Build a DHGET (no body) or DHPOST (with body) request datagram.
+
+    ``nonce`` defaults to a random integer below 2**31 and ``created`` to now.
+    """
+    if nonce is None:
+        nonce = secrets.randbelow(2**31)
+    if created is None:
+        created = wsse_created()
+    digest = wsse_digest(nonce, created, cloud_user, cloud_key)
+    method = "DHGET" if body is None else "DHPOST"
+    # PROTOCOLS 2.1: header order and the CSeq format matter to the server.
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"CSeq: {cseq}",
+        'Authorization: WSSE profile="UsernameToken"',
+        f'X-WSSE: UsernameToken Username="{cloud_user}", PasswordDigest="{digest}", '
+        f'Nonce="{nonce}", Created="{created}"',
+    ]
+    payload = b""
+    if body is not None:
+        payload = body.encode("utf-8")
+        # PROTOCOLS 2.1: an empty Content-Type with exactly one space after the colon.
+        lines.append("Content-Type: ")
+        lines.append(f"Content-Length: {len(payload)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + payload
+
+
+@dataclass
+class Request:
+    """A parsed DHGET/DHPOST request (used by emulators and for logging)."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: str = ""
+
+    def header(self, name: str) -> str | None:
+        """First value of header ``name`` (case-insensitive), or None."""
+        low = name.lower()
+        for key, value in self.headers:
+            if key.lower() == low:
+                return value
+        return None
+
+    @property
+    def cseq(self) -> int | None:
+        """The CSeq as an integer, or None when absent or malformed."""
+        value = self.header("CSeq")
+        if value is None or not value.isdigit():
+            return None
+        return int(value)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The XML body's elements (see :func:`parse_xml_fields`)."""
+        return parse_xml_fields(self.body)
+
+    def wsse(self) -> dict[str, str]:
+        """The X-WSSE header's key="value" pairs (empty when absent)."""
+        value = self.header("X-WSSE") or ""
+        if not value.startswith("UsernameToken "):
+            return {}
+        return dict(re.findall(r'(\w+)="([^"]*)"', value))
+
+    def wsse_valid(self, cloud_user: str, cloud_key: str) -> bool:
+        """True when the WSSE header is present, for this user, and its digest matches."""
+        if self.header("Authorization") != 'WSSE profile="UsernameToken"':
+            return False
+        token = self.wsse()
+        try:
+            nonce = int(token["Nonce"])
+            created = token["Created"]
+            user = token["Username"]
+            digest = token["PasswordDigest"]
+        except (KeyError, ValueError):
+            return False
+        if user != cloud_user:
+            return False
+        expected = wsse_digest(nonce, created, cloud_user, cloud_key)
+        return hmac.compare_digest(expected, digest)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _split_message(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
+    """Split an HTTP-like datagram into first line, headers and body text."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise P2PProtocolError("message must be bytes")
+    data = bytes(data)
+    if len(data) > MAX_MESSAGE:
+        raise P2PProtocolError(f"message too large ({len(data)} bytes)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise P2PProtocolError("message is not UTF-8 text") from exc
+    head, sep, body = text.partition("\r\n\r\n")
+    if not sep:
+        # Tolerate a message with headers but no blank line (nothing after them).
+        head, body = text.rstrip("\r\n"), ""
+    lines = head.split("\r\n")
+    first = lines[0]
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise P2PProtocolError(f"malformed header line {line[:60]!r}")
+        headers.append((name, value.strip(" \t")))
+    for name, value in headers:
+        if name.lower() == "content-length":
+            if not value.isdigit() or not value.isascii():
+                raise P2PProtocolError(f"bad Content-Length {value[:20]!r}")
+            length = int(value)
+            raw = body.encode("utf-8")
+            if length > len(raw):
+                raise P2PProtocolError("body shorter than Content-Length")
+            try:
+                body = raw[:length].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise P2PProtocolError("Content-Length splits a character") from exc
+            break
+    return first, headers, body
+
+
+_REQUEST_LINE = re.compile(r"(DHGET|DHPOST) (/\S*) HTTP/1\.1")
+
+
+def parse_request(data: bytes) -> Request:
+    """Parse a DHGET/DHPOST request datagram; raises :class:`P2PProtocolError`."""
+    first, headers, body = _split_message(data)
+    match = _REQUEST_LINE.fullmatch(first)
+    if not match:
+        raise P2PProtocolError(f"bad request line {first[:60]!r}")
+    return Request(match.group(1), match.group(2), headers, body)
+
+
+# ---------------------------------------------------------------------------
+# Signalling messages: replies
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """A parsed cloud/device reply: status, headers, body and its XML fields."""
+
+    code: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def header(self, name: str) -> str | None:
+        """First value of header ``name`` (case-insensitive), or None."""
+        low = name.lower()
+        for key, value in self.headers:
+            if key.lower() == low:
+                return value
+        return None
+
+    @property
+    def cseq(self) -> int | None:
+        """The CSeq as an integer, or None when absent or malformed."""
+        value = self.header("CSeq")
+        if value is None or not value.isdigit() or not value.isascii():
+            return None
+        return int(value)
+
+    @property
+    def provisional(self) -> bool:
+        """True for 1xx replies (``100 Trying``): the final reply follows."""
+        return 100 <= self.code < 200
+
+    @property
+    def ok(self) -> bool:
+        """True for 2xx replies."""
+        return 200 <= self.code < 300
+
+
+_STATUS_LINE = re.compile(r"HTTP/1\.[01] ([1-5][0-9][0-9])(?: (.*))?")
+
+
+def parse_reply(data: bytes) -> Reply:
+    """Parse a reply datagram (``HTTP/1.1 <code> <reason>``, headers, XML body).
+
+    Raises :class:`P2PProtocolError` on anything malformed, including hostile XML.
+    """
+    first, headers, body = _split_message(data)
+    match = _STATUS_LINE.fullmatch(first)
+    if not match:
+        raise P2PProtocolError(f"bad status line {first[:60]!r}")
+    return Reply(int(match.group(1)), match.group(2) or "", headers, body, parse_xml_fields(body))
+
+
+def build_reply(
+    code: int, reason: str, *, cseq: int | None = None, body: str | None = None
+) -> bytes:
+    """Build a reply datagram as the cloud servers and devices send them."""
+    lines = [f"HTTP/1.1 {code} {reason}"]
+    if cseq is not None:
+        lines.append(f"CSeq: {cseq}")
+    payload = b""
+    if body:
+        payload = body.encode("utf-8")
+        lines.append(f"Content-Length: {len(payload)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + payload
+
+
+def parse_xml_fields(text: str) -> dict[str, str]:
+    """Flatten an XML body into ``{tag: text}`` for every element below the root.
+
+    The first occurrence of a tag wins; text is stripped. An empty body gives an
+    empty dict. DOCTYPE/ENTITY declarations, oversized and malformed XML raise
+    :class:`P2PProtocolError`.
+    """
+    stripped = text.strip().strip("\x00")
+    if not stripped:
+        return {}
+    if len(stripped) > MAX_XML:
+        raise P2PProtocolError("XML body too large")
+    upper = stripped.upper()
+    if "<!DOCTYPE" in upper or "<!ENTITY" in upper:
+        raise P2PProtocolError("XML body with DOCTYPE/ENTITY refused")
+    try:
+        root = ET.fromstring(stripped)
+    except (ET.ParseError, ValueError, RecursionError) as exc:
+        raise P2PProtocolError(f"malformed XML body: {exc}") from exc
+    result: dict[str, str] = {}
+    for elem in root.iter():
+        if elem is root or not isinstance(elem.tag, str):
+            continue
+        result.setdefault(elem.tag, (elem.text or "").strip())
+    return result
+
+
+def xml_body(items: Iterable[tuple[str, object]] | dict[str, object]) -> str:
+    """``<body><k>v</k>...</body>`` with values XML-escaped, in the given order."""
+    pairs = items.items() if isinstance(items, dict) else items
+    inner = "".join(f"<{k}>{_xml_escape(str(v))}</{k}>" for k, v in pairs)
+    return f"<body>{inner}</body>"
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Parse ``host:port`` (as in ``<US>``, ``<Address>``, ``<LocalAddr>``)."""
+    host, colon, port = text.strip().rpartition(":")
+    if not colon or not host or not port.isdigit() or not port.isascii():
+        raise P2PProtocolError(f"bad address {text[:60]!r}")
+    number = int(port)
+    if not 0 < number < 65536:
+        raise P2PProtocolError(f"bad port in {text[:60]!r}")
+    return host, number
+
+
+# ---------------------------------------------------------------------------
+# Device credentials (PROTOCOLS 2.4) and /info/device (PROTOCOLS 2.2 step 2)
+# ---------------------------------------------------------------------------
+
+
+def device_key(user: str, password: str, randsalt: str | None = None) -> bytes:
+    """Uppercase hex MD5 of ``"{user}:Login to {randsalt}:{password}"`` as ASCII bytes."""
+    salt = randsalt or DEFAULT_RANDSALT
+    text = f"{user}:Login to {salt}:{password}".encode()
+    return hashlib.md5(text).hexdigest().upper().encode("ascii")
+
+
+def derive_addr_key(key: bytes, nonce: int | str) -> bytes:
+    """PBKDF2-HMAC-SHA256(key, salt=str(nonce), 20000 iterations, 32 bytes)."""
+    return PBKDF2(
+        key, str(nonce).encode(), dkLen=32, count=ADDR_KDF_ITERATIONS, hmac_hash_module=SHA256
+    )
+
+
+def encrypt_local_addr(key: bytes, nonce: int | str, addr: str) -> str:
+    """Encrypt ``ip:port`` for ``<LocalAddr>`` (AES-256-OFB, base64)."""
+    cipher = AES.new(derive_addr_key(key, nonce), AES.MODE_OFB, iv=ADDR_IV)
+    return base64.b64encode(cipher.encrypt(addr.encode())).decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise P2PProtocolError("invalid base64") from exc
+
+
+def decrypt_local_addr(key: bytes, nonce: int | str, b64: str) -> str:
+    """Decrypt an encrypted ``<LocalAddr>``; raises :class:`P2PProtocolError` if garbled."""
+    cipher = AES.new(derive_addr_key(key, nonce), AES.MODE_OFB, iv=ADDR_IV)
+    try:
+        return cipher.decrypt(_b64decode(b64)).decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise P2PProtocolError("LocalAddr does not decrypt (wrong credentials?)") from exc
+
+
+def dev_auth(key: bytes, nonce: int | str, created: int | str, payload: str = "") -> str:
+    """base64(HMAC-SHA256(key, str(nonce) + str(created) + payload))."""
+    msg = f"{nonce}{created}{payload}".encode()
+    return base64.b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode("ascii")
+
+
+def dev_auth_xml(
+    key: bytes,
+    user: str,
+    nonce: int,
+    created: int,
+    payload: str = "",
+    randsalt: str | None = None,
+) -> str:
+    """The ``[auth]`` XML fragment of p2p-channel / relay-channel bodies."""
+    salt = randsalt or DEFAULT_RANDSALT
+    return (
+        f"<CreateDate>{created}</CreateDate>"
+        f"<DevAuth>{dev_auth(key, nonce, created, payload)}</DevAuth>"
+        f"<Nonce>{nonce}</Nonce>"
+        f"<RandSalt>{_xml_escape(salt)}</RandSalt>"
+        f"<UserName>{_xml_escape(user)}</UserName>"
+    )
+
+
+def encrypt_info(info: dict | str) -> str:
+    """Encode a device Info JSON (dict or text) as the cloud's ``<Info>`` blob."""
+    text = info if isinstance(info, str) else json.dumps(info)
+    cipher = AES.new(INFO_KEY, AES.MODE_OFB, iv=INFO_IV)
+    return base64.b64encode(cipher.encrypt(text.encode())).decode("ascii")
+
+
+def decrypt_info(b64: str) -> dict:
+    """Decode ``<Info>`` into its JSON object; empty input gives ``{}``."""
+    if not b64.strip():
+        return {}
+    cipher = AES.new(INFO_KEY, AES.MODE_OFB, iv=INFO_IV)
+    try:
+        value = json.loads(cipher.decrypt(_b64decode(b64)).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise P2PProtocolError("device Info does not decrypt to JSON") from exc
+    if not isinstance(value, dict):
+        raise P2PProtocolError("device Info is not a JSON object")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Identify (PROTOCOLS 2.2 step 5)
+# ---------------------------------------------------------------------------
+
+
+def new_identify(rng: Callable[[int], bytes] = os.urandom) -> bytes:
+    """Eight fresh random Identify bytes."""
+    return rng(8)
+
+
+def format_identify(ident: bytes) -> str:
+    """Lowercase hex without zero padding, space separated: ``b"\\x00\\x1a"`` -> ``"0 1a"``."""
+    return " ".join(f"{b:x}" for b in ident)
+
+
+def parse_identify(text: str) -> bytes:
+    """Inverse of :func:`format_identify`; raises :class:`P2PProtocolError`."""
+    parts = text.split()
+    if len(parts) != 8 or not all(re.fullmatch(r"[0-9a-fA-F]{1,2}", p) for p in parts):
+        raise P2PProtocolError(f"bad Identify {text[:60]!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+# ---------------------------------------------------------------------------
+# Hole punch: inverted STUN (PROTOCOLS 2.3)
+# ---------------------------------------------------------------------------
+
+STUN_BINDING_REQUEST = 0x0001
+STUN_BINDING_SUCCESS = 0x0101
+ATTR_ADDRESS = 0x0004
+ATTR_ICE_CONTROLLED = 0x8029
+ATTR_ICE_CONTROLLING = 0x802A
+
+_STUN_HEADER = struct.Struct("!HH4s12s")
+
+
+def _pack_address(value: tuple[str, int]) -> bytes:
+    host, port = value
+    try:
+        packed = bytes(int(x) for x in host.split("."))
+    except ValueError as exc:
+        raise ValueError(f"not an IPv4 address: {host!r}") from exc
+    if len(packed) != 4:
+        raise ValueError(f"not an IPv4 address: {host!r}")
+    return struct.pack("!BBH", 0, 1, port) + packed
+
+
+def _unpack_address(data: bytes) -> tuple[str, int]:
+    if len(data) != 8 or data[1] != 1:
+        raise P2PProtocolError("bad address attribute")
+    port = struct.unpack("!H", data[2:4])[0]
+    return ".".join(str(b) for b in data[4:8]), port
+
+
+def _pack_tie(value: bytes) -> bytes:
+    if len(value) != 8:
+        raise ValueError("ICE-CONTROLLED/CONTROLLING value must be 8 bytes")
+    return bytes(value)
+
+
+def _unpack_tie(data: bytes) -> bytes:
+    if len(data) != 8:
+        raise P2PProtocolError("bad ICE-CONTROLLED/CONTROLLING attribute")
+    return bytes(data)
+
+
+#: Attribute table: type -> (name, pack, unpack). Unknown types stay raw bytes.
+ATTRIBUTES: dict[int, tuple[str, Callable, Callable]] = {
+    ATTR_ADDRESS: ("ADDRESS", _pack_address, _unpack_address),
+    ATTR_ICE_CONTROLLED: ("ICE-CONTROLLED", _pack_tie, _unpack_tie),
+    ATTR_ICE_CONTROLLING: ("ICE-CONTROLLING", _pack_tie, _unpack_tie),
+}
+
+
+@dataclass
+class StunMessage:
+    """A plain (not yet inverted) STUN message as used by the hole punch.
+
+    ``cookie`` is 4 random bytes (not RFC 5389's magic cookie); ``attributes``
+    maps attribute type to its decoded value, kept in insertion order.
+    """
+
+    msg_type: int
+    cookie: bytes
+    transaction_id: bytes
+    attributes: dict[int, object] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """Plain STUN bytes."""
+        body = b""
+        for attr_type, value in self.attributes.items():
+            spec = ATTRIBUTES.get(attr_type)
+            raw = spec[1](value) if spec else bytes(value)  # type: ignore[arg-type]
+            body += struct.pack("!HH", attr_type, len(raw)) + raw
+            body += b"\x00" * (-len(raw) % 4)
+        return _STUN_HEADER.pack(self.msg_type, len(body), self.cookie, self.transaction_id) + body
+
+    def to_wire(self) -> bytes:
+        """Bytes as sent: every byte XOR 0xFF."""
+        return _invert(self.to_bytes())
+
+    @classmethod
+    def parse(cls, data: bytes) -> StunMessage:
+        """Parse plain STUN bytes; raises :class:`P2PProtocolError`."""
+        data = bytes(data)
+        if len(data) < _STUN_HEADER.size:
+            raise P2PProtocolError("STUN message too short")
+        msg_type, length, cookie, tid = _STUN_HEADER.unpack_from(data)
+        if msg_type & 0xC000:
+            raise P2PProtocolError("not a STUN message (top bits set)")
+        if length % 4 or _STUN_HEADER.size + length != len(data):
+            raise P2PProtocolError("STUN length does not match the datagram")
+        attributes: dict[int, object] = {}
+        pos = _STUN_HEADER.size
+        while pos < len(data):
+            if pos + 4 > len(data):
+                raise P2PProtocolError("truncated STUN attribute header")
+            attr_type, attr_len = struct.unpack_from("!HH", data, pos)
+            pos += 4
+            if pos + attr_len > len(data):
+                raise P2PProtocolError("truncated STUN attribute")
+            raw = data[pos : pos + attr_len]
+            pos += attr_len + (-attr_len % 4)
+            spec = ATTRIBUTES.get(attr_type)
+            attributes.setdefault(attr_type, spec[2](raw) if spec else raw)
+        return cls(msg_type, cookie, tid, attributes)
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> StunMessage:
+        """Parse an inverted (on-the-wire) punch datagram."""
+        return cls.parse(_invert(data))
+
+
+def _invert(data: bytes) -> bytes:
+    return bytes(b ^ 0xFF for b in data)
+
+
+def build_punch_request(
+    identify: bytes,
+    device_addr: tuple[str, int],
+    *,
+    cookie: bytes | None = None,
+    transaction_id: bytes | None = None,
+) -> StunMessage:
+    """Client -> device Binding Request (ICE-CONTROLLING = Identify, device public address)."""
+    return StunMessage(
+        STUN_BINDING_REQUEST,
+        cookie if cookie is not None else os.urandom(4),
+        transaction_id if transaction_id is not None else os.urandom(12),
+        {ATTR_ICE_CONTROLLING: identify, ATTR_ADDRESS: device_addr},
+    )
+
+
+def build_punch_response(
+    identify: bytes, device_addr: tuple[str, int], cookie: bytes, transaction_id: bytes
+) -> StunMessage:
+    """Client -> device Binding Success (ICE-CONTROLLED = Identify, device local address)."""
+    return StunMessage(
+        STUN_BINDING_SUCCESS,
+        cookie,
+        transaction_id,
+        {ATTR_ICE_CONTROLLED: identify, ATTR_ADDRESS: device_addr},
+    )
+
+
+def parse_punch(data: bytes) -> StunMessage:
+    """Parse an on-the-wire (inverted) punch datagram; raises :class:`P2PProtocolError`."""
+    return StunMessage.from_wire(data)
+
+
+def looks_like_punch(data: bytes) -> bool:
+    """Cheap check whether a datagram is an inverted STUN punch message."""
+    try:
+        parse_punch(data)
+    except P2PProtocolError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# CLI (offline utilities only: nothing here touches the network)
+# ---------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.WARNING - 10 * verbose + 10 * quiet
+    logging.basicConfig(level=max(logging.DEBUG, level), format="%(levelname)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Offline utilities: build a request, decode an Info blob, derive a device key."""
+    parser = argparse.ArgumentParser(
+        prog="helpers.py",
+        description="Offline Dahua P2P signalling utilities (no network access).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    req = sub.add_parser("request", help="print a DHGET/DHPOST request")
+    req.add_argument("path", help="request path, e.g. /probe/p2psrv")
+    req.add_argument("--body", help="XML body (makes it a DHPOST)")
+    req.add_argument("--cseq", type=int, default=1)
+    req.add_argument("--cloud-user", default=os.environ.get("DH_P2P_CLOUD_USER"))
+    req.add_argument(
+        "--cloud-key", help="cloud key (default: env DH_P2P_CLOUD_KEY or the built-in pair)"
+    )
+
+    info = sub.add_parser("info", help="decode an <Info> blob from /info/device")
+    info.add_argument("blob")
+
+    key = sub.add_parser("device-key", help="print whether credentials give a key (not the key)")
+    key.add_argument("-u", "--user", default=os.environ.get("DH_P2P_USERNAME", "admin"))
+    key.add_argument("--randsalt", default=None)
+    key.add_argument("--local-addr", required=True, help="ip:port to encrypt")
+    key.add_argument("--nonce", type=int, default=None)
+
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+
+    if args.cmd == "request":
+        user = args.cloud_user or DEFAULT_CLOUD_USER
+        key_ = args.cloud_key or os.environ.get("DH_P2P_CLOUD_KEY") or DEFAULT_CLOUD_KEY
+        data = build_request(args.path, args.cseq, body=args.body, cloud_user=user, cloud_key=key_)
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    if args.cmd == "info":
+        try:
+            print(json.dumps(decrypt_info(args.blob), sort_keys=True))
+        except P2PProtocolError as exc:
+            print(f"helpers.py: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    # device-key: encrypt a LocalAddr with the password from the environment.
+    password = os.environ.get("DH_P2P_PASSWORD")
+    if password is None:
+        print("helpers.py: set DH_P2P_PASSWORD to the device password", file=sys.stderr)
+        return 2
+    nonce = args.nonce if args.nonce is not None else random.randrange(2**31)
+    dkey = device_key(args.user, password, args.randsalt)
+    print(f"nonce={nonce} LocalAddr={encrypt_local_addr(dkey, nonce, args.local_addr)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
