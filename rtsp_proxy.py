@@ -1,0 +1,1053 @@
+#!/usr/bin/env python3
+"""RTSP proxy that lets any standard RTSP client watch a Samsung SmartViewer DVR.
+
+The DVR's RTSP server is fragile (PROTOCOLS.md section 1.2): it ignores OPTIONS,
+deadlocks on unexpected headers, sends its own SDP dialect, delivers video on a
+side port in a private fragment format and stamps it with a 1000 Hz clock.  This
+proxy talks to the DVR only in the narrow dialect it survives and offers a
+well-behaved RTSP/1.0 server (RFC 2326, RTP per RFC 6184) to clients:
+
+    rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554 --username admin --password 4321
+    ffplay rtsp://127.0.0.1:8554/live.000
+
+All viewers of one channel share one DVR session (one token, one DVR RTSP
+session, one side-port stream).  Tokens come from ``svtool.TokenKeeper``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import logging
+import random
+import re
+import secrets
+import struct
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
+
+log = logging.getLogger("rtsp_proxy")
+
+SERVER_NAME = "rtsp_proxy"
+PUBLIC_METHODS = "OPTIONS, DESCRIBE, SETUP, PLAY, PAUSE, TEARDOWN, GET_PARAMETER"
+SESSION_TIMEOUT = 60
+MAX_HEAD_BYTES = 8192
+MAX_HEADERS = 64
+MAX_BODY_BYTES = 65536
+RTP_MAX_PAYLOAD = 1400  # RFC 6184 payload bytes per packet, FU indicator/header included
+H264_CLOCK = 90000
+
+_CHANNEL_RE = re.compile(r"live\.(\d{3})$")
+_TOKEN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class ProxyError(Exception):
+    """Base of every error this module raises about bad input."""
+
+
+class RTSPError(ProxyError):
+    """A client sent something that is not acceptable RTSP; ``status`` is the reply code."""
+
+    def __init__(self, message: str, status: int = 400, cseq: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.cseq = cseq
+
+
+class DVRError(ProxyError):
+    """The DVR's RTSP server answered something we cannot use."""
+
+
+class SamsungStreamError(ProxyError):
+    """The side-port fragment stream is out of step (PROTOCOLS 1.2)."""
+
+
+# ==========================================================================
+# Wire format and protocol state (sans-IO: bytes in, bytes/events out)
+# ==========================================================================
+
+# --------------------------------------------------------------------------
+# RTSP messages
+
+
+@dataclasses.dataclass
+class RTSPRequest:
+    """One parsed client request."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    version: str = "RTSP/1.0"
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """Value of the first header called ``name`` (case-insensitive)."""
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return default
+
+    @property
+    def cseq(self) -> str:
+        return self.header("CSeq", "") or ""
+
+
+@dataclasses.dataclass
+class InterleavedData:
+    """A ``$``-framed binary block from a client (RTCP receiver reports)."""
+
+    channel: int
+    data: bytes
+
+
+@dataclasses.dataclass
+class RTSPResponse:
+    """One parsed DVR reply."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        lname = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lname:
+                return value
+        return default
+
+
+def _find_head_end(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+    """Return (end of head, start of body) or (-1, -1); accepts CRLF or bare LF."""
+    crlf = buf.find(b"\r\n\r\n", start)
+    lf = buf.find(b"\n\n", start)
+    if crlf >= 0 and (lf < 0 or crlf <= lf):
+        return crlf, crlf + 4
+    if lf >= 0:
+        return lf, lf + 2
+    return -1, -1
+
+
+def _split_header_lines(lines: list[str], max_headers: int, err: Callable[[str], Exception]):
+    headers: list[tuple[str, str]] = []
+    for line in lines:
+        if not line:
+            continue
+        if line[0] in " \t":
+            raise err("folded header lines are not accepted")
+        name, sep, value = line.partition(":")
+        name = name.strip()
+        if not sep or not name or not _TOKEN_RE.match(name):
+            raise err(f"malformed header line {line[:60]!r}")
+        headers.append((name, value.strip()))
+        if len(headers) > max_headers:
+            raise err("too many header lines")
+    return headers
+
+
+class RTSPRequestParser:
+    """Incremental, bounded parser of client requests and interleaved blocks.
+
+    ``feed(data)`` returns complete events in order; raises ``RTSPError`` on bad
+    input, after which the connection should get a 400 and be closed.
+    """
+
+    def __init__(
+        self,
+        max_head: int = MAX_HEAD_BYTES,
+        max_headers: int = MAX_HEADERS,
+        max_body: int = MAX_BODY_BYTES,
+    ) -> None:
+        self._buf = bytearray()
+        self.max_head = max_head
+        self.max_headers = max_headers
+        self.max_body = max_body
+
+    def feed(self, data: bytes) -> list[RTSPRequest | InterleavedData]:
+        self._buf += data
+        events: list[RTSPRequest | InterleavedData] = []
+        while True:
+            event = self._next()
+            if event is None:
+                return events
+            events.append(event)
+
+    def _next(self) -> RTSPRequest | InterleavedData | None:
+        buf = self._buf
+        # Stray line ends between requests are tolerated (RFC 2326 keepalives).
+        skip = 0
+        while skip < len(buf) and buf[skip] in (0x0D, 0x0A):
+            skip += 1
+        if skip:
+            del buf[:skip]
+        if not buf:
+            return None
+        if buf[0] == 0x24:  # '$' interleaved binary data
+            if len(buf) < 4:
+                return None
+            channel = buf[1]
+            length = int.from_bytes(buf[2:4], "big")
+            if len(buf) < 4 + length:
+                return None
+            data = bytes(buf[4 : 4 + length])
+            del buf[: 4 + length]
+            return InterleavedData(channel, data)
+        head_end, body_start = _find_head_end(buf)
+        if head_end < 0:
+            if len(buf) > self.max_head:
+                raise RTSPError("request head too large")
+            return None
+        if head_end > self.max_head:
+            raise RTSPError("request head too large")
+        request = self._parse_head(bytes(buf[:head_end]))
+        length_text = request.header("Content-Length", "0") or "0"
+        if not length_text.isdigit() or int(length_text) > self.max_body:
+            raise RTSPError("bad Content-Length", cseq=request.header("CSeq"))
+        length = int(length_text)
+        if len(buf) < body_start + length:
+            return None
+        request.body = bytes(buf[body_start : body_start + length])
+        del buf[: body_start + length]
+        return request
+
+    def _parse_head(self, head: bytes) -> RTSPRequest:
+        if any(b < 0x20 and b not in (0x09, 0x0A, 0x0D) for b in head) or b"\x7f" in head:
+            raise RTSPError("control characters in request head")
+        text = head.decode("latin-1")
+        lines = text.replace("\r\n", "\n").split("\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3:
+            raise RTSPError(f"malformed request line {lines[0][:80]!r}")
+        method, url, version = parts
+        if not method.isalpha() and not _TOKEN_RE.match(method):
+            raise RTSPError("malformed method")
+        headers = _split_header_lines(lines[1:], self.max_headers, RTSPError)
+        request = RTSPRequest(method, url, headers, version=version)
+        cseq = request.header("CSeq")
+        if cseq is None or not cseq.isdigit() or len(cseq) > 10:
+            raise RTSPError("missing or malformed CSeq")
+        if not version.startswith("RTSP/"):
+            raise RTSPError("not an RTSP request", cseq=cseq)
+        if version != "RTSP/1.0":
+            raise RTSPError("only RTSP/1.0 is spoken here", status=505, cseq=cseq)
+        if not url or any(c in url for c in " \t"):
+            raise RTSPError("malformed URL", cseq=cseq)
+        return request
+
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    454: "Session Not Found",
+    455: "Method Not Valid in This State",
+    461: "Unsupported Transport",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+    505: "RTSP Version Not Supported",
+}
+
+
+def build_response(
+    status: int,
+    cseq: str | None,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> bytes:
+    """Serialize a reply to a client; CSeq is echoed first when known."""
+    lines = [f"RTSP/1.0 {status} {REASONS.get(status, 'Error')}"]
+    if cseq is not None:
+        lines.append(f"CSeq: {cseq}")
+    lines.append(f"Server: {SERVER_NAME}")
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def channel_from_url(url: str) -> int | None:
+    """Channel number of a ``.../live.NNN`` URL, None for any other URL."""
+    try:
+        path = urlsplit(url).path if "://" in url else url
+    except ValueError:
+        return None
+    match = _CHANNEL_RE.search(path)
+    if match is None or not path.endswith(match.group(0)):
+        return None
+    if "?" in url or "#" in url:
+        return None
+    return int(match.group(1))
+
+
+def strip_userinfo(url: str) -> str:
+    """The URL without ``user:pass@`` (so it never lands in an SDP or log)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host).geturl()
+
+
+def parse_basic_auth(value: str | None) -> tuple[str, str] | None:
+    """(user, password) of a ``Basic`` Authorization value, None if absent/other scheme."""
+    if not value:
+        return None
+    scheme, _, data = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(data.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    return user, password
+
+
+# --------------------------------------------------------------------------
+# Client transports (SETUP)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTransport:
+    """What a client's SETUP asked for and we accept."""
+
+    kind: str  # "tcp" or "udp"
+    profile: str  # the client's spelling, echoed back ("RTP/AVP", "RTP/AVP/UDP", ...)
+    interleaved: tuple[int, int] = (0, 1)
+    client_port: tuple[int, int] = (0, 0)
+
+    def reply(self, ssrc: int, server_port: tuple[int, int] | None = None) -> str:
+        """The Transport header of the SETUP reply."""
+        if self.kind == "tcp":
+            a, b = self.interleaved
+            return f"{self.profile};unicast;interleaved={a}-{b};ssrc={ssrc:08X}"
+        sp = server_port or (0, 0)
+        a, b = self.client_port
+        return (
+            f"{self.profile};unicast;client_port={a}-{b};server_port={sp[0]}-{sp[1]};ssrc={ssrc:08X}"
+        )
+
+
+def _port_pair(text: str, minimum: int = 1) -> tuple[int, int]:
+    first, _, second = text.partition("-")
+    if not first.isdigit() or (second and not second.isdigit()):
+        raise RTSPError("malformed port range", status=461)
+    a = int(first)
+    b = int(second) if second else a + 1
+    if not (minimum <= a < 65536 and minimum <= b < 65536):
+        raise RTSPError("port out of range", status=461)
+    return a, b
+
+
+def parse_client_transport(value: str | None) -> ClientTransport:
+    """Pick the first acceptable unicast RTP/AVP transport; RTSPError(461) if none."""
+    if not value:
+        raise RTSPError("SETUP without Transport", status=461)
+    for spec in value.split(","):
+        fields = [f.strip() for f in spec.split(";") if f.strip()]
+        if not fields:
+            continue
+        profile = fields[0]
+        upper = profile.upper()
+        params: dict[str, str] = {}
+        for field in fields[1:]:
+            key, _, val = field.partition("=")
+            params[key.lower()] = val
+        if "multicast" in params:
+            continue
+        if upper == "RTP/AVP/TCP":
+            try:
+                inter = _port_pair(params["interleaved"], 0) if "interleaved" in params else (0, 1)
+            except RTSPError:
+                continue
+            if inter[0] > 255 or inter[1] > 255:
+                continue
+            return ClientTransport("tcp", profile, interleaved=inter)
+        if upper in ("RTP/AVP", "RTP/AVP/UDP") and "client_port" in params:
+            try:
+                ports = _port_pair(params["client_port"])
+            except RTSPError:
+                continue
+            return ClientTransport("udp", profile, client_port=ports)
+    raise RTSPError("no supported transport", status=461)
+
+
+# --------------------------------------------------------------------------
+# DVR dialect (PROTOCOLS 1.2)
+
+
+@dataclasses.dataclass
+class DVRDescription:
+    """What the DVR's DESCRIBE told us."""
+
+    mode: str  # "tcp" or "udp": the DVR's side-port transport
+    payload_type: int
+    title: str
+    attributes: list[str]
+
+
+def parse_dvr_describe(body: bytes) -> DVRDescription:
+    """Read the DVR's ``text/parameters`` body (an SDP dialect); DVRError if no video."""
+    text = body.replace(b"\x00", b"").decode("latin-1")
+    title = ""
+    attributes: list[str] = []
+    in_video = False
+    video_line = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("s=") and not title:
+            title = line[2:].strip()
+        elif line.startswith("m="):
+            in_video = line.startswith("m=video")
+            if in_video and video_line is None:
+                video_line = line
+        elif in_video and line.startswith(("a=framerate:", "a=x-dimensions:")):
+            attributes.append(line)
+    if video_line is None:
+        raise DVRError("DVR DESCRIBE has no m=video line")
+    tokens = video_line[2:].split()
+    # PROTOCOLS 1.2: "m=video 0 TCP RTP/AVP <pt> H.264" means the TCP side port.
+    mode = "tcp" if "TCP" in (t.upper() for t in tokens) else "udp"
+    payload_type = 96
+    for i, tok in enumerate(tokens):
+        if tok.upper() == "RTP/AVP" and i + 1 < len(tokens) and tokens[i + 1].isdigit():
+            payload_type = int(tokens[i + 1]) & 0x7F
+    return DVRDescription(mode, payload_type, title, attributes)
+
+
+def build_sdp(
+    description: DVRDescription,
+    control_url: str,
+    origin_host: str,
+    channel: int,
+    sps: bytes | None = None,
+    pps: bytes | None = None,
+    session_id: int | None = None,
+) -> bytes:
+    """A complete, standard SDP for one H.264 video stream at 90 kHz."""
+    sid = session_id if session_id is not None else random.randrange(1 << 31)
+    fmtp = "packetization-mode=1"
+    if sps and len(sps) >= 4:
+        fmtp += f";profile-level-id={sps[1:4].hex().upper()}"
+    if sps and pps:
+        sets = ",".join(base64.b64encode(x).decode("ascii") for x in (sps, pps))
+        fmtp += f";sprop-parameter-sets={sets}"
+    title = description.title or f"Samsung DVR channel {channel}"
+    title = "".join(c for c in title if c.isprintable())
+    lines = [
+        "v=0",
+        f"o=- {sid} 1 IN IP4 {origin_host}",
+        f"s={title}",
+        "c=IN IP4 0.0.0.0",
+        "t=0 0",
+        "a=range:npt=now-",
+        "m=video 0 RTP/AVP 96",
+        "a=rtpmap:96 H264/90000",
+        f"a=fmtp:96 {fmtp}",
+        *description.attributes,
+        f"a=control:{control_url}",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+class DVRConnection:
+    """Sans-IO client side of the DVR's RTSP dialect: one request at a time.
+
+    Builds exactly the header sets PROTOCOLS 1.2 allows and parses the DVR's
+    replies, dropping NULs, accepting the unterminated SETUP reply and
+    ignoring its CSeq mistakes.
+    """
+
+    MAX_HEAD = 16384
+
+    def __init__(self, host: str, port: int, channel: int, token: str) -> None:
+        self.url = f"rtsp://{host}:{port}/live.{channel:03d}"
+        self.token = token
+        self.cseq = 0
+        self.session: str | None = None  # id only, for PLAY
+        self.session_line: str | None = None  # the whole header line, for the TCP side port
+        self.pending: str | None = None
+        self._buf = bytearray()
+
+    def _request(self, method: str, headers: list[tuple[str, str]]) -> bytes:
+        if self.pending is not None:
+            raise DVRError(f"{method} while {self.pending} is unanswered")
+        if any("\r" in v or "\n" in v for _, v in headers) or "\n" in self.token:
+            raise DVRError("line break in a DVR header value")
+        self.cseq += 1
+        self.pending = method
+        lines = [f"{method} {self.url} RTSP/1.0", f"CSeq: {self.cseq}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def describe(self) -> bytes:
+        return self._request("DESCRIBE", [("Authorization", self.token)])
+
+    def setup(self, mode: str, client_port: int | None = None) -> bytes:
+        # PROTOCOLS 1.2: exactly request line, CSeq, Transport, Authorization.
+        if mode == "tcp":
+            transport = "RTP/AVP/TCP;unicast"
+        else:
+            if not client_port:
+                raise DVRError("UDP SETUP needs a client port")
+            transport = f"RTP/AVP/UDP;unicast;client_port={client_port}"
+        return self._request("SETUP", [("Transport", transport), ("Authorization", self.token)])
+
+    def play(self) -> bytes:
+        if self.session is None:
+            raise DVRError("PLAY before SETUP")
+        # PROTOCOLS 1.2: exactly this header set, in this order.
+        return self._request(
+            "PLAY",
+            [
+                ("Session", self.session),
+                ("Range", "npt=0.000-"),
+                ("Speed", "+1.0"),
+                ("Bandwidth", "2048"),
+                ("Authorization", self.token),
+            ],
+        )
+
+    def receive_data(self, data: bytes) -> RTSPResponse | None:
+        """Feed bytes from the DVR; return the reply to the pending request once complete."""
+        self._buf += data
+        buf = self._buf
+        # PROTOCOLS 1.2: replies are followed by NULs; a SETUP reply has no blank line.
+        skip = 0
+        while skip < len(buf) and buf[skip] in (0x00, 0x0D, 0x0A):
+            skip += 1
+        if skip:
+            del buf[:skip]
+        if not buf:
+            return None
+        if self.pending is None:
+            raise DVRError("DVR sent data nobody asked for")
+        head_end, body_start = _find_head_end(buf)
+        if head_end < 0 and self.pending == "SETUP":
+            match = re.search(rb"(?im)^transport:[^\r\n]*\r?\n", buf)
+            if match:
+                head_end = body_start = match.end()
+        if head_end < 0:
+            if len(buf) > self.MAX_HEAD:
+                raise DVRError("DVR reply head too large")
+            return None
+        head = bytes(buf[:head_end]).replace(b"\x00", b"").decode("latin-1")
+        lines = head.replace("\r\n", "\n").split("\n")
+        status_parts = lines[0].split(" ", 2)
+        if len(status_parts) < 2 or not status_parts[0].startswith("RTSP/"):
+            raise DVRError(f"DVR reply has no status line: {lines[0][:60]!r}")
+        if not status_parts[1].isdigit():
+            raise DVRError("DVR reply status is not a number")
+        headers = _split_header_lines(lines[1:], 64, DVRError)
+        reply = RTSPResponse(
+            int(status_parts[1]), status_parts[2] if len(status_parts) > 2 else "", headers
+        )
+        length_text = reply.header("Content-Length", "0") or "0"
+        if not length_text.isdigit() or int(length_text) > MAX_BODY_BYTES:
+            raise DVRError("DVR reply has a bad Content-Length")
+        length = int(length_text)
+        if len(buf) < body_start + length:
+            return None
+        reply.body = bytes(buf[body_start : body_start + length])
+        del buf[: body_start + length]
+        # PROTOCOLS 1.2: CSeq may be 0 or wrong; one request at a time, so order matches.
+        if reply.header("CSeq") != str(self.cseq):
+            log.debug("DVR answered %s with CSeq %r", self.pending, reply.header("CSeq"))
+        method, self.pending = self.pending, None
+        if method == "SETUP" and reply.status == 200:
+            value = reply.header("Session")
+            if not value:
+                raise DVRError("DVR SETUP reply has no Session")
+            self.session = value.split(";")[0].strip()
+            self.session_line = f"Session: {value}"
+        return reply
+
+
+def side_port_from_transport(value: str | None, rtsp_port: int) -> int:
+    """The DVR's side port: ``server_port=`` of the SETUP reply, else RTSP port + 2."""
+    if value:
+        match = re.search(r"server_port=(\d+)", value)
+        if match and 0 < int(match.group(1)) < 65536:
+            return int(match.group(1))
+    return rtsp_port + 2
+
+
+# --------------------------------------------------------------------------
+# Samsung side-port fragments (PROTOCOLS 1.2, vectors.json "samsung_rtp")
+
+
+@dataclasses.dataclass
+class SamsungFrame:
+    """One reassembled frame from the DVR's side port."""
+
+    timestamp: int  # DVR clock (1000 Hz on the firmware we target)
+    payload: bytes
+
+
+class SamsungDefragmenter:
+    """Reassembles side-port fragments into frames, from a TCP stream or UDP datagrams.
+
+    Raises ``SamsungStreamError`` when the input is out of step.  After an
+    error on UDP the next datagram is a fresh start; a TCP stream cannot be
+    trusted any more.
+    """
+
+    MAX_FRAGMENT = 1 << 20
+
+    def __init__(self, max_frame: int = 8 << 20) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._ts: int | None = None
+        self._last_seq: int | None = None
+        self._skipping = False
+        self.dropped_frames = 0
+
+    @staticmethod
+    def _header(data: bytes | bytearray, offset: int = 0) -> tuple[int, int, int] | None:
+        """(header length, payload length, needed bytes) or None when more bytes are needed."""
+        avail = len(data) - offset
+        if avail < 1:
+            return None
+        b0 = data[offset]
+        if b0 >> 6 != 2:
+            raise SamsungStreamError(f"fragment with RTP version {b0 >> 6}")
+        if not b0 & 0x10:
+            raise SamsungStreamError("fragment without the extension bit")
+        ext = 12 + 4 * (b0 & 0x0F)
+        if avail < ext + 8:
+            return None
+        words = int.from_bytes(data[offset + ext + 2 : offset + ext + 4], "big")
+        if words < 1:
+            raise SamsungStreamError("fragment extension holds no length word")
+        payload_len = int.from_bytes(data[offset + ext + 4 : offset + ext + 8], "little")
+        if payload_len > SamsungDefragmenter.MAX_FRAGMENT:
+            raise SamsungStreamError(f"fragment payload length {payload_len} is implausible")
+        head = ext + 4 + 4 * words
+        return head, payload_len, head + payload_len
+
+    def _fragment(self, data: bytes | bytearray, offset: int, head: int, length: int):
+        seq = int.from_bytes(data[offset + 2 : offset + 4], "big")
+        ts = int.from_bytes(data[offset + 4 : offset + 8], "big")
+        marker = bool(data[offset + 1] & 0x80)
+        payload = bytes(data[offset + head : offset + head + length])
+        gap = self._last_seq is not None and seq != (self._last_seq + 1) & 0xFFFF
+        self._last_seq = seq
+        if gap:
+            # Lost fragments: whatever arrives up to the next marker is a damaged frame.
+            self._drop()
+            self._skipping = True
+        elif self._parts and ts != self._ts:
+            self._drop()  # a frame without its marker fragment
+        if self._skipping:
+            self._skipping = not marker
+            return None
+        self._ts = ts
+        self._parts.append(payload)
+        self._size += len(payload)
+        if self._size > self.max_frame:
+            self._drop()
+            raise SamsungStreamError("frame larger than the limit")
+        if not marker:
+            return None
+        frame = SamsungFrame(ts, b"".join(self._parts))
+        self._parts = []
+        self._size = 0
+        return frame
+
+    def _drop(self) -> None:
+        self._parts = []
+        self._size = 0
+        self.dropped_frames += 1
+
+    def feed_stream(self, data: bytes) -> list[SamsungFrame]:
+        """TCP mode: fragments back to back; the payload length is the only framing."""
+        self._buf += data
+        frames: list[SamsungFrame] = []
+        offset = 0
+        buf = self._buf
+        try:
+            while True:
+                header = self._header(buf, offset)
+                if header is None or len(buf) - offset < header[2]:
+                    break
+                frame = self._fragment(buf, offset, header[0], header[1])
+                offset += header[2]
+                if frame is not None:
+                    frames.append(frame)
+        finally:
+            del buf[:offset]
+        return frames
+
+    def feed_datagram(self, data: bytes) -> list[SamsungFrame]:
+        """UDP mode: one fragment per datagram; lone NUL datagrams are keepalives."""
+        if data == b"\x00":
+            return []
+        try:
+            header = self._header(data)
+            if header is None or len(data) < header[2]:
+                raise SamsungStreamError("truncated fragment datagram")
+        except SamsungStreamError:
+            if self._parts:
+                self._drop()
+            self._skipping = True
+            raise
+        frame = self._fragment(data, 0, header[0], header[1])
+        return [frame] if frame is not None else []
+
+
+# --------------------------------------------------------------------------
+# H.264 over RTP (RFC 6184)
+
+
+def split_annexb(payload: bytes) -> list[bytes]:
+    """NAL units of a frame payload: split at Annex-B start codes if it has any."""
+    if not (payload.startswith(b"\x00\x00\x01") or payload.startswith(b"\x00\x00\x00\x01")):
+        return [payload] if payload else []
+    nals: list[bytes] = []
+    pos = payload.find(b"\x00\x00\x01")
+    while pos >= 0:
+        start = pos + 3
+        nxt = payload.find(b"\x00\x00\x01", start)
+        end = len(payload) if nxt < 0 else nxt
+        nal = payload[start:end].rstrip(b"\x00")
+        if nal:
+            nals.append(nal)
+        pos = nxt
+    return nals
+
+
+class TimestampMapper:
+    """Maps the DVR clock (1000 Hz) to the 90 kHz RTP clock, tolerating wrap-around."""
+
+    def __init__(self, clock_in: int = 1000, clock_out: int = H264_CLOCK, base: int = 0) -> None:
+        self.clock_in = clock_in
+        self.clock_out = clock_out
+        self.base = base & 0xFFFFFFFF
+        self._last: int | None = None
+        self._ext = 0
+
+    def map(self, ts_in: int) -> int:
+        if self._last is not None:
+            delta = ((ts_in - self._last + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+            self._ext += delta
+        self._last = ts_in & 0xFFFFFFFF
+        return (self.base + self._ext * self.clock_out // self.clock_in) & 0xFFFFFFFF
+
+
+class H264Packetizer:
+    """RFC 6184 packetizer: single NAL unit packets, FU-A for large NAL units."""
+
+    def __init__(
+        self,
+        ssrc: int,
+        payload_type: int = 96,
+        max_payload: int = RTP_MAX_PAYLOAD,
+        seq: int = 0,
+    ) -> None:
+        self.ssrc = ssrc & 0xFFFFFFFF
+        self.payload_type = payload_type
+        self.max_payload = max_payload
+        self.seq = seq & 0xFFFF
+
+    def _header(self, marker: bool, ts: int, seq: int) -> bytes:
+        return struct.pack(
+            "!BBHII", 0x80, (0x80 if marker else 0) | self.payload_type, seq, ts, self.ssrc
+        )
+
+    def packetize(self, nals: list[bytes], ts: int) -> list[bytes]:
+        """RTP packets for one frame; the marker is set on its last packet."""
+        packets: list[bytes] = []
+        count = len(nals)
+        for index, nal in enumerate(nals):
+            last_nal = index == count - 1
+            if len(nal) <= self.max_payload:
+                packets.append(self._header(last_nal, ts, self.seq) + nal)
+                self.seq = (self.seq + 1) & 0xFFFF
+                continue
+            indicator = (nal[0] & 0xE0) | 28
+            nal_type = nal[0] & 0x1F
+            step = self.max_payload - 2
+            body = memoryview(nal)[1:]
+            for start in range(0, len(body), step):
+                end = start + step >= len(body)
+                fu_header = (0x80 if start == 0 else 0) | (0x40 if end else 0) | nal_type
+                packets.append(
+                    self._header(last_nal and end, ts, self.seq)
+                    + bytes((indicator, fu_header))
+                    + body[start : start + step]
+                )
+                self.seq = (self.seq + 1) & 0xFFFF
+        return packets
+
+    def packet_at(self, nal: bytes, ts: int, seq: int) -> bytes:
+        """A single-NAL packet with an explicit sequence number (late-joiner SPS/PPS)."""
+        return self._header(False, ts, seq & 0xFFFF) + nal
+
+
+def interleave(packets: list[bytes], channel: int) -> bytes:
+    """``$``-framed RTP packets for a TCP client (RFC 2326 10.12)."""
+    ch = bytes((0x24, channel))
+    return b"".join(ch + len(p).to_bytes(2, "big") + p for p in packets)
+
+
+@dataclasses.dataclass
+class MediaFrame:
+    """A frame packetized once and shared by every viewer of a channel."""
+
+    packets: list[bytes]
+    first_seq: int
+    rtptime: int
+    keyframe: bool
+    has_parameter_sets: bool
+    _interleaved: dict[int, bytes] = dataclasses.field(default_factory=dict)
+
+    def interleaved(self, channel: int) -> bytes:
+        data = self._interleaved.get(channel)
+        if data is None:
+            data = self._interleaved[channel] = interleave(self.packets, channel)
+        return data
+
+
+class ChannelMedia:
+    """Per-channel media state: timestamps, packetizer, cached SPS/PPS."""
+
+    def __init__(self, clock_in: int = 1000, ssrc: int | None = None) -> None:
+        self.ssrc = ssrc if ssrc is not None else random.getrandbits(32)
+        self.packetizer = H264Packetizer(self.ssrc, seq=random.getrandbits(16))
+        self.clock = TimestampMapper(clock_in, H264_CLOCK, random.getrandbits(32))
+        self.sps: bytes | None = None
+        self.pps: bytes | None = None
+
+    def on_frame(self, frame: SamsungFrame) -> MediaFrame | None:
+        nals = split_annexb(frame.payload)
+        if not nals:
+            return None
+        types = {nal[0] & 0x1F for nal in nals}
+        for nal in nals:
+            kind = nal[0] & 0x1F
+            if kind == 7:
+                self.sps = nal
+            elif kind == 8:
+                self.pps = nal
+        rtptime = self.clock.map(frame.timestamp)
+        first_seq = self.packetizer.seq
+        packets = self.packetizer.packetize(nals, rtptime)
+        return MediaFrame(packets, first_seq, rtptime, 5 in types, {7, 8} <= types)
+
+    def start_packets(self, frame: MediaFrame) -> list[bytes]:
+        """Cached SPS/PPS for a viewer starting at ``frame``, numbered just before it."""
+        if frame.has_parameter_sets or not (self.sps and self.pps):
+            return []
+        return [
+            self.packetizer.packet_at(self.sps, frame.rtptime, frame.first_seq - 2),
+            self.packetizer.packet_at(self.pps, frame.rtptime, frame.first_seq - 1),
+        ]
+
+
+# --------------------------------------------------------------------------
+# The client-facing RTSP state machine
+
+
+@dataclasses.dataclass
+class Reply:
+    """Send these bytes to the client now."""
+
+    data: bytes
+    close: bool = False
+
+
+@dataclasses.dataclass
+class NeedDescribe:
+    """The driver must obtain the channel's description, then call ``describe_reply``."""
+
+    request: RTSPRequest
+    channel: int
+    credentials: tuple[str, str] | None
+
+
+@dataclasses.dataclass
+class NeedSetup:
+    """The driver must attach the client to the channel, then call ``setup_reply``."""
+
+    request: RTSPRequest
+    channel: int
+    credentials: tuple[str, str] | None
+    transport: ClientTransport
+
+
+@dataclasses.dataclass
+class NeedPlay:
+    """The driver starts delivery and sends ``play_reply`` when the first keyframe is due."""
+
+    request: RTSPRequest
+
+
+@dataclasses.dataclass
+class NeedPause:
+    request: RTSPRequest
+
+
+@dataclasses.dataclass
+class NeedTeardown:
+    request: RTSPRequest
+
+
+Action = Reply | NeedDescribe | NeedSetup | NeedPlay | NeedPause | NeedTeardown
+
+
+class ClientProtocol:
+    """RTSP/1.0 server side for one client connection; pure logic, no sockets.
+
+    ``handle(request)`` returns an action; replies that need the DVR are built
+    afterwards with the ``*_reply`` methods.
+    """
+
+    def __init__(self, *, credentials_required: bool, realm: str = SERVER_NAME) -> None:
+        self.credentials_required = credentials_required
+        self.realm = realm
+        self.session_id: str | None = None
+        self.channel: int | None = None
+        self.transport: ClientTransport | None = None
+        self.credentials: tuple[str, str] | None = None
+        self.control_url = ""
+        self.playing = False
+
+    # ---- helpers
+    def reply(self, request: RTSPRequest, status: int, headers=(), body=b"") -> bytes:
+        return build_response(status, request.cseq, headers, body)
+
+    def unauthorized(self, request: RTSPRequest) -> bytes:
+        return self.reply(request, 401, [("WWW-Authenticate", f'Basic realm="{self.realm}"')])
+
+    def error(self, exc: RTSPError) -> Reply:
+        """Reply for a request the parser rejected; the connection is then closed."""
+        return Reply(build_response(exc.status, exc.cseq), close=True)
+
+    def _session_header(self) -> tuple[str, str]:
+        return ("Session", f"{self.session_id};timeout={SESSION_TIMEOUT}")
+
+    def _check_session(self, request: RTSPRequest) -> Reply | None:
+        value = request.header("Session")
+        if self.session_id is None:
+            return Reply(self.reply(request, 455 if value is None else 454))
+        if value is not None and value.split(";")[0].strip() != self.session_id:
+            return Reply(self.reply(request, 454))
+        return None
+
+    def _credentials(self, request: RTSPRequest) -> tuple[str, str] | None | bool:
+        """Credentials for the DVR, None when the proxy holds them, False when missing."""
+        if not self.credentials_required:
+            return None
+        given = parse_basic_auth(request.header("Authorization"))
+        if given is not None:
+            return given
+        return self.credentials if self.credentials is not None else False
+
+    # ---- entry point
+    def handle(self, request: RTSPRequest) -> Action:
+        method = request.method
+        if method == "OPTIONS":
+            return Reply(self.reply(request, 200, [("Public", PUBLIC_METHODS)]))
+        if method in ("GET_PARAMETER", "SET_PARAMETER"):
+            headers = [self._session_header()] if self.session_id else []
+            return Reply(self.reply(request, 200, headers))
+        if method not in ("DESCRIBE", "SETUP", "PLAY", "PAUSE", "TEARDOWN"):
+            return Reply(self.reply(request, 501 if method.isupper() else 400))
+        if method in ("PLAY", "PAUSE", "TEARDOWN"):
+            bad = self._check_session(request)
+            if bad is not None:
+                return bad
+            if method == "TEARDOWN":
+                return NeedTeardown(request)
+            if method == "PAUSE":
+                return NeedPause(request)
+            return NeedPlay(request)
+        channel = channel_from_url(request.url)
+        if channel is None:
+            return Reply(self.reply(request, 404))  # never forwarded (PROTOCOLS 1.2)
+        creds = self._credentials(request)
+        if creds is False:
+            return Reply(self.unauthorized(request))
+        if method == "DESCRIBE":
+            return NeedDescribe(request, channel, creds or None)
+        if self.session_id is not None:
+            bad = self._check_session(request)
+            if bad is not None:
+                return bad
+            if channel != self.channel:
+                return Reply(self.reply(request, 455))
+        try:
+            transport = parse_client_transport(request.header("Transport"))
+        except RTSPError as exc:
+            return Reply(self.reply(request, exc.status))
+        return NeedSetup(request, channel, creds or None, transport)
+
+    # ---- replies after the driver did its part
+    def describe_reply(self, request: RTSPRequest, sdp: bytes, base_url: str) -> bytes:
+        self.credentials = self._remembered(request)
+        return self.reply(
+            request,
+            200,
+            [("Content-Base", base_url + "/"), ("Content-Type", "application/sdp")],
+            sdp,
+        )
+
+    def _remembered(self, request: RTSPRequest) -> tuple[str, str] | None:
+        creds = self._credentials(request)
+        return creds if isinstance(creds, tuple) else self.credentials
+
+    def setup_reply(
+        self,
+        request: RTSPRequest,
+        channel: int,
+        transport: ClientTransport,
+        ssrc: int,
+        server_port: tuple[int, int] | None = None,
+    ) -> bytes:
+        self.credentials = self._remembered(request)
+        if self.session_id is None:
+            self.session_id = secrets.token_hex(8).upper()
+        self.channel = channel
+        self.transport = transport
+        self.control_url = strip_userinfo(request.url)
+        return self.reply(
+            request,
+            200,
+            [("Transport", transport.reply(ssrc, server_port)), self._session_header()],
+        )
+
+    def play_reply(self, request: RTSPRequest, seq: int, rtptime: int) -> bytes:
+        self.playing = True
+        url = self.control_url
+        return self.reply(
+            request,
+            200,
+            [
+                self._session_header(),
+                ("Range", "npt=now-"),
+                ("RTP-Info", f"url={url};seq={seq & 0xFFFF};rtptime={rtptime & 0xFFFFFFFF}"),
+            ],
+        )
+
+    def pause_reply(self, request: RTSPRequest) -> bytes:
+        self.playing = False
+        return self.reply(request, 200, [self._session_header()])
+
+    def teardown_reply(self, request: RTSPRequest) -> bytes:
+        self.playing = False
+        self.session_id = None
+        self.channel = None
+        self.transport = None
+        return self.reply(request, 200)
