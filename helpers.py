@@ -436,15 +436,17 @@ def dev_auth_xml(
     nonce: int,
     created: int,
     payload: str = "",
-    randsalt: str | None = None,
+    randsalt: str | None = DEFAULT_RANDSALT,
 ) -> str:
-    """The ``[auth]`` XML fragment of p2p-channel / relay-channel bodies."""
-    salt = randsalt or DEFAULT_RANDSALT
+    """The ``[auth]`` XML fragment of p2p-channel / relay-channel bodies.
+
+    ``randsalt`` None or empty omits ``<RandSalt>`` (a device without its own salt).
+    """
+    salt = f"<RandSalt>{_xml_escape(randsalt)}</RandSalt>" if randsalt else ""
     return (
         f"<CreateDate>{created}</CreateDate>"
         f"<DevAuth>{dev_auth(key, nonce, created, payload)}</DevAuth>"
-        f"<Nonce>{nonce}</Nonce>"
-        f"<RandSalt>{_xml_escape(salt)}</RandSalt>"
+        f"<Nonce>{nonce}</Nonce>{salt}"
         f"<UserName>{_xml_escape(user)}</UserName>"
     )
 

@@ -196,6 +196,10 @@ def test_dev_auth_xml_vectors() -> None:
     assert with_payload == AUTH["auth_xml_with_payload"]
     no_payload = helpers.dev_auth_xml(key, AUTH["username"], AUTH["nonce"], AUTH["created"])
     assert no_payload == AUTH["auth_xml_no_payload"]
+    no_salt = helpers.dev_auth_xml(key, "admin", 42, 1767323045, randsalt=None)
+    assert no_salt == AUTH["auth_xml_no_payload"].replace(
+        f"<RandSalt>{AUTH['randsalt']}</RandSalt>", ""
+    )
 
 
 def test_decrypt_local_addr_bad_input() -> None:
