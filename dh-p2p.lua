@@ -1,0 +1,552 @@
+-- dh-p2p.lua: Wireshark dissector for the Dahua P2P (Easy4IPCloud) tunnel.
+--
+-- Three heuristic dissectors on UDP (any port, nothing to configure):
+--   dhp2p   cloud signalling (DHGET / DHPOST requests, HTTP-like replies), handed to
+--           the HTTP dissector so the XML bodies show
+--   dhpunch hole-punch messages: STUN with every byte inverted, handed un-inverted to
+--           the STUN dissector
+--   ptcp    the PTCP tunnel: header, every body type, and realm data handed to RTSP
+--           (interleaved RTP included) or HTTP according to the port each realm was
+--           bound to
+-- Format: PROTOCOLS.md section 2 of this project.
+--
+-- Load it with:  wireshark -X lua_script:dh-p2p.lua capture.pcap
+--           or:  tshark -X lua_script:dh-p2p.lua -o udp.try_heuristic_first:TRUE -r capture.pcap
+-- or copy it into the personal Lua plugins folder (Help > About Wireshark > Folders).
+
+-- Dissectors we hand payloads to (nil when a build lacks one: we then show raw data).
+local function find_dissector(name)
+    local ok, d = pcall(Dissector.get, name)
+    if ok then return d end
+    return nil
+end
+
+local data_dissector = find_dissector("data")
+local http_dissector = find_dissector("http")
+local stun_dissector = find_dissector("stun-udp")
+local classicstun_dissector = find_dissector("classicstun")
+
+-- Realm data is handed to these according to the TCP port the realm was bound to.
+local PORT_DISSECTORS = {
+    [554] = find_dissector("rtsp"),
+    [80] = find_dissector("http"),
+}
+
+-- Sub-dissectors (HTTP, RTSP) fence the Info column; our sentence replaces it whole.
+local function set_info(pinfo, text)
+    pinfo.cols.info:clear_fence()
+    pinfo.cols.info:set(text)
+end
+
+-- Ask a sub-dissector for "one more segment" (epan's DESEGMENT_ONE_MORE_SEGMENT).
+local DESEGMENT_ONE_MORE_SEGMENT = 0x0fffffff
+
+------------------------------------------------------------------------------------
+-- Cloud signalling (PROTOCOLS 2.1)
+------------------------------------------------------------------------------------
+
+local dhp2p = Proto("dhp2p", "Dahua P2P cloud signalling")
+
+local sig_f = {
+    method = ProtoField.string("dhp2p.method", "Method"),
+    uri = ProtoField.string("dhp2p.uri", "Request URI"),
+    code = ProtoField.uint16("dhp2p.code", "Status code", base.DEC),
+    cseq = ProtoField.uint32("dhp2p.cseq", "CSeq", base.DEC),
+    text = ProtoField.string("dhp2p.text", "Text"),
+}
+dhp2p.fields = { sig_f.method, sig_f.uri, sig_f.code, sig_f.cseq, sig_f.text }
+
+local sig_e = {
+    normalised = ProtoExpert.new("dhp2p.normalised", "Message normalised for the HTTP dissector",
+        expert.group.PROTOCOL, expert.severity.NOTE),
+}
+dhp2p.experts = { sig_e.normalised }
+
+-- Agent notice on the relay socket (PROTOCOLS 2.2 step 8).
+local AGENT_NOTICE = "Server Nat Info!"
+
+local function is_signalling(s)
+    if s:sub(1, 6) == "DHGET " or s:sub(1, 7) == "DHPOST " then return true end
+    if s:match("^HTTP/1%.[01] %d%d%d") then return true end
+    return s:sub(1, #AGENT_NOTICE) == AGENT_NOTICE
+end
+
+-- Turn a signalling message into something Wireshark's HTTP dissector understands:
+-- drop the "DH" of the method and give an XML body a content type. PROTOCOLS 2.1: POSTs
+-- carry "Content-Type: " with an empty value and replies often carry none at all.
+local function normalise_signalling(s)
+    local out = s
+    if out:sub(1, 2) == "DH" then out = out:sub(3) end
+    local head_end = out:find("\r\n\r\n", 1, true)
+    if head_end then
+        local head = out:sub(1, head_end + 1)
+        local body = out:sub(head_end + 4)
+        if body:match("^%s*<") then
+            local ctype = head:match("\r\n[Cc]ontent%-[Tt]ype:[ \t]*([^\r\n]*)\r\n")
+            if ctype == nil then
+                head = head .. "Content-Type: text/xml\r\n"
+            elseif ctype == "" then
+                head = head:gsub("(\r\n[Cc]ontent%-[Tt]ype:)[ \t]*\r\n", "%1 text/xml\r\n", 1)
+            end
+        end
+        out = head .. "\r\n" .. body
+    end
+    return out
+end
+
+local function dissect_signalling(tvb, pinfo, tree)
+    local s = tvb:raw()
+    local subtree = tree:add(dhp2p, tvb())
+    pinfo.cols.protocol:set("DH-P2P")
+    local first_line = s:match("^([^\r\n]*)")
+    if s:sub(1, #AGENT_NOTICE) == AGENT_NOTICE then
+        subtree:add(sig_f.text, tvb(0, #AGENT_NOTICE))
+        set_info(pinfo, "DH-P2P relay agent: " .. AGENT_NOTICE)
+        return tvb:len()
+    end
+    local method, uri = first_line:match("^(DH%u+) (%S+)")
+    if method then
+        subtree:add(sig_f.method, tvb(0, #method))
+        subtree:add(sig_f.uri, tvb(#method + 1, #uri))
+    else
+        local code = first_line:match("^HTTP/1%.[01] (%d%d%d)")
+        subtree:add(sig_f.code, tvb(9, 3), tonumber(code))
+    end
+    local _, cseq_end, cseq = s:find("\r\nCSeq:[ \t]*(%d+)")
+    if cseq_end and #cseq <= 9 then
+        subtree:add(sig_f.cseq, tvb(cseq_end - #cseq, #cseq), tonumber(cseq))
+    end
+    set_info(pinfo, "DH-P2P " .. first_line)
+    if not http_dissector then return tvb:len() end
+    local normal = normalise_signalling(s)
+    local http_tvb = tvb
+    if normal ~= s then
+        subtree:add_proto_expert_info(sig_e.normalised,
+            "Handed to HTTP without the DH method prefix and with an XML content type")
+        http_tvb = ByteArray.new(normal, true):tvb("DH-P2P as HTTP")
+    end
+    http_dissector:call(http_tvb, pinfo, tree)
+    pinfo.cols.protocol:set("DH-P2P")
+    set_info(pinfo, "DH-P2P " .. first_line)
+    return tvb:len()
+end
+
+------------------------------------------------------------------------------------
+-- Hole punch: inverted STUN (PROTOCOLS 2.3)
+------------------------------------------------------------------------------------
+
+local dhpunch = Proto("dhpunch", "Dahua P2P hole punch (inverted STUN)")
+
+local STUN_TYPES = {
+    [0x0001] = "Binding Request",
+    [0x0101] = "Binding Success Response",
+    [0x0111] = "Binding Error Response",
+    [0x0011] = "Binding Indication",
+}
+
+local punch_f = {
+    msg_type = ProtoField.uint16("dhpunch.type", "Message type", base.HEX, STUN_TYPES),
+    cookie = ProtoField.uint32("dhpunch.cookie", "Cookie", base.HEX),
+    tid = ProtoField.bytes("dhpunch.tid", "Transaction id"),
+    identify = ProtoField.bytes("dhpunch.identify", "Identify (ICE role tie-breaker)"),
+    port = ProtoField.uint16("dhpunch.port", "Address port", base.DEC),
+    ip = ProtoField.ipv4("dhpunch.ip", "Address IPv4"),
+}
+dhpunch.fields = {
+    punch_f.msg_type, punch_f.cookie, punch_f.tid, punch_f.identify, punch_f.port, punch_f.ip,
+}
+
+local STUN_MAGIC_COOKIE = 0x2112A442
+
+local function invert(s)
+    return (s:gsub(".", function(c) return string.char(255 - c:byte()) end))
+end
+
+-- The un-inverted message must be a well-formed Binding message whose attributes
+-- exactly fill its length. Cheap checks first: this runs on every UDP datagram.
+local function is_inverted_stun(tvb)
+    local len = tvb:len()
+    if len < 20 or len > 1500 or (len - 20) % 4 ~= 0 then return false end
+    local mtype = 0xffff - tvb(0, 2):uint()
+    if not STUN_TYPES[mtype] then return false end
+    if 0xffff - tvb(2, 2):uint() ~= len - 20 then return false end
+    local off = 20
+    while off < len do
+        if off + 4 > len then return false end
+        local alen = 0xffff - tvb(off + 2, 2):uint()
+        off = off + 4 + alen + ((4 - alen % 4) % 4)
+    end
+    return off == len
+end
+
+local function dissect_punch(tvb, pinfo, tree)
+    local len = tvb:len()
+    local plain = ByteArray.new(invert(tvb:raw()), true):tvb("Un-inverted STUN")
+    local subtree = tree:add(dhpunch, tvb())
+    local mtype = plain(0, 2):uint()
+    subtree:add(punch_f.msg_type, tvb(0, 2), mtype)
+    local cookie = plain(4, 4):uint()
+    subtree:add(punch_f.cookie, tvb(4, 4), cookie)
+    subtree:add(punch_f.tid, tvb(8, 12), plain(8, 12):raw())
+    local off = 20
+    while off + 4 <= len do
+        local atype, alen = plain(off, 2):uint(), plain(off + 2, 2):uint()
+        if off + 4 + alen > len then break end
+        if (atype == 0x802A or atype == 0x8029) and alen == 8 then
+            subtree:add(punch_f.identify, tvb(off + 4, 8), plain(off + 4, 8):raw())
+        elseif atype == 0x0004 and alen == 8 then
+            subtree:add(punch_f.port, tvb(off + 6, 2), plain(off + 6, 2):uint())
+            subtree:add(punch_f.ip, tvb(off + 8, 4), plain(off + 8, 4):ipv4())
+        end
+        off = off + 4 + alen + ((4 - alen % 4) % 4)
+    end
+    -- Devices pick a random cookie, which makes it RFC 3489 ("classic") STUN.
+    local stun = classicstun_dissector
+    if cookie == STUN_MAGIC_COOKIE or not stun then stun = stun_dissector end
+    if stun then stun:call(plain, pinfo, tree) end
+    pinfo.cols.protocol:set("DH-PUNCH")
+    set_info(pinfo, "DH-P2P hole punch: inverted STUN " .. (STUN_TYPES[mtype] or "message"))
+    return len
+end
+
+------------------------------------------------------------------------------------
+-- PTCP (PROTOCOLS 2.5)
+------------------------------------------------------------------------------------
+
+local ptcp = Proto("ptcp", "Dahua PTCP tunnel")
+
+-- Body types. An empty body (acknowledgement) has no type byte: the ptcp.type field
+-- then carries the pseudo value TYPE_ACK so that "ptcp.type == 0x100" finds acks.
+local TYPE_ACK = 0x100
+local TYPE_SYN, TYPE_DATA, TYPE_BIND, TYPE_STATUS, TYPE_HEARTBEAT = 0x00, 0x10, 0x11, 0x12, 0x13
+local TYPE_NAMES = {
+    [TYPE_ACK] = "ack",
+    [TYPE_SYN] = "SYN",
+    [TYPE_DATA] = "data",
+    [TYPE_BIND] = "bind",
+    [TYPE_STATUS] = "status",
+    [TYPE_HEARTBEAT] = "heartbeat",
+    [0x17] = "sign exchange: request",
+    [0x18] = "sign exchange: 0x18 (unknown)",
+    [0x19] = "sign exchange: sign",
+    [0x1a] = "sign exchange: reply",
+    [0x1b] = "sign exchange: confirm",
+}
+local SIGN_TYPES = { [0x17] = true, [0x18] = true, [0x19] = true, [0x1a] = true, [0x1b] = true }
+local STATUS_NAMES = { CONN = "connected", DISC = "closed" }
+local HEADER_LEN = 24
+local SYN_BODY = 0x00030100
+
+local f = {
+    magic = ProtoField.string("ptcp.magic", "Magic"),
+    sent = ProtoField.uint32("ptcp.sent", "Sent (body bytes before this packet)", base.DEC),
+    recv = ProtoField.uint32("ptcp.recv", "Received (body bytes acknowledged)", base.DEC),
+    pid = ProtoField.uint32("ptcp.pid", "Packet id", base.HEX),
+    lmid = ProtoField.uint32("ptcp.lmid", "Local message id", base.DEC),
+    rmid = ProtoField.uint32("ptcp.rmid", "Remote message id (last received)", base.DEC),
+    body = ProtoField.bytes("ptcp.body", "Body"),
+    ptype = ProtoField.uint16("ptcp.type", "Type", base.HEX, TYPE_NAMES),
+    length = ProtoField.uint24("ptcp.length", "Length", base.DEC),
+    syn = ProtoField.uint24("ptcp.syn", "SYN value", base.HEX),
+    realm = ProtoField.uint32("ptcp.realm", "Realm", base.HEX),
+    reserved = ProtoField.uint32("ptcp.reserved", "Reserved", base.HEX),
+    bind_port = ProtoField.uint32("ptcp.bind.port", "Bind port", base.DEC),
+    bind_ip = ProtoField.ipv4("ptcp.bind.ip", "Bind IPv4 address"),
+    status = ProtoField.string("ptcp.status", "Status"),
+    data = ProtoField.bytes("ptcp.data", "Data"),
+    sign = ProtoField.bytes("ptcp.sign", "Sign"),
+    realm_port = ProtoField.uint32("ptcp.realm.port", "Realm bound to port", base.DEC),
+    realm_bind = ProtoField.framenum("ptcp.realm.bind_frame", "Realm bound in frame"),
+    reassembled = ProtoField.framenum("ptcp.reassembled_in", "Continued, reassembled in frame"),
+}
+ptcp.fields = {
+    f.magic, f.sent, f.recv, f.pid, f.lmid, f.rmid, f.body, f.ptype, f.length, f.syn, f.realm,
+    f.reserved, f.bind_port, f.bind_ip, f.status, f.data, f.sign, f.realm_port, f.realm_bind,
+    f.reassembled,
+}
+
+local e = {
+    short = ProtoExpert.new("ptcp.short", "Packet shorter than the 24-byte PTCP header",
+        expert.group.PROTOCOL, expert.severity.ERROR),
+    short_body = ProtoExpert.new("ptcp.short_body", "Body too short for its type",
+        expert.group.PROTOCOL, expert.severity.ERROR),
+    bad_length = ProtoExpert.new("ptcp.bad_length", "Data length field disagrees with the data",
+        expert.group.PROTOCOL, expert.severity.ERROR),
+    bad_syn = ProtoExpert.new("ptcp.bad_syn", "SYN body is not 00 03 01 00",
+        expert.group.PROTOCOL, expert.severity.WARN),
+    unknown_type = ProtoExpert.new("ptcp.unknown_type", "Unknown body type",
+        expert.group.UNDECODED, expert.severity.WARN),
+    unknown_realm = ProtoExpert.new("ptcp.unknown_realm",
+        "Realm not bound in this capture: shown as raw data",
+        expert.group.SEQUENCE, expert.severity.NOTE),
+}
+ptcp.experts = { e.short, e.short_body, e.bad_length, e.bad_syn, e.unknown_type, e.unknown_realm }
+
+-- State learnt on the first pass, in capture order:
+--   binds[conv][realm] = { port = n, frame = n }   (from bind packets)
+--   streams[conv|realm|sender] = { pending = bytes, need = n, waiting = {frames} }
+--   frames[frame number] = what was decided for that frame (reused on later passes)
+local binds, streams, frames = {}, {}, {}
+
+function ptcp.init()
+    binds, streams, frames = {}, {}, {}
+end
+
+local function endpoint(addr, port)
+    return tostring(addr) .. ":" .. tostring(port)
+end
+
+local function conversation_key(pinfo)
+    local a, b = endpoint(pinfo.src, pinfo.src_port), endpoint(pinfo.dst, pinfo.dst_port)
+    if a > b then a, b = b, a end
+    return a .. "|" .. b
+end
+
+local function hex32(n)
+    return string.format("0x%08x", n)
+end
+
+-- Hand realm data to `sub`, joining it with the bytes an earlier packet left over
+-- when the sub-dissector asked for more (an RTSP reply or an interleaved RTP frame
+-- split over several PTCP packets). Returns true when the data was handed over, false
+-- when it is only a continuation and waits for more.
+local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subtree)
+    local number = pinfo.number
+    local decided = frames[number]
+    if not decided then
+        local st = streams[stream_key]
+        if not st then
+            st = { pending = "", need = 0, waiting = {} }
+            streams[stream_key] = st
+        end
+        local chunk = data_tvb:raw()
+        if st.need > 0 and #st.pending + #chunk < st.need then
+            st.pending = st.pending .. chunk
+            decided = { wait = true }
+            st.waiting[#st.waiting + 1] = decided
+        else
+            decided = { prefix = st.pending }
+            for _, w in ipairs(st.waiting) do w.reassembled_in = number end
+            st.waiting = {}
+            st.pending, st.need = "", 0
+            decided.stream = st
+        end
+        frames[number] = decided
+    end
+    if decided.wait then
+        if decided.reassembled_in then
+            subtree:add(f.reassembled, decided.reassembled_in):set_generated()
+        end
+        return false
+    end
+    local whole = data_tvb
+    if decided.prefix ~= "" then
+        whole = ByteArray.new(decided.prefix .. data_tvb:raw(), true):tvb("Reassembled realm data")
+    end
+    local saved_can_desegment = pinfo.can_desegment
+    pinfo.desegment_len = 0
+    pinfo.desegment_offset = 0
+    -- Two: the call through Dissector:call() takes one off, as for TCP payloads.
+    pinfo.can_desegment = 2
+    local ok = pcall(sub.call, sub, whole, pinfo, tree)
+    local want_len, want_offset = pinfo.desegment_len, pinfo.desegment_offset
+    pinfo.can_desegment = saved_can_desegment
+    pinfo.desegment_len = 0
+    pinfo.desegment_offset = 0
+    if not ok then
+        -- The sub-dissector threw (e.g. truncated data): show what we have as raw data.
+        if data_dissector then data_dissector:call(data_tvb, pinfo, tree) end
+        return true
+    end
+    local st = decided.stream
+    if st and want_len > 0 and want_offset < whole:len() then
+        st.pending = whole:raw(want_offset)
+        if want_len == DESEGMENT_ONE_MORE_SEGMENT then
+            st.need = #st.pending + 1
+        else
+            st.need = #st.pending + want_len
+        end
+        decided.partial = true
+        st.waiting[#st.waiting + 1] = decided
+    end
+    decided.stream = nil
+    if decided.partial and decided.reassembled_in then
+        subtree:add(f.reassembled, decided.reassembled_in):set_generated()
+    end
+    return true, decided.partial
+end
+
+local function add_realm(body_tree, tvb, off)
+    local realm = tvb(off, 4):uint()
+    body_tree:add(f.realm, tvb(off, 4))
+    body_tree:add(f.reserved, tvb(off + 4, 4))
+    return realm
+end
+
+-- Returns the Info sentence for the body at `off` (the body is the rest of `tvb`) and
+-- the Info text of the sub-dissector that realm data was handed to, if any.
+local function dissect_body(tvb, pinfo, tree, subtree, off)
+    local blen = tvb:len() - off
+    if blen == 0 then
+        subtree:add(f.ptype, TYPE_ACK):set_generated()
+        return string.format("PTCP ack sent %d recv %d", tvb(4, 4):uint(), tvb(8, 4):uint())
+    end
+    local body_tree = subtree:add(f.body, tvb(off))
+    if blen < 4 then
+        body_tree:add_proto_expert_info(e.short_body, string.format(
+            "Body of %d bytes is shorter than its 4-byte type and length", blen))
+        return string.format("PTCP malformed: body of %d bytes", blen)
+    end
+    local btype = tvb(off, 1):uint()
+    local name = TYPE_NAMES[btype]
+    body_tree:add(f.ptype, tvb(off, 1), btype)
+    body_tree:set_text("Body: " .. (name or string.format("type 0x%02x", btype)))
+
+    local function need(n)
+        if blen >= n then return true end
+        body_tree:add_proto_expert_info(e.short_body, string.format(
+            "%s body of %d bytes, at least %d expected", name or "PTCP", blen, n))
+        return false
+    end
+
+    if btype == TYPE_SYN then
+        body_tree:add(f.syn, tvb(off + 1, 3))
+        if tvb(off, 4):uint() ~= SYN_BODY or blen ~= 4 then
+            body_tree:add_proto_expert_info(e.bad_syn)
+        end
+        return "PTCP SYN"
+    end
+    body_tree:add(f.length, tvb(off + 1, 3))
+    if btype == TYPE_DATA then
+        if not need(12) then return "PTCP malformed: data body too short" end
+        local realm = add_realm(body_tree, tvb, off + 4)
+        local data_len = blen - 12
+        local declared = tvb(off + 1, 3):uint()
+        local info = string.format("PTCP data realm %s %d bytes", hex32(realm), data_len)
+        if declared ~= data_len then
+            body_tree:add_proto_expert_info(e.bad_length, string.format(
+                "Length field says %d bytes but %d follow", declared, data_len))
+            info = string.format("PTCP malformed: data realm %s says %d bytes, has %d",
+                hex32(realm), declared, data_len)
+        end
+        if data_len == 0 then return info end
+        local data_tvb = tvb(off + 12, data_len):tvb()
+        body_tree:add(f.data, tvb(off + 12, data_len))
+        local conv = conversation_key(pinfo)
+        local decided = frames[pinfo.number]
+        local bound
+        if pinfo.visited or decided then
+            bound = decided and decided.bound
+        else
+            bound = binds[conv] and binds[conv][realm]
+        end
+        local sub
+        if bound then
+            body_tree:add(f.realm_port, bound.port):set_generated()
+            body_tree:add(f.realm_bind, bound.frame):set_generated()
+            sub = PORT_DISSECTORS[bound.port]
+        else
+            body_tree:add_proto_expert_info(e.unknown_realm)
+        end
+        if declared ~= data_len or not sub then
+            if not frames[pinfo.number] then frames[pinfo.number] = { bound = bound } end
+            if data_dissector then data_dissector:call(data_tvb, pinfo, tree) end
+            return info
+        end
+        local key = conv .. "|" .. hex32(realm) .. "|" .. endpoint(pinfo.src, pinfo.src_port)
+        pinfo.cols.info:clear_fence()
+        pinfo.cols.info:clear()
+        local handed, partial = dissect_realm_stream(data_tvb, pinfo, tree, sub, key, body_tree)
+        frames[pinfo.number].bound = bound
+        if not handed then return info .. " (continued in a later packet)" end
+        if partial then info = info .. " (continued in a later packet)" end
+        -- "(info)" is what a column reads as when tshark is not filling columns.
+        local sub_info = tostring(pinfo.cols.info)
+        if sub_info == "" or sub_info == "(info)" then sub_info = nil end
+        return info, sub_info
+    elseif btype == TYPE_BIND then
+        if not need(20) then return "PTCP malformed: bind body too short" end
+        local realm = add_realm(body_tree, tvb, off + 4)
+        local port = tvb(off + 12, 4):uint()
+        body_tree:add(f.bind_port, tvb(off + 12, 4))
+        body_tree:add(f.bind_ip, tvb(off + 16, 4))
+        if not pinfo.visited then
+            local conv = conversation_key(pinfo)
+            binds[conv] = binds[conv] or {}
+            binds[conv][realm] = { port = port, frame = pinfo.number }
+        end
+        return string.format("PTCP bind realm %s to %s:%d", hex32(realm),
+            tostring(tvb(off + 16, 4):ipv4()), port)
+    elseif btype == TYPE_STATUS then
+        if not need(16) then return "PTCP malformed: status body too short" end
+        local realm = add_realm(body_tree, tvb, off + 4)
+        local status = tvb(off + 12, 4):string()
+        body_tree:add(f.status, tvb(off + 12, 4))
+        local meaning = STATUS_NAMES[status]
+        return string.format("PTCP status realm %s %s%s", hex32(realm), status,
+            meaning and (" (" .. meaning .. ")") or "")
+    elseif btype == TYPE_HEARTBEAT then
+        return "PTCP heartbeat"
+    elseif SIGN_TYPES[btype] then
+        if blen > 12 then body_tree:add(f.sign, tvb(off + 12, blen - 12)) end
+        return string.format("PTCP %s (0x%02x)", name, btype)
+    end
+    body_tree:add_proto_expert_info(e.unknown_type, string.format("Unknown body type 0x%02x",
+        btype))
+    return string.format("PTCP unknown body type 0x%02x, %d bytes", btype, blen)
+end
+
+local function dissect_ptcp(tvb, pinfo, tree)
+    local len = tvb:len()
+    pinfo.cols.protocol:set("PTCP")
+    local subtree = tree:add(ptcp, tvb())
+    subtree:add(f.magic, tvb(0, 4))
+    if len < HEADER_LEN then
+        subtree:add_proto_expert_info(e.short, string.format(
+            "Only %d of the 24 header bytes", len))
+        set_info(pinfo, string.format("PTCP malformed: header truncated (%d of %d bytes)",
+            len, HEADER_LEN))
+        return len
+    end
+    subtree:add(f.sent, tvb(4, 4))
+    subtree:add(f.recv, tvb(8, 4))
+    subtree:add(f.pid, tvb(12, 4))
+    subtree:add(f.lmid, tvb(16, 4))
+    subtree:add(f.rmid, tvb(20, 4))
+    -- Realm data handed to RTSP or HTTP leaves their name in the Protocol column.
+    local info, sub_info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN)
+    set_info(pinfo, sub_info and (info .. ": " .. sub_info) or info)
+    subtree:append_text(", " .. info:gsub("^PTCP ", ""))
+    return len
+end
+
+------------------------------------------------------------------------------------
+-- Registration: heuristics must reject foreign datagrams quickly.
+------------------------------------------------------------------------------------
+
+local function heur_ptcp(tvb, pinfo, tree)
+    if tvb:len() < 4 or tvb(0, 4):string() ~= "PTCP" then return false end
+    dissect_ptcp(tvb, pinfo, tree)
+    return true
+end
+
+local function heur_signalling(tvb, pinfo, tree)
+    local len = tvb:len()
+    if len < 12 then return false end
+    local c = tvb(0, 1):uint()
+    -- 'D' (DHGET/DHPOST), 'H' (HTTP/1.x), 'S' (Server Nat Info!)
+    if c ~= 0x44 and c ~= 0x48 and c ~= 0x53 then return false end
+    if not is_signalling(tvb(0, math.min(len, 16)):raw()) then return false end
+    dissect_signalling(tvb, pinfo, tree)
+    return true
+end
+
+local function heur_punch(tvb, pinfo, tree)
+    if not is_inverted_stun(tvb) then return false end
+    dissect_punch(tvb, pinfo, tree)
+    return true
+end
+
+ptcp:register_heuristic("udp", heur_ptcp)
+dhp2p:register_heuristic("udp", heur_signalling)
+dhpunch:register_heuristic("udp", heur_punch)

@@ -1,0 +1,321 @@
+"""Support for tests/test_dissector.py: a synthetic tunnel session and a tshark runner.
+
+The session is built from the byte-exact packets of ../shared/vectors.json plus
+plausible packets around them (PROTOCOLS.md section 2), with our own small PTCP
+builder so the tests do not depend on ptcp.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pcap import Addr, Datagram
+
+REPO = Path(__file__).resolve().parents[1]
+DISSECTOR = REPO / "dh-p2p.lua"
+VECTORS_PATH = REPO.parent / "shared" / "vectors.json"
+
+# Options every run uses: try heuristics before port-based dissectors, so a random
+# ephemeral port that happens to be registered for something else cannot steal packets.
+TSHARK_OPTS = ["-o", "udp.try_heuristic_first:TRUE"]
+
+
+def load_vectors() -> dict:
+    return json.loads(VECTORS_PATH.read_text())
+
+
+@dataclass
+class TsharkResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def lines(self) -> list[str]:
+        return [ln for ln in self.stdout.splitlines() if ln.strip()]
+
+
+def tshark(
+    capture: Path, *args: str, two_pass: bool = False, timeout: float = 120
+) -> TsharkResult:
+    """Run tshark with our dissector over ``capture``."""
+    exe = shutil.which("tshark")
+    if exe is None:
+        raise FileNotFoundError("tshark")
+    argv = [exe, "-n", "-X", f"lua_script:{DISSECTOR}", *TSHARK_OPTS, "-r", str(capture)]
+    if two_pass:
+        argv.append("-2")
+    argv += list(args)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    return TsharkResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def fields(capture: Path, display_filter: str | None, *names: str, **kw) -> list[list[str]]:
+    """Rows of ``-T fields`` output (one row per matching frame, ``|`` separated)."""
+    args = ["-T", "fields", "-E", "separator=|", "-E", "occurrence=a", "-E", "aggregator=,"]
+    for n in names:
+        args += ["-e", n]
+    if display_filter:
+        args += ["-Y", display_filter]
+    res = tshark(capture, *args, **kw)
+    if res.returncode != 0:
+        raise RuntimeError(f"tshark failed ({res.returncode}): {res.stderr}")
+    return [ln.split("|") for ln in res.stdout.splitlines() if ln.strip()]
+
+
+# --------------------------------------------------------------------------- PTCP builder
+
+
+def ptcp_header(sent: int, recv: int, pid: int, lmid: int, rmid: int) -> bytes:
+    return b"PTCP" + struct.pack(">IIIII", sent, recv, pid, lmid, rmid)
+
+
+def data_body(realm: int, data: bytes) -> bytes:
+    return struct.pack(">II", 0x10000000 | len(data), realm) + b"\x00" * 4 + data
+
+
+def bind_body(realm: int, port: int) -> bytes:
+    return struct.pack(">IIII", 0x11000000, realm, 0, port) + bytes([127, 0, 0, 1])
+
+
+def status_body(realm: int, status: bytes) -> bytes:
+    return struct.pack(">III", 0x12000000, realm, 0) + status
+
+
+HEARTBEAT_BODY = b"\x13" + b"\x00" * 11
+SYN_BODY = b"\x00\x03\x01\x00"
+
+
+@dataclass
+class PtcpSide:
+    """Counters of one side of a PTCP session (PROTOCOLS 2.5), for building packets."""
+
+    sent: int = 0
+    recv: int = 0
+    lmid: int = 0
+    rmid: int = 0
+    nonempty: int = 0
+
+    def packet(self, body: bytes, peer: PtcpSide) -> bytes:
+        if body == SYN_BODY:
+            pid = 0x0002FFFF
+        elif body:
+            pid = (0xFFFF - self.nonempty) & 0xFFFF
+            self.nonempty += 1
+        else:
+            pid = 0xFFFF
+        pkt = ptcp_header(self.sent, self.recv, pid, self.lmid, self.rmid) + body
+        self.sent += len(body)
+        self.lmid += 1
+        peer.recv += len(body)
+        peer.rmid = self.lmid - 1
+        return pkt
+
+
+@dataclass
+class Session:
+    """A synthetic capture: the datagrams and the frame numbers of notable packets."""
+
+    datagrams: list[Datagram] = field(default_factory=list)
+    marks: dict[str, int] = field(default_factory=dict)
+    tunnel_ports: set[int] = field(default_factory=set)
+
+    def add(self, src: Addr, dst: Addr, payload: bytes, mark: str = "") -> int:
+        ts = 1767323045.0 + 0.01 * len(self.datagrams)
+        self.datagrams.append(Datagram(ts, src, dst, payload))
+        number = len(self.datagrams)
+        if mark:
+            self.marks[mark] = number
+        return number
+
+
+CLIENT = ("127.0.0.1", 40001)  # socket S: signalling to the main server, then the tunnel
+RELAY_SOCK = ("127.0.0.1", 40002)  # socket R
+MAIN = ("127.0.0.2", 38800)
+AGENT = ("127.0.0.4", 40200)
+DEVICE = ("127.0.0.3", 40100)
+STRAY_A, STRAY_B = ("127.0.0.9", 41234), ("127.0.0.9", 41235)
+
+REALM_HTTP = 0x0BADF00D
+REALM_PRIV = 0x00C0FFEE
+REALM_UNBOUND = 0x7E57DA7A
+
+RTSP_URL = "rtsp://127.0.0.1/cam/realmonitor?channel=1&subtype=0"
+SDP = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=Media Presentation\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n"
+    "a=control:*\r\nm=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\na=control:trackID=0\r\n"
+)
+DESCRIBE_REPLY = (
+    f"RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Base: {RTSP_URL}/\r\nContent-Type: application/sdp\r\n"
+    f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
+).encode()
+RTP_SEQS = [1000, 1001, 1002]
+
+
+def signalling_request(method: str, path: str, cseq: int, body: str = "") -> bytes:
+    """A cloud request in the layout of PROTOCOLS 2.1 (the digest is a placeholder)."""
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"CSeq: {cseq}",
+        'Authorization: WSSE profile="UsernameToken"',
+        'X-WSSE: UsernameToken Username="u", PasswordDigest="AAAA", Nonce="1", '
+        'Created="2026-01-02T03:04:05Z"',
+    ]
+    if body:
+        lines += ["Content-Type: ", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+def reply(code: int, reason: str, cseq: int, body: str = "") -> bytes:
+    head = f"HTTP/1.1 {code} {reason}\r\nCSeq: {cseq}\r\n"
+    if body:
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + "\r\n" + body).encode()
+
+
+def rtp_packet(seq: int, payload_len: int, marker: bool = True) -> bytes:
+    hdr = struct.pack(">BBHII", 0x80, (0x80 if marker else 0) | 96, seq, 90000 + seq, 0xCAFEBABE)
+    return hdr + bytes([0x65]) + bytes(range(256)) * (payload_len // 256) + b"\x00" * (
+        payload_len % 256
+    )
+
+
+def interleaved(channel: int, pkt: bytes) -> bytes:
+    return b"$" + bytes([channel]) + struct.pack(">H", len(pkt)) + pkt
+
+
+def build_session(vec: dict) -> Session:
+    """The synthetic session: signalling, punch, PTCP handshake, RTSP, HTTP, faults."""
+    s = Session()
+    p = vec["ptcp"]
+    realm = p["realm"]
+    s.tunnel_ports = {CLIENT[1], DEVICE[1], RELAY_SOCK[1], AGENT[1]}
+
+    # Cloud signalling (2.1, 2.2).
+    s.add(CLIENT, MAIN, bytes.fromhex(vec["dhp2p"]["probe_request_hex"]), "probe")
+    s.add(MAIN, CLIENT, reply(200, "OK", 1, "<body><US>127.0.0.5:8800</US></body>"), "probe_reply")
+    body = (
+        "<body><Identify>1 22 33 44 55 66 77 88</Identify><IpEncrpt>true</IpEncrpt>"
+        "<LocalAddr>127.0.0.1:40001</LocalAddr><version>5.0.0</version></body>"
+    )
+    s.add(CLIENT, MAIN, signalling_request("DHPOST", "/device/SN123/p2p-channel", 2, body), "chan")
+    s.add(MAIN, CLIENT, reply(100, "Trying", 2), "trying")
+    s.add(
+        MAIN,
+        CLIENT,
+        reply(200, "OK", 2, "<body><PubAddr>127.0.0.3:40100</PubAddr></body>"),
+        "chan_reply",
+    )
+    s.add(RELAY_SOCK, AGENT, bytes.fromhex(vec["dhp2p"]["post_request_hex"]), "relay_start")
+    s.add(AGENT, RELAY_SOCK, b"Server Nat Info!", "nat_info")
+
+    # Hole punch (2.3).
+    s.add(CLIENT, DEVICE, bytes.fromhex(vec["punch"]["request_wire_hex"]), "punch_req")
+    s.add(DEVICE, CLIENT, bytes.fromhex(vec["punch"]["response_wire_hex"]), "punch_resp")
+
+    # PTCP handshake (2.2 step 10); the SYN is the vector verbatim.
+    cli, dev = PtcpSide(), PtcpSide()
+    s.add(CLIENT, DEVICE, bytes.fromhex(p["syn_hex"]), "syn")
+    s.add(DEVICE, CLIENT, dev.packet(SYN_BODY, cli), "syn_dev")
+    sign = bytes(range(0x40, 0x60))
+    s.add(CLIENT, DEVICE, cli.packet(b"\x19" + b"\x00" * 11 + sign, dev), "sign19")
+    s.add(DEVICE, CLIENT, dev.packet(b"\x1a" + b"\x00" * 11 + b"ok", cli), "sign1a")
+    s.add(CLIENT, DEVICE, cli.packet(b"\x1b" + b"\x00" * 11, dev), "sign1b")
+    s.add(DEVICE, CLIENT, dev.packet(b"", cli), "ack_dev")
+    s.add(CLIENT, DEVICE, bytes.fromhex(p["ack_hex"]), "ack_vec")
+
+    # Bind realm to 554 (vector verbatim), CONN.
+    s.add(CLIENT, DEVICE, bytes.fromhex(p["bind_554_hex"]), "bind554")
+    cli.sent, cli.lmid = 4 + 20, 3
+    s.add(DEVICE, CLIENT, dev.packet(b"", cli), "")
+    s.add(DEVICE, CLIENT, dev.packet(bytes.fromhex(p["conn_status_body_hex"]), cli), "conn")
+
+    def tunnel(sender: PtcpSide, peer: PtcpSide, body: bytes, mark: str = "") -> int:
+        src, dst = (CLIENT, DEVICE) if sender is cli else (DEVICE, CLIENT)
+        return s.add(src, dst, sender.packet(body, peer), mark)
+
+    # RTSP through the realm: OPTIONS is the data vector's body.
+    tunnel(cli, dev, bytes.fromhex(p["data_body_hex"]), "options")
+    tunnel(
+        dev,
+        cli,
+        data_body(realm, b"RTSP/1.0 200 OK\r\nCSeq: 1\r\nPublic: OPTIONS, DESCRIBE, PLAY\r\n\r\n"),
+        "options_reply",
+    )
+    tunnel(cli, dev, data_body(realm, f"DESCRIBE {RTSP_URL} RTSP/1.0\r\nCSeq: 2\r\n\r\n".encode()),
+           "describe")
+    half = len(DESCRIBE_REPLY) // 2
+    tunnel(dev, cli, data_body(realm, DESCRIBE_REPLY[:half]), "describe_reply_1")
+    tunnel(dev, cli, data_body(realm, DESCRIBE_REPLY[half:]), "describe_reply_2")
+    setup = (
+        f"SETUP {RTSP_URL}/trackID=0 RTSP/1.0\r\nCSeq: 3\r\n"
+        "Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n"
+    )
+    tunnel(cli, dev, data_body(realm, setup.encode()), "setup")
+    tunnel(
+        dev,
+        cli,
+        data_body(
+            realm,
+            b"RTSP/1.0 200 OK\r\nCSeq: 3\r\nSession: 12345678;timeout=60\r\n"
+            b"Transport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n",
+        ),
+        "setup_reply",
+    )
+    tunnel(cli, dev, data_body(realm, f"PLAY {RTSP_URL}/ RTSP/1.0\r\nCSeq: 4\r\n"
+                               "Session: 12345678\r\nRange: npt=0.000-\r\n\r\n".encode()), "play")
+    play_reply = b"RTSP/1.0 200 OK\r\nCSeq: 4\r\nSession: 12345678\r\n\r\n"
+    # The PLAY reply and the first RTP frame share a packet; the second frame (2000
+    # bytes) is split over two packets as the official app splits at 1280 bytes.
+    first = interleaved(0, rtp_packet(RTP_SEQS[0], 100))
+    second = interleaved(0, rtp_packet(RTP_SEQS[1], 2000))
+    third = interleaved(0, rtp_packet(RTP_SEQS[2], 50))
+    tunnel(dev, cli, data_body(realm, play_reply + first), "play_reply")
+    tunnel(dev, cli, data_body(realm, second[:1280]), "rtp_split_1")
+    tunnel(dev, cli, data_body(realm, second[1280:] + third), "rtp_split_2")
+    tunnel(cli, dev, b"", "")
+
+    # Heartbeats both ways.
+    tunnel(cli, dev, HEARTBEAT_BODY, "heartbeat")
+    tunnel(dev, cli, HEARTBEAT_BODY, "heartbeat_dev")
+
+    # A second realm bound to HTTP (80), a third to the private protocol (37777).
+    tunnel(cli, dev, bind_body(REALM_HTTP, 80), "bind80")
+    tunnel(dev, cli, status_body(REALM_HTTP, b"CONN"), "")
+    tunnel(cli, dev, data_body(
+        REALM_HTTP,
+        b"GET /cgi-bin/magicBox.cgi?action=getDeviceType HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    ), "http_get")
+    tunnel(dev, cli, data_body(
+        REALM_HTTP, b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\ntype=IPC-HFW\n"
+    ), "http_reply")
+    tunnel(cli, dev, bind_body(REALM_PRIV, 37777), "bind37777")
+    tunnel(cli, dev, data_body(REALM_PRIV, b"\xa0\x00\x00\x60" + b"\x00" * 28), "priv_data")
+    tunnel(cli, dev, data_body(REALM_UNBOUND, b"GET / HTTP/1.1\r\n\r\n"), "unbound_data")
+    tunnel(cli, dev, bytes.fromhex(p["sign_request_body_hex"]), "sign17")
+
+    # Teardown: DISC both ways (vector body).
+    tunnel(cli, dev, bytes.fromhex(p["disc_status_body_hex"]), "disc")
+    tunnel(dev, cli, bytes.fromhex(p["disc_status_body_hex"]), "disc_dev")
+
+    # Faults: a truncated header, a data body whose length field lies, a short bind, an
+    # unknown type, a short body.
+    s.add(CLIENT, DEVICE, b"PTCP\x00\x00\x00", "short_header")
+    lying = bytearray(data_body(realm, b"0123456789"))
+    lying[1:4] = (500).to_bytes(3, "big")
+    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 90, 80) + bytes(lying), "bad_length")
+    short_bind = bind_body(realm, 554)[:10]
+    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 91, 80) + short_bind, "short_bind")
+    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 92, 80) + b"\x30\x00\x00\x00", "unknown_type")
+    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 93, 80) + b"\x10\x00", "short_body")
+
+    # Stray datagrams elsewhere that must not be claimed.
+    s.add(STRAY_A, STRAY_B, b"hello, this is not a tunnel packet", "stray")
+    s.add(STRAY_A, STRAY_B, b"PTC", "stray_short")
+    s.add(STRAY_A, STRAY_B, bytes(44), "stray_zeros")
+    return s
