@@ -610,7 +610,7 @@ class TokenKeeper:
             self._lost = True
         self.lost_reason = error
         client.close()
-        log.warning("DCP connection to %s:%d lost: %s", self.host, self.dcp_port, error)
+        log.info("DCP connection to %s:%d lost: %s", self.host, self.dcp_port, error)
         if self.on_lost is not None:
             try:
                 self.on_lost(error)
