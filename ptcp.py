@@ -1,0 +1,1552 @@
+#!/usr/bin/env python3
+"""PTCP: the reliable-stream-over-UDP transport of Dahua P2P tunnels (PROTOCOLS 2.5).
+
+Three layers, usable separately:
+
+* codec: :func:`encode_packet` / :func:`decode_packet` and the body dataclasses;
+* :class:`Session`: a sans-IO protocol engine.  Feed it datagrams and the current
+  time, collect datagrams to send and events.  It adds what no public
+  implementation has: in-order delivery by the ``sent`` offset, duplicate
+  suppression, retransmission with an RTT-derived timeout, and a bounded window;
+* :class:`PTCPTunnel`: a threaded driver that bridges local TCP sockets to realms
+  over one UDP socket.
+
+The CLI runs either end of a bare PTCP tunnel (no cloud handshake):
+``ptcp.py serve`` plays the device (binds become TCP connections to mapped local
+services), ``ptcp.py connect`` plays the client (local TCP ports forwarded to
+remote ports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import random
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("ptcp")
+
+__all__ = [
+    "PTCPError",
+    "Packet",
+    "Syn",
+    "Data",
+    "Bind",
+    "Status",
+    "Heartbeat",
+    "Command",
+    "encode_body",
+    "decode_body",
+    "encode_packet",
+    "decode_packet",
+    "Session",
+    "SynReceived",
+    "CommandReceived",
+    "BindRequested",
+    "RealmConnected",
+    "RealmClosed",
+    "DataReceived",
+    "HeartbeatReceived",
+    "PeerDead",
+    "PTCPTunnel",
+    "main",
+]
+
+# ---------------------------------------------------------------------------
+# Wire format (PROTOCOLS 2.5)
+# ---------------------------------------------------------------------------
+
+MAGIC = b"PTCP"
+HEADER = struct.Struct(">4sIIIII")  # magic, sent, recv, pid, lmid, rmid
+HEADER_LEN = HEADER.size  # 24
+_TYPELEN = struct.Struct(">I")  # body type (high byte) + 24-bit length
+_REALM_HEAD = struct.Struct(">III")  # type/len, realm, zero
+_BIND_TAIL = struct.Struct(">I4s")  # port, IPv4
+MASK32 = 0xFFFFFFFF
+HALF32 = 0x80000000
+
+SYN_BODY = b"\x00\x03\x01\x00"
+SYN_PID = 0x0002FFFF
+T_DATA = 0x10
+T_BIND = 0x11
+T_STATUS = 0x12
+T_HEARTBEAT = 0x13
+_CONN = b"CONN"
+_DISC = b"DISC"
+HEARTBEAT_BODY = b"\x13" + bytes(11)
+DEFAULT_MAX_DATA = 1280  # PROTOCOLS 2.5: the official app's chunk size
+
+
+class PTCPError(Exception):
+    """Malformed PTCP input, or an operation the protocol state does not allow."""
+
+
+@dataclass(frozen=True, slots=True)
+class Syn:
+    """``00 03 01 00``: opens a PTCP session."""
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """0x10: bytes of a realm's TCP stream."""
+
+    realm: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """0x11: ask the device to open a TCP connection to ``ip:port`` as ``realm``."""
+
+    realm: int
+    port: int
+    ip: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """0x12: ``CONN`` (bind succeeded) or ``DISC`` (realm closed / refused)."""
+
+    realm: int
+    connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """0x13: keep-alive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Any other body type (0x17-0x1b sign exchange of PROTOCOLS 2.2, unknown ones).
+
+    ``params`` are body bytes 1..11 (zero in every known sender), ``payload`` the
+    bytes from offset 12 (the "sign" of 0x19/0x1a).
+    """
+
+    type: int
+    payload: bytes = b""
+    params: bytes = bytes(11)
+
+
+Body = Syn | Data | Bind | Status | Heartbeat | Command
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """One PTCP datagram; ``body`` None is an empty packet (a pure acknowledgement)."""
+
+    sent: int
+    recv: int
+    pid: int
+    lmid: int
+    rmid: int
+    body: Body | None = None
+
+
+def _u32(value: int, what: str) -> int:
+    if not isinstance(value, int) or not 0 <= value <= MASK32:
+        raise PTCPError(f"{what} must be a 32-bit unsigned integer, got {value!r}")
+    return value
+
+
+def _ip_bytes(ip: str) -> bytes:
+    try:
+        return socket.inet_pton(socket.AF_INET, ip)
+    except (OSError, TypeError) as exc:
+        raise PTCPError(f"bind address must be IPv4, got {ip!r}") from exc
+
+
+def encode_body(body: Body | None) -> bytes:
+    """Encode one body (b"" for None)."""
+    if body is None:
+        return b""
+    if isinstance(body, Data):
+        data = bytes(body.data)
+        if len(data) > 0xFFFFFF:
+            raise PTCPError("data body longer than the 24-bit length field")
+        return _REALM_HEAD.pack((T_DATA << 24) | len(data), _u32(body.realm, "realm"), 0) + data
+    if isinstance(body, Syn):
+        return SYN_BODY
+    if isinstance(body, Bind):
+        # PROTOCOLS 2.5: only data bodies fill the length field
+        head = _REALM_HEAD.pack(T_BIND << 24, _u32(body.realm, "realm"), 0)
+        return head + _BIND_TAIL.pack(_u32(body.port, "port"), _ip_bytes(body.ip))
+    if isinstance(body, Status):
+        head = _REALM_HEAD.pack(T_STATUS << 24, _u32(body.realm, "realm"), 0)
+        return head + (_CONN if body.connected else _DISC)
+    if isinstance(body, Heartbeat):
+        return HEARTBEAT_BODY
+    if isinstance(body, Command):
+        if not 0 <= body.type <= 0xFF or body.type in (T_DATA, T_BIND, T_STATUS, T_HEARTBEAT):
+            raise PTCPError(f"command type {body.type!r} is not an opaque command type")
+        if len(body.params) != 11:
+            raise PTCPError("command params must be 11 bytes")
+        return bytes((body.type,)) + bytes(body.params) + bytes(body.payload)
+    raise PTCPError(f"not a PTCP body: {body!r}")
+
+
+def decode_body(raw: bytes | memoryview) -> Body | None:
+    """Decode one body; b"" is None (acknowledgement).  Raises PTCPError."""
+    n = len(raw)
+    if n == 0:
+        return None
+    if n < 4:
+        raise PTCPError(f"body of {n} bytes is shorter than its 4-byte type field")
+    kind = raw[0]
+    if kind == T_DATA:
+        if n < 12:
+            raise PTCPError("data body shorter than 12 bytes")
+        typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
+        if typelen & 0xFFFFFF != n - 12:
+            raise PTCPError(f"data length field {typelen & 0xFFFFFF} but {n - 12} data bytes")
+        return Data(realm, bytes(raw[12:]))
+    if kind == T_BIND:
+        if n != 20:
+            raise PTCPError(f"bind body of {n} bytes, expected 20")
+        _typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
+        port, ip = _BIND_TAIL.unpack_from(raw, 12)
+        return Bind(realm, port, socket.inet_ntop(socket.AF_INET, ip))
+    if kind == T_STATUS:
+        if n != 16:
+            raise PTCPError(f"status body of {n} bytes, expected 16")
+        word = bytes(raw[12:16])
+        if word not in (_CONN, _DISC):
+            raise PTCPError(f"status word {word!r} is neither CONN nor DISC")
+        return Status(_REALM_HEAD.unpack_from(raw)[1], word == _CONN)
+    if kind == T_HEARTBEAT:
+        if n != 12:
+            raise PTCPError(f"heartbeat body of {n} bytes, expected 12")
+        return Heartbeat()
+    if n == 4 and bytes(raw) == SYN_BODY:
+        return Syn()
+    if n < 12:
+        raise PTCPError(f"command body 0x{kind:02x} of {n} bytes is shorter than 12")
+    return Command(kind, bytes(raw[12:]), bytes(raw[1:12]))
+
+
+def encode_packet(packet: Packet) -> bytes:
+    """Encode header and body."""
+    head = HEADER.pack(
+        MAGIC,
+        _u32(packet.sent, "sent"),
+        _u32(packet.recv, "recv"),
+        _u32(packet.pid, "pid"),
+        _u32(packet.lmid, "lmid"),
+        _u32(packet.rmid, "rmid"),
+    )
+    return head + encode_body(packet.body)
+
+
+def decode_packet(data: bytes | memoryview) -> Packet:
+    """Decode one datagram.  Raises PTCPError for anything that is not a valid PTCP packet."""
+    if len(data) < HEADER_LEN:
+        raise PTCPError(f"datagram of {len(data)} bytes is shorter than the PTCP header")
+    magic, sent, recv, pid, lmid, rmid = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise PTCPError("bad magic, not a PTCP packet")
+    return Packet(sent, recv, pid, lmid, rmid, decode_body(memoryview(data)[HEADER_LEN:]))
+
+
+def seq_lt(a: int, b: int) -> bool:
+    """Serial-number comparison a < b modulo 2^32."""
+    return a != b and ((b - a) & MASK32) < HALF32
+
+
+# ---------------------------------------------------------------------------
+# Session state (sans-IO)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SynReceived:
+    """The peer sent a SYN."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived:
+    """The peer sent an opaque command body (0x17-0x1b, ...)."""
+
+    body_type: int
+    payload: bytes
+    params: bytes = bytes(11)
+
+
+@dataclass(frozen=True, slots=True)
+class BindRequested:
+    """Device side: the peer asks for a TCP connection; answer with accept() or refuse()."""
+
+    realm: int
+    port: int
+    ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class RealmConnected:
+    """Client side: the peer answered our bind with CONN."""
+
+    realm: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """In-order stream bytes for a realm."""
+
+    realm: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RealmClosed:
+    """A realm is gone.  reason: refused, peer, local, timeout."""
+
+    realm: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    """The peer sent a heartbeat."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDead:
+    """Nothing heard from the peer for ``silence`` seconds; the session is finished."""
+
+    silence: float
+
+
+Event = (
+    SynReceived
+    | CommandReceived
+    | BindRequested
+    | RealmConnected
+    | DataReceived
+    | RealmClosed
+    | HeartbeatReceived
+    | PeerDead
+)
+
+# realm states
+OPENING, OPEN, CLOSING, PENDING = "opening", "open", "closing", "pending"
+
+
+class _Seg:
+    """One non-empty packet in the send stream: [offset, offset + len(body))."""
+
+    __slots__ = ("offset", "body", "end", "sent_at", "tries", "syn")
+
+    def __init__(self, offset: int, body: bytes, syn: bool) -> None:
+        self.offset = offset
+        self.body = body
+        self.end = (offset + len(body)) & MASK32
+        self.sent_at = 0.0
+        self.tries = 0
+        self.syn = syn
+
+
+@dataclass
+class SessionStats:
+    """Counters kept by a Session (for logs and benchmarks)."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    retransmits: int = 0
+    timeouts: int = 0
+    fast_retransmits: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    dropped_ahead: int = 0
+    ignored: int = 0
+
+
+class Session:
+    """Sans-IO PTCP endpoint (either role).
+
+    Every method that may produce output takes ``now`` (a monotonic time in
+    seconds); collect the output with :meth:`datagrams_to_send` and
+    :meth:`events`, and call :meth:`handle_timers` at :meth:`next_deadline`.
+    ``sent``/``recv``/``lmid`` may start anywhere (the counters wrap modulo 2^32).
+    """
+
+    def __init__(
+        self,
+        *,
+        now: float,
+        heartbeat_interval: float | None = 5.0,
+        dead_after: float = 60.0,
+        max_data: int = DEFAULT_MAX_DATA,
+        window_bytes: int = 1 << 20,
+        max_ahead: int = 8 << 20,
+        max_out_of_order: int = 4096,
+        open_timeout: float = 10.0,
+        min_rto: float = 0.2,
+        max_rto: float = 10.0,
+        initial_rto: float = 1.0,
+        initial_sent: int = 0,
+        initial_recv: int = 0,
+        initial_lmid: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 1 <= max_data <= 0xFFFFFF:
+            raise ValueError("max_data out of range")
+        if window_bytes < max_data + 12:
+            raise ValueError("window_bytes must hold at least one data body")
+        self.heartbeat_interval = heartbeat_interval
+        self.dead_after = dead_after
+        self.max_data = max_data
+        self.window_bytes = window_bytes
+        self.max_ahead = max_ahead
+        self.max_out_of_order = max_out_of_order
+        self.open_timeout = open_timeout
+        self.min_rto = min_rto
+        self.max_rto = max_rto
+        self.stats = SessionStats()
+        self._rng = rng or random.SystemRandom()
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        # send side
+        self._next_off = initial_sent & MASK32  # offset of the next segment created
+        self._tx_nxt = self._next_off  # end of the last transmitted segment
+        self._snd_una = self._next_off
+        self._inflight: collections.deque[_Seg] = collections.deque()
+        self._pending: collections.deque[_Seg] = collections.deque()
+        self._inflight_bytes = 0
+        self._buffered = 0  # bytes in inflight + pending
+        self._count = 0  # non-empty non-SYN packets transmitted (PROTOCOLS 2.5 pid)
+        self._lmid = initial_lmid & MASK32
+        # receive side
+        self._rcv_nxt = initial_recv & MASK32
+        self._rmid = 0
+        self._seen_peer = False
+        self._ooo: dict[int, tuple[int, Body]] = {}
+        # timing / congestion (RFC 6298 + NewReno, counted in body bytes)
+        self._mss = max_data + 12
+        self._cwnd = min(10 * self._mss, window_bytes)
+        self._ssthresh = window_bytes
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._rto = initial_rto
+        self._rto_deadline: float | None = None
+        self._dupacks = 0
+        self._recover: int | None = None  # recovery point while recovering
+        self._last_rx = now
+        self._next_heartbeat = now + heartbeat_interval if heartbeat_interval else None
+        self._dead = False
+        # realms
+        self._realms: dict[int, str] = {}
+        self._realm_deadline: dict[int, float] = {}
+        self._recently_closed: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    # -- public state -----------------------------------------------------
+
+    @property
+    def sent(self) -> int:
+        """Offset of the next body byte this side will create (header ``sent``)."""
+        return self._next_off
+
+    @property
+    def recv(self) -> int:
+        """Next expected peer body offset (header ``recv``)."""
+        return self._rcv_nxt
+
+    @property
+    def lmid(self) -> int:
+        """lmid the next transmitted packet will carry."""
+        return self._lmid
+
+    @property
+    def rmid(self) -> int:
+        """Highest lmid received from the peer."""
+        return self._rmid
+
+    @property
+    def pid(self) -> int:
+        """pid the next non-SYN packet will carry."""
+        return (0xFFFF - self._count) & 0xFFFF
+
+    @property
+    def dead(self) -> bool:
+        """True once PeerDead was emitted."""
+        return self._dead
+
+    @property
+    def unacked_bytes(self) -> int:
+        """Body bytes created but not yet acknowledged by the peer."""
+        return self._buffered
+
+    @property
+    def send_space(self) -> int:
+        """How many more stream bytes the send window accepts now."""
+        return max(0, self.window_bytes - self._buffered)
+
+    @property
+    def rto(self) -> float:
+        """Current retransmission timeout."""
+        return self._rto
+
+    @property
+    def srtt(self) -> float | None:
+        """Smoothed round trip, None before the first sample."""
+        return self._srtt
+
+    def realm_state(self, realm: int) -> str | None:
+        """opening / open / closing / pending, or None when the realm is not live."""
+        return self._realms.get(realm)
+
+    @property
+    def realms(self) -> dict[int, str]:
+        """Live realms and their states (a copy)."""
+        return dict(self._realms)
+
+    # -- output -----------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """Datagrams produced since the last call, in lmid order."""
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[Event]:
+        """Events produced since the last call."""
+        ev, self._events = self._events, []
+        return ev
+
+    # -- sending ----------------------------------------------------------
+
+    def _queue(self, body: bytes, now: float, syn: bool = False) -> None:
+        seg = _Seg(self._next_off, body, syn)
+        self._next_off = seg.end
+        self._buffered += len(body)
+        self._pending.append(seg)
+        self._push(now)
+
+    def _transmit(self, seg: _Seg, now: float) -> None:
+        if seg.syn:
+            pid = SYN_PID
+        else:
+            pid = (0xFFFF - self._count) & 0xFFFF
+            self._count += 1
+        self._out.append(
+            HEADER.pack(MAGIC, seg.offset, self._rcv_nxt, pid, self._lmid, self._rmid) + seg.body
+        )
+        self._lmid = (self._lmid + 1) & MASK32
+        seg.sent_at = now
+        seg.tries += 1
+        self.stats.packets_out += 1
+
+    def _ack(self) -> None:
+        pid = (0xFFFF - self._count) & 0xFFFF
+        self._out.append(
+            HEADER.pack(MAGIC, self._tx_nxt, self._rcv_nxt, pid, self._lmid, self._rmid)
+        )
+        self._lmid = (self._lmid + 1) & MASK32
+        self.stats.packets_out += 1
+
+    def _push(self, now: float) -> None:
+        """Move pending segments into flight while the congestion window allows."""
+        pending = self._pending
+        while pending and (
+            not self._inflight or self._inflight_bytes + len(pending[0].body) <= self._cwnd
+        ):
+            seg = pending.popleft()
+            self._transmit(seg, now)
+            self._inflight.append(seg)
+            self._inflight_bytes += len(seg.body)
+            self._tx_nxt = seg.end
+            if self._rto_deadline is None:
+                self._rto_deadline = now + self._rto
+
+    def send_syn(self, now: float) -> None:
+        """Queue a SYN (it occupies 4 bytes of the stream, PROTOCOLS 2.5)."""
+        self._queue(SYN_BODY, now, syn=True)
+
+    def send_command(
+        self, body_type: int, payload: bytes, now: float, params: bytes = bytes(11)
+    ) -> None:
+        """Queue an opaque command body (0x17/0x19/0x1b of the sign exchange)."""
+        self._queue(encode_body(Command(body_type, bytes(payload), params)), now)
+
+    def send_heartbeat(self, now: float) -> None:
+        """Queue a heartbeat now (also sent automatically every heartbeat_interval)."""
+        self._queue(HEARTBEAT_BODY, now)
+        if self.heartbeat_interval:
+            self._next_heartbeat = now + self.heartbeat_interval
+
+    def _new_realm(self) -> int:
+        while True:
+            realm = self._rng.getrandbits(32)
+            if realm and realm not in self._realms and realm not in self._recently_closed:
+                return realm
+
+    def open_realm(
+        self, port: int, now: float, ip: str = "127.0.0.1", timeout: float | None = None
+    ) -> int:
+        """Client side: bind a fresh realm to the peer's ``ip:port``; wait for RealmConnected."""
+        encode_body(Bind(0, port, ip))  # validates before any state changes
+        realm = self._new_realm()
+        self._realms[realm] = OPENING
+        self._realm_deadline[realm] = now + (self.open_timeout if timeout is None else timeout)
+        self._queue(encode_body(Bind(realm, port, ip)), now)
+        return realm
+
+    def accept(self, realm: int, now: float) -> None:
+        """Device side: answer a BindRequested with CONN."""
+        if self._realms.get(realm) != PENDING:
+            raise PTCPError(f"realm {realm:#x} has no pending bind")
+        self._realms[realm] = OPEN
+        self._realm_deadline.pop(realm, None)
+        self._queue(encode_body(Status(realm, True)), now)
+
+    def refuse(self, realm: int, now: float) -> None:
+        """Device side: answer a BindRequested with DISC."""
+        if self._realms.get(realm) != PENDING:
+            raise PTCPError(f"realm {realm:#x} has no pending bind")
+        self._forget(realm)
+        self._queue(encode_body(Status(realm, False)), now)
+
+    def send(self, realm: int, data: bytes | bytearray | memoryview, now: float) -> int:
+        """Queue realm bytes in bodies of at most max_data; returns how many the window took."""
+        if self._realms.get(realm) != OPEN:
+            raise PTCPError(f"realm {realm:#x} is not open")
+        take = min(len(data), self.window_bytes - self._buffered)
+        if take <= 0:
+            return 0
+        view = memoryview(data)
+        step = self.max_data
+        rb = realm.to_bytes(4, "big")
+        pos = 0
+        while pos < take:
+            chunk = view[pos : pos + step]
+            if len(chunk) > take - pos:
+                chunk = chunk[: take - pos]
+            n = len(chunk)
+            self._queue_data(((T_DATA << 24) | n).to_bytes(4, "big") + rb + b"\0\0\0\0" + chunk)
+            pos += n
+        self._push(now)
+        return take
+
+    def _queue_data(self, body: bytes) -> None:
+        seg = _Seg(self._next_off, body, False)
+        self._next_off = seg.end
+        self._buffered += len(body)
+        self._pending.append(seg)
+
+    def close_realm(self, realm: int, now: float) -> None:
+        """Send DISC for a live realm (no-op for an unknown or already closing one)."""
+        state = self._realms.get(realm)
+        if state is None or state == CLOSING:
+            return
+        if state == PENDING:
+            self.refuse(realm, now)
+            return
+        self._realms[realm] = CLOSING
+        self._realm_deadline[realm] = now + self.open_timeout
+        self._queue(encode_body(Status(realm, False)), now)
+
+    def _forget(self, realm: int) -> None:
+        self._realms.pop(realm, None)
+        self._realm_deadline.pop(realm, None)
+        self._recently_closed[realm] = None
+        if len(self._recently_closed) > 1024:
+            self._recently_closed.popitem(last=False)
+
+    # -- receiving --------------------------------------------------------
+
+    def receive_datagram(self, data: bytes | memoryview, now: float) -> None:
+        """Process one datagram from the peer.  Raises PTCPError if it is not PTCP."""
+        if len(data) < HEADER_LEN:
+            raise PTCPError(f"datagram of {len(data)} bytes is shorter than the PTCP header")
+        magic, off, ack, _pid, lmid, _rmid = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise PTCPError("bad magic, not a PTCP packet")
+        n = len(data) - HEADER_LEN
+        body: Body | None = None
+        if n:
+            if data[HEADER_LEN] == T_DATA and n >= 12:  # hot path
+                typelen, realm, _z = _REALM_HEAD.unpack_from(data, HEADER_LEN)
+                if typelen & 0xFFFFFF != n - 12:
+                    raise PTCPError("data length field disagrees with the data")
+                body = Data(realm, bytes(data[HEADER_LEN + 12 :]))
+            else:
+                body = decode_body(memoryview(data)[HEADER_LEN:])
+        if self._dead:
+            return
+        self.stats.packets_in += 1
+        self._last_rx = now
+        if not self._seen_peer or seq_lt(self._rmid, lmid):
+            self._rmid = lmid
+            self._seen_peer = True
+        self._on_ack(ack, now, n == 0)
+        if not n:
+            if self._pending:
+                self._push(now)
+            return
+        delta = (off - self._rcv_nxt) & MASK32
+        if delta == 0:
+            self._rcv_nxt = (off + n) & MASK32
+            self._deliver(body, now)
+            if self._ooo:
+                self._drain_ooo(now)
+        elif delta < HALF32:
+            self.stats.out_of_order += 1
+            ooo = self._ooo
+            if delta + n > self.max_ahead:
+                self.stats.dropped_ahead += 1
+            elif off not in ooo:
+                if len(ooo) >= self.max_out_of_order:
+                    self._prune_ooo()
+                if len(ooo) < self.max_out_of_order:
+                    ooo[off] = (n, body)
+                else:
+                    self.stats.dropped_ahead += 1
+        else:
+            self.stats.duplicates += 1
+        self._ack()
+        self._push(now)
+
+    def _drain_ooo(self, now: float) -> None:
+        ooo = self._ooo
+        while True:
+            item = ooo.pop(self._rcv_nxt, None)
+            if item is None:
+                break
+            self._rcv_nxt = (self._rcv_nxt + item[0]) & MASK32
+            self._deliver(item[1], now)
+
+    def _prune_ooo(self) -> None:
+        """Drop held packets the stream has already passed (misaligned duplicates)."""
+        rcv = self._rcv_nxt
+        for off in [o for o in self._ooo if ((o - rcv) & MASK32) >= HALF32]:
+            del self._ooo[off]
+
+    def _deliver(self, body: Body | None, now: float) -> None:
+        if type(body) is Data:
+            if self._realms.get(body.realm) == OPEN:
+                self._events.append(DataReceived(body.realm, body.data))
+            else:
+                self.stats.ignored += 1
+        elif isinstance(body, Heartbeat):
+            self._events.append(HeartbeatReceived())
+        elif isinstance(body, Status):
+            self._on_status(body.realm, body.connected, now)
+        elif isinstance(body, Bind):
+            if body.realm in self._realms:
+                self.stats.ignored += 1  # a second bind for a live realm: a peer bug
+            else:
+                self._realms[body.realm] = PENDING
+                self._realm_deadline[body.realm] = now + self.open_timeout
+                self._events.append(BindRequested(body.realm, body.port, body.ip))
+        elif isinstance(body, Syn):
+            self._events.append(SynReceived())
+        elif isinstance(body, Command):
+            self._events.append(CommandReceived(body.type, body.payload, body.params))
+
+    def _on_status(self, realm: int, connected: bool, now: float) -> None:
+        state = self._realms.get(realm)
+        if state == OPENING:
+            if connected:
+                self._realms[realm] = OPEN
+                self._realm_deadline.pop(realm, None)
+                self._events.append(RealmConnected(realm))
+            else:
+                self._forget(realm)
+                self._events.append(RealmClosed(realm, "refused"))
+        elif connected:
+            self.stats.ignored += 1
+        elif state == CLOSING:  # the peer's answer to our DISC
+            self._forget(realm)
+            self._events.append(RealmClosed(realm, "local"))
+        elif state in (OPEN, PENDING):
+            # PROTOCOLS 2.5: the peer answers a DISC with its own
+            self._forget(realm)
+            self._queue(encode_body(Status(realm, False)), now)
+            self._events.append(RealmClosed(realm, "peer"))
+        else:
+            self.stats.ignored += 1  # DISC for an unknown realm: never answer (no ping-pong)
+
+    def _on_ack(self, ack: int, now: float, pure: bool) -> None:
+        adv = (ack - self._snd_una) & MASK32
+        if adv == 0:
+            if pure and self._inflight:
+                self._dupack(now)
+            return
+        if adv > ((self._tx_nxt - self._snd_una) & MASK32):
+            return  # acknowledges bytes never sent: ignore (public tools count duplicates)
+        inflight = self._inflight
+        acked = 0
+        sample_at = None
+        while inflight and ((ack - inflight[0].end) & MASK32) < HALF32:
+            seg = inflight.popleft()
+            acked += len(seg.body)
+            if seg.tries == 1:
+                sample_at = seg.sent_at
+        self._snd_una = ack
+        if not acked:
+            return  # acknowledges part of a packet: wait for the rest
+        self._inflight_bytes -= acked
+        self._buffered -= acked
+        if sample_at is not None:
+            self._rtt_sample(now - sample_at)
+        self._dupacks = 0
+        if self._recover is not None:
+            if seq_lt(ack, self._recover) and inflight:
+                # NewReno partial ack: the next hole is at the new head
+                self._retransmit(inflight[0], now)
+                self._cwnd = max(self._mss, self._cwnd - acked + self._mss)
+            else:
+                self._recover = None
+                self._cwnd = self._ssthresh
+        elif self._cwnd < self._ssthresh:
+            self._cwnd += min(acked, self._mss)
+        else:
+            self._cwnd += max(1, self._mss * self._mss // self._cwnd)
+        if self._cwnd > self.window_bytes:
+            self._cwnd = self.window_bytes
+        self._rto_deadline = now + self._rto if inflight else None
+
+    def _dupack(self, now: float) -> None:
+        self._dupacks += 1
+        if self._recover is None:
+            if self._dupacks == 3:
+                self.stats.fast_retransmits += 1
+                self._ssthresh = max(self._inflight_bytes // 2, 2 * self._mss)
+                self._cwnd = self._ssthresh + 3 * self._mss
+                self._recover = self._tx_nxt
+                self._retransmit(self._inflight[0], now)
+        else:
+            self._cwnd += self._mss  # window inflation while recovering
+
+    def _retransmit(self, seg: _Seg, now: float) -> None:
+        self.stats.retransmits += 1
+        self._transmit(seg, now)  # a new lmid and pid each time (PROTOCOLS 2.5)
+
+    def _rtt_sample(self, rtt: float) -> None:
+        if self._srtt is None:
+            self._srtt = rtt
+            self._rttvar = rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+        self._rto = min(self.max_rto, max(self.min_rto, self._srtt + 4 * self._rttvar))
+
+    # -- timers -----------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time handle_timers has work to do (None: nothing scheduled)."""
+        if self._dead:
+            return None
+        best = self._last_rx + self.dead_after
+        if self._rto_deadline is not None and self._rto_deadline < best:
+            best = self._rto_deadline
+        if self._next_heartbeat is not None and self._next_heartbeat < best:
+            best = self._next_heartbeat
+        for t in self._realm_deadline.values():
+            if t < best:
+                best = t
+        return best
+
+    def handle_timers(self, now: float) -> None:
+        """Retransmit, send heartbeats, expire realms, declare the peer dead."""
+        if self._dead:
+            return
+        if now - self._last_rx >= self.dead_after:
+            self._dead = True
+            self._events.append(PeerDead(now - self._last_rx))
+            return
+        if self._rto_deadline is not None and now >= self._rto_deadline and self._inflight:
+            self.stats.timeouts += 1
+            self._ssthresh = max(self._inflight_bytes // 2, 2 * self._mss)
+            self._cwnd = self._mss
+            self._recover = self._tx_nxt
+            self._dupacks = 0
+            self._rto = min(self.max_rto, self._rto * 2)  # backoff
+            self._retransmit(self._inflight[0], now)
+            self._rto_deadline = now + self._rto
+        if self._next_heartbeat is not None and now >= self._next_heartbeat:
+            self.send_heartbeat(now)
+        if self._realm_deadline:
+            for realm, t in list(self._realm_deadline.items()):
+                if now >= t:
+                    state = self._realms.get(realm)
+                    if state == OPENING or state == PENDING:
+                        self._forget(realm)
+                        self._queue(encode_body(Status(realm, False)), now)
+                    else:
+                        self._forget(realm)
+                    self._events.append(RealmClosed(realm, "timeout"))
+
+
+# ---------------------------------------------------------------------------
+# Driver: threads and sockets only move bytes
+# ---------------------------------------------------------------------------
+
+_RECV_BATCH = 256
+_READ_CHUNK = 256 * 1024
+
+
+@dataclass
+class TunnelStats:
+    """Counters kept by a PTCPTunnel."""
+
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    stray: int = 0  # datagrams that are not PTCP, or from another address
+    send_errors: int = 0
+    overflows: int = 0  # realms closed because their local client stopped reading
+    realms_opened: int = 0
+
+
+class _Bridge:
+    """One realm <-> one local TCP socket: a reader thread and a writer thread."""
+
+    def __init__(self, tunnel: PTCPTunnel, realm: int, sock: socket.socket, limit: int) -> None:
+        self.tunnel = tunnel
+        self.realm = realm
+        self.sock = sock
+        self.limit = limit
+        self.cond = threading.Condition(threading.Lock())
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.queued = 0
+        self.finishing = False  # the peer closed: drain the queue, then close the socket
+        self.aborted = False
+        self.opened = threading.Event()
+        self.open_result = ""
+        self.threads: list[threading.Thread] = []
+        self._closed = False
+
+    def start(self) -> None:
+        for name, target in (("rd", self._reader), ("wr", self._writer)):
+            t = threading.Thread(target=target, name=f"ptcp-{name}-{self.realm:08x}", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def set_opened(self, result: str) -> None:
+        self.open_result = result
+        self.opened.set()
+
+    def push(self, data: bytes) -> bool:
+        """Queue peer bytes for the local socket; False when the bound is exceeded."""
+        with self.cond:
+            if self.aborted:
+                return True
+            if self.queued + len(data) > self.limit:
+                return False
+            self.chunks.append(data)
+            self.queued += len(data)
+            self.cond.notify()
+        return True
+
+    def finish(self) -> None:
+        with self.cond:
+            self.finishing = True
+            self.cond.notify()
+        if not self.threads:
+            self.close_socket()
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.chunks.clear()
+            self.queued = 0
+            self.cond.notify()
+        self.close_socket()
+        self.opened.set()
+
+    def close_socket(self) -> None:
+        with self.cond:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _writer(self) -> None:
+        sock = self.sock
+        while True:
+            with self.cond:
+                while not self.chunks and not self.finishing and not self.aborted:
+                    self.cond.wait()
+                if self.aborted:
+                    return
+                if not self.chunks:  # finishing and drained
+                    break
+                parts = list(self.chunks)
+                self.chunks.clear()
+                self.queued = 0
+            try:
+                sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
+            except OSError:
+                self.tunnel._local_closed(self, "write failed")
+                return
+        self.close_socket()
+
+    def _reader(self) -> None:
+        sock = self.sock
+        buf = bytearray(_READ_CHUNK)
+        view = memoryview(buf)
+        while True:
+            try:
+                n = sock.recv_into(buf)
+            except OSError:
+                n = 0
+            if n == 0:
+                break
+            if not self.tunnel._send_realm(self.realm, view[:n]):
+                return
+        self.tunnel._local_closed(self, "local EOF")
+
+
+class PTCPTunnel:
+    """Threaded driver: one UDP socket and a Session; realms bridged to local TCP sockets.
+
+    One I/O thread receives datagrams and runs the Session's timers (its poll
+    timeout is the next deadline); each realm has a reader and a writer thread.
+    Client side: :meth:`forward` / :meth:`listen`.  Device side: ``on_bind(port,
+    ip)`` returns a connected TCP socket (or None to refuse) for each bind.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        session: Session | None = None,
+        *,
+        on_bind: Callable[[int, str], socket.socket | None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        on_dead: Callable[[], None] | None = None,
+        queue_bytes: int = 4 << 20,
+        clock: Callable[[], float] = time.monotonic,
+        own_socket: bool = True,
+        **session_options: object,
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.clock = clock
+        self.session = session or Session(now=clock(), **session_options)  # type: ignore[arg-type]
+        self.on_bind = on_bind
+        self.on_event = on_event
+        self.on_dead = on_dead
+        self.queue_bytes = queue_bytes
+        self.own_socket = own_socket
+        self.stats = TunnelStats()
+        self.dead = threading.Event()
+        self.closed = threading.Event()
+        self._lock = threading.Lock()
+        self._space = threading.Condition(self._lock)
+        self._bridges: dict[int, _Bridge] = {}
+        self._listeners: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = False
+        self._sleep_until = float("inf")
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        sock.settimeout(None)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            except OSError:
+                pass
+        self._io_thread = threading.Thread(target=self._io_loop, name="ptcp-io", daemon=True)
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> PTCPTunnel:
+        """Send what the Session already queued, then start the I/O thread."""
+        with self._lock:
+            self._flush()
+            events = self.session.events()
+        self._dispatch(events)
+        self._io_thread.start()
+        return self
+
+    def __enter__(self) -> PTCPTunnel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """DISC every live realm, wait (bounded) for the peer's acks, stop all threads."""
+        with self._space:
+            if self._stop:
+                return
+            now = self.clock()
+            for realm in list(self.session.realms):
+                self.session.close_realm(realm, now)
+            self._flush()
+            self._wake_locked()
+            limit = now + timeout
+            while (
+                self._io_thread.is_alive()
+                and self.session.unacked_bytes
+                and not self.session.dead
+                and self.clock() < limit
+            ):
+                self._space.wait(max(0.0, limit - self.clock()))
+            self._stop = True
+            self._space.notify_all()
+            bridges = list(self._bridges.values())
+            self._bridges.clear()
+        self._wake()
+        if self._io_thread.is_alive():
+            self._io_thread.join()
+        for lst in self._listeners:
+            _shutdown_close(lst)
+        for bridge in bridges:
+            bridge.abort()
+        for t in [t for b in bridges for t in b.threads] + self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+        if self.own_socket:
+            self.sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.closed.set()
+
+    # -- client side ------------------------------------------------------
+
+    def forward(
+        self, client: socket.socket, remote_port: int, ip: str = "127.0.0.1", timeout: float = 10.0
+    ) -> int:
+        """Bridge a connected local TCP socket to a new realm bound to ``ip:remote_port``.
+
+        Blocks until the peer answers (CONN) and returns the realm; raises PTCPError
+        (and closes ``client``) when the bind is refused, times out or the tunnel ends.
+        """
+        with self._lock:
+            if self._stop or self.session.dead:
+                client.close()
+                raise PTCPError("tunnel is closed")
+            realm = self.session.open_realm(remote_port, self.clock(), ip, timeout)
+            bridge = _Bridge(self, realm, client, self.queue_bytes)
+            self._bridges[realm] = bridge
+            self._flush()
+            self._wake_locked()
+        bridge.opened.wait()
+        if bridge.open_result != "connected":
+            bridge.abort()
+            raise PTCPError(f"bind to port {remote_port} failed: {bridge.open_result or 'closed'}")
+        self.stats.realms_opened += 1
+        bridge.start()
+        return realm
+
+    def listen(
+        self, remote_port: int, local_port: int = 0, host: str = "127.0.0.1"
+    ) -> tuple[str, int]:
+        """Accept local TCP clients on ``host:local_port``, each forwarded to ``remote_port``."""
+        lst = socket.create_server((host, local_port))
+        self._listeners.append(lst)
+        t = threading.Thread(
+            target=self._accept_loop, args=(lst, remote_port), name="ptcp-accept", daemon=True
+        )
+        self._threads.append(t)
+        t.start()
+        return lst.getsockname()[:2]
+
+    def _accept_loop(self, lst: socket.socket, remote_port: int) -> None:
+        while not self._stop:
+            try:
+                client, _addr = lst.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._forward_quiet, args=(client, remote_port), daemon=True
+            ).start()
+
+    def _forward_quiet(self, client: socket.socket, remote_port: int) -> None:
+        try:
+            self.forward(client, remote_port)
+        except PTCPError as exc:
+            log.warning("%s", exc)
+
+    # -- device side ------------------------------------------------------
+
+    def _bind_requested(self, realm: int, port: int, ip: str) -> None:
+        sock = None
+        if self.on_bind is not None:
+            try:
+                sock = self.on_bind(port, ip)
+            except OSError as exc:
+                log.info("bind to %s:%d refused: %s", ip, port, exc)
+        bridge = None
+        with self._lock:
+            now = self.clock()
+            if self._stop or self.session.realm_state(realm) != PENDING:
+                if sock is not None:
+                    sock.close()
+                return
+            if sock is None:
+                self.session.refuse(realm, now)
+            else:
+                bridge = _Bridge(self, realm, sock, self.queue_bytes)
+                self._bridges[realm] = bridge
+                self.session.accept(realm, now)
+                self.stats.realms_opened += 1
+            self._flush()
+        if bridge is not None:
+            bridge.start()
+
+    # -- used by bridges --------------------------------------------------
+
+    def _send_realm(self, realm: int, view: memoryview) -> bool:
+        pos, n = 0, len(view)
+        session = self.session
+        with self._space:
+            while True:
+                if self._stop or session.realm_state(realm) != OPEN:
+                    return False
+                try:
+                    pos += session.send(realm, view[pos:], self.clock())
+                except PTCPError:
+                    return False
+                self._flush()
+                if pos >= n:
+                    break
+                self._space.wait()
+            self._wake_locked()
+        return True
+
+    def _local_closed(self, bridge: _Bridge, why: str) -> None:
+        with self._lock:
+            if self._bridges.get(bridge.realm) is bridge:
+                del self._bridges[bridge.realm]
+                self.session.close_realm(bridge.realm, self.clock())
+                self._flush()
+                self._wake_locked()
+        log.debug("realm %08x: %s", bridge.realm, why)
+        bridge.finish() if why == "local EOF" else bridge.abort()
+
+    # -- I/O thread -------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send the Session's datagrams (lock held, so lmid order is kept on the wire)."""
+        out = self.session.datagrams_to_send()
+        if not out:
+            return
+        sendto, peer = self.sock.sendto, self.peer
+        for d in out:
+            try:
+                sendto(d, peer)
+            except OSError:
+                self.stats.send_errors += 1
+        self.stats.datagrams_out += len(out)
+
+    def _wake_locked(self) -> None:
+        deadline = self.session.next_deadline()
+        if deadline is not None and deadline < self._sleep_until:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _io_loop(self) -> None:
+        sock, session, stats = self.sock, self.session, self.stats
+        peer = self.peer
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        recvfrom, dontwait = sock.recvfrom, socket.MSG_DONTWAIT
+        peer_ok = {peer}
+        try:
+            peer_ok.add((socket.gethostbyname(peer[0]), peer[1]))
+        except OSError:
+            pass
+        while not self._stop:
+            with self._lock:
+                deadline = session.next_deadline()
+                self._sleep_until = float("inf") if deadline is None else deadline
+            if deadline is None:
+                timeout_ms = None
+            else:
+                timeout_ms = max(0, int((deadline - self.clock()) * 1000) + 1)
+            for fd, _ev in poller.poll(timeout_ms):
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
+            if self._stop:
+                break
+            batch = []
+            for _ in range(_RECV_BATCH):
+                try:
+                    data, addr = recvfrom(65536, dontwait)
+                except BlockingIOError:
+                    break
+                except OSError:  # e.g. ICMP port unreachable reported on the socket
+                    stats.send_errors += 1
+                    continue
+                if addr in peer_ok:
+                    batch.append(data)
+                else:
+                    stats.stray += 1
+            stats.datagrams_in += len(batch)
+            with self._space:
+                now = self.clock()
+                for data in batch:
+                    try:
+                        session.receive_datagram(data, now)
+                    except PTCPError:
+                        stats.stray += 1
+                session.handle_timers(now)
+                self._flush()
+                events = session.events()
+                self._space.notify_all()
+            if events:
+                self._dispatch(events)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        bridges = self._bridges
+        parts: list[bytes] = []
+        cur = None
+        for ev in events:
+            if type(ev) is DataReceived:
+                if ev.realm != cur and parts:
+                    self._deliver(cur, parts)
+                    parts = []
+                cur = ev.realm
+                parts.append(ev.data)
+                continue
+            if parts:
+                self._deliver(cur, parts)
+                parts, cur = [], None
+            if isinstance(ev, RealmConnected):
+                bridge = bridges.get(ev.realm)
+                if bridge is not None:
+                    bridge.set_opened("connected")
+            elif isinstance(ev, RealmClosed):
+                with self._lock:
+                    bridge = bridges.pop(ev.realm, None)
+                if bridge is not None:
+                    if ev.reason in ("peer", "local"):
+                        bridge.finish()
+                    else:
+                        bridge.set_opened(ev.reason)
+                        bridge.abort()
+            elif isinstance(ev, BindRequested):
+                threading.Thread(
+                    target=self._bind_requested, args=(ev.realm, ev.port, ev.ip), daemon=True
+                ).start()
+            elif isinstance(ev, PeerDead):
+                log.warning("peer silent for %.0f s: tunnel dead", ev.silence)
+                self.dead.set()
+                with self._space:
+                    dead_bridges = list(bridges.values())
+                    bridges.clear()
+                    self._space.notify_all()
+                for bridge in dead_bridges:
+                    bridge.set_opened("peer dead")
+                    bridge.abort()
+                if self.on_dead is not None:
+                    self.on_dead()
+            if self.on_event is not None and not isinstance(ev, DataReceived):
+                self.on_event(ev)
+        if parts:
+            self._deliver(cur, parts)
+
+    def _deliver(self, realm: int | None, parts: list[bytes]) -> None:
+        bridge = self._bridges.get(realm) if realm is not None else None
+        if bridge is None:
+            return
+        if bridge.push(parts[0] if len(parts) == 1 else b"".join(parts)):
+            return
+        log.warning("realm %08x: local client is not reading, closing it", bridge.realm)
+        with self._lock:
+            self.stats.overflows += 1
+            if self._bridges.get(bridge.realm) is bridge:
+                del self._bridges[bridge.realm]
+            self.session.close_realm(bridge.realm, self.clock())
+            self._flush()
+        bridge.abort()
+
+
+def _shutdown_close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from exc
+
+
+def _mapping(text: str) -> tuple[int, tuple[str, int]]:
+    port, sep, target = text.partition("=")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected PORT=HOST:PORT, got {text!r}")
+    return int(port), _hostport(target)
+
+
+def _forwarding(text: str) -> tuple[str, int, int]:
+    parts = text.rsplit(":", 2)
+    try:
+        if len(parts) == 2:
+            return "127.0.0.1", int(parts[0]), int(parts[1])
+        if len(parts) == 3:
+            return parts[0], int(parts[1]), int(parts[2])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected [HOST:]LOCALPORT:REMOTEPORT, got {text!r}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ptcp.py",
+        description="Run one end of a bare PTCP tunnel over UDP (no cloud handshake).",
+        epilog="Exit codes: 0 closed cleanly, 1 error, 2 usage, 3 peer silent/dead.",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, s")
+    p.add_argument("--dead-after", type=float, default=60.0, help="peer silence limit, s")
+    p.add_argument("--max-data", type=int, default=DEFAULT_MAX_DATA, help="data bytes per body")
+    p.add_argument("--window", type=int, default=1 << 20, help="send window, bytes")
+    p.add_argument("--queue", type=int, default=4 << 20, help="per-realm local queue, bytes")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="play the device: turn binds into local TCP connections")
+    s.add_argument("--bind", type=_hostport, default=("127.0.0.1", 0), help="UDP HOST:PORT")
+    s.add_argument(
+        "--map",
+        type=_mapping,
+        action="append",
+        default=[],
+        metavar="PORT=HOST:PORT",
+        help="connect binds for PORT to HOST:PORT (repeatable); unmapped ports are refused",
+    )
+    c = sub.add_parser("connect", help="play the client: forward local TCP ports to the device")
+    c.add_argument("--peer", type=_hostport, required=True, help="UDP HOST:PORT of the far end")
+    c.add_argument("--bind", type=_hostport, default=("127.0.0.1", 0), help="UDP HOST:PORT")
+    c.add_argument(
+        "--forward",
+        type=_forwarding,
+        action="append",
+        default=[],
+        metavar="[HOST:]LPORT:RPORT",
+        help="listen on HOST:LPORT (0 = any free port), forward to remote RPORT (repeatable)",
+    )
+    c.add_argument("--timeout", type=float, default=10.0, help="wait this long for the SYN, s")
+    return p
+
+
+def _session_options(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "heartbeat_interval": args.heartbeat,
+        "dead_after": args.dead_after,
+        "max_data": args.max_data,
+        "window_bytes": args.window,
+    }
+
+
+def _wait_for_syn(sock: socket.socket) -> tuple[bytes, tuple[str, int]]:
+    """Device side: skip datagrams until a PTCP SYN arrives."""
+    while True:
+        data, addr = sock.recvfrom(65536)
+        try:
+            if isinstance(decode_packet(data).body, Syn):
+                return data, addr
+        except PTCPError:
+            pass
+        log.info("ignoring a datagram that is not a PTCP SYN from %s:%d", *addr)
+
+
+def _run_until(stop: threading.Event, tunnel: PTCPTunnel) -> int:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dead = tunnel.dead.is_set()
+    tunnel.close()
+    return 3 if dead else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    args = _build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
+        min(args.verbose, 2)
+    ]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(args.bind)
+        host, port = sock.getsockname()[:2]
+        print(f"ptcp: udp {host}:{port}", flush=True)
+        if args.cmd == "serve":
+            mapping = dict(args.map)
+
+            def on_bind(rport: int, _ip: str) -> socket.socket | None:
+                target = mapping.get(rport)
+                return None if target is None else socket.create_connection(target, timeout=5)
+
+            first, peer = _wait_for_syn(sock)
+            now = time.monotonic()
+            session = Session(now=now, **_session_options(args))  # type: ignore[arg-type]
+            session.receive_datagram(first, now)
+            session.events()
+            session.send_syn(now)
+            tunnel = PTCPTunnel(
+                sock, peer, session, on_bind=on_bind, on_dead=stop.set, queue_bytes=args.queue
+            )
+            tunnel.start()
+            print(f"ptcp: session with {peer[0]}:{peer[1]}", flush=True)
+            return _run_until(stop, tunnel)
+        up = threading.Event()
+        tunnel = PTCPTunnel(
+            sock,
+            args.peer,
+            on_event=lambda ev: up.set() if isinstance(ev, SynReceived) else None,
+            on_dead=stop.set,
+            queue_bytes=args.queue,
+            **_session_options(args),
+        )
+        with tunnel._lock:
+            tunnel.session.send_syn(time.monotonic())
+        tunnel.start()
+        if not up.wait(args.timeout):
+            log.error("no SYN from %s:%d within %.0f s", *args.peer, args.timeout)
+            tunnel.close(timeout=0)
+            return 3
+        for lhost, lport, rport in args.forward:
+            h, p = tunnel.listen(rport, lport, lhost)
+            print(f"ptcp: forwarding {h}:{p} -> remote port {rport}", flush=True)
+        return _run_until(stop, tunnel)
+    except OSError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        sock.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
