@@ -1,0 +1,538 @@
+"""PTCP sans-IO Session: counters, acks, realms, timers and reliability over a simulated link.
+
+Everything here runs on a fake clock: no sockets, no sleeps.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from ptcp import (
+    MASK32,
+    Bind,
+    BindRequested,
+    Command,
+    CommandReceived,
+    Data,
+    DataReceived,
+    Heartbeat,
+    HeartbeatReceived,
+    Packet,
+    PeerDead,
+    PTCPError,
+    RealmClosed,
+    RealmConnected,
+    Session,
+    Status,
+    Syn,
+    SynReceived,
+    decode_packet,
+    encode_packet,
+)
+
+VECTORS = json.loads(
+    (Path(__file__).resolve().parents[1].parent / "shared" / "vectors.json").read_text()
+)["ptcp"]
+REALM = VECTORS["realm"]
+
+
+class FixedRealms(random.Random):
+    """An rng whose first getrandbits answers are scripted (to hit the vector's realm)."""
+
+    def __init__(self, *values: int) -> None:
+        super().__init__(1)
+        self.values = list(values)
+
+    def getrandbits(self, k: int) -> int:
+        return self.values.pop(0) if self.values else super().getrandbits(k)
+
+
+def pkt(sent=0, recv=0, lmid=0, rmid=0, body=None, pid=0xFFFF) -> bytes:
+    return encode_packet(Packet(sent, recv, pid, lmid, rmid, body))
+
+
+def decoded(session: Session) -> list[Packet]:
+    return [decode_packet(d) for d in session.datagrams_to_send()]
+
+
+def connect_pair(a: Session, b: Session, now: float = 0.0) -> int:
+    """Lossless handshake + one realm a->b; returns the realm."""
+    a.send_syn(now)
+    shuttle(a, b, now)
+    assert any(isinstance(e, SynReceived) for e in b.events())
+    b.send_syn(now)
+    shuttle(a, b, now)
+    assert any(isinstance(e, SynReceived) for e in a.events())
+    realm = a.open_realm(554, now)
+    shuttle(a, b, now)
+    (bind,) = [e for e in b.events() if isinstance(e, BindRequested)]
+    assert (bind.realm, bind.port, bind.ip) == (realm, 554, "127.0.0.1")
+    b.accept(realm, now)
+    shuttle(a, b, now)
+    assert RealmConnected(realm) in a.events()
+    return realm
+
+
+def shuttle(a: Session, b: Session, now: float) -> None:
+    """Deliver everything both ways until quiet (lossless, in order)."""
+    while True:
+        da, db = a.datagrams_to_send(), b.datagrams_to_send()
+        if not da and not db:
+            return
+        for d in da:
+            b.receive_datagram(d, now)
+        for d in db:
+            a.receive_datagram(d, now)
+
+
+# -- wire behaviour --------------------------------------------------------
+
+
+def test_client_handshake_reproduces_vectors():
+    s = Session(now=0.0, rng=FixedRealms(REALM))
+    s.send_syn(0.0)
+    assert s.datagrams_to_send() == [bytes.fromhex(VECTORS["syn_hex"])]
+    s.receive_datagram(pkt(0, 0, 0, 0, Syn(), pid=0x0002FFFF), 0.0)  # device SYN
+    assert s.events() == [SynReceived()]
+    assert s.datagrams_to_send() == [bytes.fromhex(VECTORS["ack_hex"])]
+    s.receive_datagram(pkt(4, 4, 1, 1), 0.0)  # device acks our SYN
+    assert s.datagrams_to_send() == []  # empty packets are not answered
+    assert s.open_realm(554, 0.0) == REALM
+    assert s.datagrams_to_send() == [bytes.fromhex(VECTORS["bind_554_hex"])]
+
+
+def test_every_nonempty_packet_is_acked_with_updated_counters():
+    s = Session(now=0.0)
+    s.receive_datagram(pkt(0, 0, 7, 0, Heartbeat()), 0.0)
+    (ack,) = decoded(s)
+    assert ack.body is None and ack.recv == 12 and ack.rmid == 7 and ack.sent == 0
+    s.receive_datagram(pkt(12, 0, 8, 0, Heartbeat()), 0.0)
+    (ack2,) = decoded(s)
+    assert ack2.recv == 24 and ack2.rmid == 8 and ack2.lmid == ack.lmid + 1
+    assert s.events() == [HeartbeatReceived(), HeartbeatReceived()]
+
+
+def test_pid_counts_down_wraps_in_16_bits_and_lmid_increases():
+    a, b = Session(now=0.0), Session(now=0.0)
+    realm = connect_pair(a, b)
+    seen = []
+    for _ in range(70000 // 100):
+        a.send(realm, bytes(100), 0.0)
+        for d in a.datagrams_to_send():
+            p = decode_packet(d)
+            seen.append(p)
+            b.receive_datagram(d, 0.0)
+        for d in b.datagrams_to_send():
+            a.receive_datagram(d, 0.0)
+    datas = [p for p in seen if p.body is not None]
+    assert all(0 <= p.pid <= 0xFFFF for p in datas)
+    pids = [p.pid for p in datas]
+    # consecutive non-empty packets: pid decreases by one modulo 2^16, never repeats soon
+    assert all((x - y) & 0xFFFF == 1 for x, y in zip(pids, pids[1:], strict=False))
+    assert len(set(pids[-65536:])) == len(pids[-65536:])
+    lmids = [p.lmid for p in seen]
+    assert lmids == sorted(lmids) and len(set(lmids)) == len(lmids)
+
+
+def test_stray_datagrams_raise_and_change_nothing():
+    s = Session(now=0.0)
+    for raw in (b"HTTP/1.1 200 OK\r\n\r\n", b"\xfe\xff" * 30, b"PTCP"):
+        with pytest.raises(PTCPError):
+            s.receive_datagram(raw, 0.0)
+    assert s.datagrams_to_send() == [] and s.events() == [] and s.recv == 0
+
+
+def test_out_of_order_and_duplicates_delivered_once_in_order():
+    s = Session(now=0.0, rng=FixedRealms(REALM))
+    realm = s.open_realm(554, 0.0)
+    s.receive_datagram(pkt(0, 0, 0, 0, Status(realm, True)), 0.0)
+    assert s.events() == [RealmConnected(realm)]
+    s.datagrams_to_send()
+    chunks = [Data(realm, bytes([i]) * (i + 1)) for i in range(5)]
+    offsets, off = [], 16
+    for c in chunks:
+        offsets.append(off)
+        off += 12 + len(c.data)
+    order = [3, 1, 1, 4, 0, 2, 0, 3]
+    acks = []
+    for lmid, i in enumerate(order, start=1):
+        s.receive_datagram(pkt(offsets[i], 0, lmid, 0, chunks[i]), 0.0)
+        acks.extend(p.recv for p in decoded(s))
+    data = b"".join(e.data for e in s.events() if isinstance(e, DataReceived))
+    assert data == b"".join(c.data for c in chunks)
+    # only contiguous bytes are acknowledged; every packet, even a duplicate, got an ack
+    assert acks == [16, 16, 16, 16, offsets[2], off, off, off]
+    assert s.stats.duplicates == 2
+
+
+def test_retransmission_after_rto_with_backoff_and_fresh_ids():
+    s = Session(now=0.0, initial_rto=1.0, heartbeat_interval=None)
+    s.send_syn(0.0)
+    (first,) = decoded(s)
+    assert s.next_deadline() == pytest.approx(1.0)
+    s.handle_timers(0.99)
+    assert decoded(s) == []
+    s.handle_timers(1.0)
+    (again,) = decoded(s)
+    assert again.sent == first.sent and again.body == Syn() and again.lmid == first.lmid + 1
+    assert s.next_deadline() == pytest.approx(3.0)  # backed off to 2 s
+    s.handle_timers(3.0)
+    (third,) = decoded(s)
+    assert third.lmid == again.lmid + 1
+    assert s.next_deadline() == pytest.approx(7.0)
+    s.receive_datagram(pkt(0, 4, 0, third.lmid), 7.5)
+    s.handle_timers(30.0)
+    assert decoded(s) == [] and s.unacked_bytes == 0
+
+
+def test_retransmitted_data_gets_new_pid():
+    a, b = Session(now=0.0), Session(now=0.0)
+    realm = connect_pair(a, b)
+    a.send(realm, b"x" * 10, 0.0)
+    (orig,) = decoded(a)
+    a.handle_timers(a.next_deadline())
+    (re,) = decoded(a)
+    assert re.sent == orig.sent and re.body == orig.body
+    assert re.pid == (orig.pid - 1) & 0xFFFF and re.lmid > orig.lmid
+
+
+def test_rto_follows_measured_round_trips():
+    a, b = Session(now=0.0, min_rto=0.001), Session(now=0.0)
+    realm = connect_pair(a, b)
+    t = 1.0
+    for _ in range(50):
+        a.send(realm, b"ping", t)
+        for d in a.datagrams_to_send():
+            b.receive_datagram(d, t + 0.010)
+        for d in b.datagrams_to_send():
+            a.receive_datagram(d, t + 0.020)
+        b.events()
+        t += 1.0
+    assert a.srtt == pytest.approx(0.020, rel=0.05)
+    assert 0.020 <= a.rto < 0.1
+
+
+def test_send_window_is_bounded_and_reopens_on_ack():
+    a, b = Session(now=0.0, window_bytes=64 * 1024), Session(now=0.0)
+    realm = connect_pair(a, b)
+    took = a.send(realm, bytes(1 << 20), 0.0)
+    assert 0 < took <= 64 * 1024
+    assert a.send(realm, b"more", 0.0) == 0
+    assert a.send_space == 0
+    shuttle(a, b, 0.1)
+    assert a.send_space > 0 and a.unacked_bytes < 64 * 1024
+
+
+def test_data_bodies_are_at_most_max_data():
+    for max_data in (1280, 500):
+        a, b = Session(now=0.0, max_data=max_data), Session(now=0.0)
+        realm = connect_pair(a, b)
+        a.send(realm, bytes(10_000), 0.0)
+        sizes = [len(p.body.data) for p in decoded(a) if isinstance(p.body, Data)]
+        assert max(sizes) == max_data and sum(sizes) <= 10_000
+
+
+def test_heartbeats_and_peer_dead():
+    s = Session(now=0.0, heartbeat_interval=5.0, dead_after=12.0)
+    assert s.next_deadline() == 5.0
+    s.handle_timers(5.0)
+    (hb,) = decoded(s)
+    assert hb.body == Heartbeat()
+    s.receive_datagram(pkt(0, 12, 0, hb.lmid), 6.0)  # peer acks: alive at t=6
+    s.handle_timers(10.0)
+    assert [p.body for p in decoded(s)] == [Heartbeat()]
+    s.handle_timers(17.9)
+    assert s.events() == [] and not s.dead
+    assert s.next_deadline() <= 18.0
+    s.handle_timers(18.0)
+    assert s.events() == [PeerDead(12.0)] and s.dead
+    assert s.next_deadline() is None
+
+
+def test_command_and_syn_events_share_the_stream():
+    a, b = Session(now=0.0), Session(now=0.0)
+    a.send_syn(0.0)
+    a.send_command(0x17, b"", 0.0)
+    shuttle(a, b, 0.0)
+    assert b.events() == [SynReceived(), CommandReceived(0x17, b"")]
+    b.send_command(0x1A, b"sign-bytes", 0.0)
+    shuttle(a, b, 0.0)
+    assert a.events() == [CommandReceived(0x1A, b"sign-bytes")]
+    assert a.sent == 4 + 12 and b.recv == 16 and a.recv == 22 and a.unacked_bytes == 0
+
+
+# -- realms ----------------------------------------------------------------
+
+
+def test_realm_refused_by_disc():
+    a, b = Session(now=0.0), Session(now=0.0)
+    realm = a.open_realm(80, 0.0)
+    shuttle(a, b, 0.0)
+    (req,) = b.events()
+    b.refuse(req.realm, 0.0)
+    shuttle(a, b, 0.0)
+    assert a.events() == [RealmClosed(realm, "refused")]
+    assert a.realm_state(realm) is None and b.realm_state(realm) is None
+    with pytest.raises(PTCPError):
+        a.send(realm, b"x", 0.0)
+
+
+def test_realm_open_timeout_sends_disc():
+    a = Session(now=0.0, open_timeout=3.0)
+    realm = a.open_realm(554, 0.0)
+    a.datagrams_to_send()
+    a.receive_datagram(pkt(0, 20, 0, 0), 0.5)  # bind acked, no answer
+    a.handle_timers(2.9)
+    assert a.events() == []
+    a.handle_timers(3.0)
+    assert a.events() == [RealmClosed(realm, "timeout")]
+    assert Status(realm, False) in [p.body for p in decoded(a)]
+
+
+def test_close_realm_and_peer_answer():
+    a, b = Session(now=0.0), Session(now=0.0)
+    realm = connect_pair(a, b)
+    a.close_realm(realm, 1.0)
+    shuttle(a, b, 1.0)
+    assert b.events() == [RealmClosed(realm, "peer")]
+    assert a.events() == [RealmClosed(realm, "local")]
+    assert a.realms == {} and b.realms == {}
+    assert a.unacked_bytes == 0 and b.unacked_bytes == 0
+
+
+def test_disc_for_unknown_realm_is_not_answered():
+    s = Session(now=0.0)
+    s.receive_datagram(pkt(0, 0, 0, 0, Status(1234, False)), 0.0)
+    assert [p.body for p in decoded(s)] == [None]
+    assert s.events() == []
+
+
+def test_data_for_unknown_or_closed_realm_is_ignored():
+    a, b = Session(now=0.0), Session(now=0.0)
+    realm = connect_pair(a, b)
+    b.receive_datagram(pkt(b.recv, 0, 99, 0, Data(realm ^ 1, b"zz")), 0.0)
+    assert b.events() == [] and b.stats.ignored == 1
+
+
+def test_realm_ids_are_fresh_and_never_collide_with_live_ones():
+    s = Session(now=0.0, rng=FixedRealms(5, 5, 0, 5, 6))
+    assert s.open_realm(1, 0.0) == 5
+    assert s.open_realm(1, 0.0) == 6  # 5 is live, 0 is never used
+    s2 = Session(now=0.0)
+    realms = {s2.open_realm(554, 0.0) for _ in range(200)}
+    assert len(realms) == 200 and 0 not in realms
+
+
+def test_bind_for_live_realm_is_ignored():
+    s = Session(now=0.0)
+    s.receive_datagram(pkt(0, 0, 0, 0, Bind(42, 554)), 0.0)
+    s.receive_datagram(pkt(20, 0, 1, 0, Bind(42, 80)), 0.0)
+    assert s.events() == [BindRequested(42, 554, "127.0.0.1")]
+
+
+# -- a peer that behaves like the public tools -------------------------------
+
+
+class PublicToolPeer:
+    """Counts every body byte it receives, acks each packet, never retransmits."""
+
+    def __init__(self) -> None:
+        self.sent = self.recv = self.count = self.lmid = self.rmid = 0
+        self.out: list[bytes] = []
+        self.got: list[Packet] = []
+
+    def send(self, body) -> None:
+        from ptcp import encode_body
+
+        raw = encode_body(body)
+        pid = 0x0002FFFF if isinstance(body, Syn) else 0xFFFF - self.count
+        self.out.append(pkt(self.sent, self.recv, self.lmid, self.rmid, body, pid=pid))
+        self.sent += len(raw)
+        self.lmid += 1
+        if raw and not isinstance(body, Syn):
+            self.count += 1
+
+    def receive(self, raw: bytes) -> None:
+        p = decode_packet(raw)
+        self.rmid = p.lmid
+        if p.body is not None:
+            self.recv += len(raw) - 24
+            self.got.append(p)
+            self.send(None)
+
+
+def test_works_with_a_public_tool_peer():
+    s = Session(now=0.0)
+    peer = PublicToolPeer()
+    s.send_syn(0.0)
+
+    def pump(t: float) -> None:
+        while True:
+            out, peer.out = peer.out, []
+            mine = s.datagrams_to_send()
+            if not out and not mine:
+                return
+            for d in mine:
+                peer.receive(d)
+            for d in out:
+                s.receive_datagram(d, t)
+
+    pump(0.0)
+    peer.send(Syn())
+    pump(0.0)
+    realm = s.open_realm(554, 0.0)
+    pump(0.0)
+    peer.send(Status(realm, True))
+    pump(0.0)
+    assert RealmConnected(realm) in s.events()
+    payload = random.Random(3).randbytes(300_000)
+    pos = 0
+    t = 0.0
+    while pos < len(payload):
+        pos += s.send(realm, memoryview(payload)[pos : pos + 50_000], t)
+        pump(t)
+        t += 0.001
+    for i in range(0, 200_000, 1000):
+        peer.send(Data(realm, payload[i : i + 1000]))
+    pump(t)
+    got = b"".join(p.body.data for p in peer.got if isinstance(p.body, Data))
+    assert got == payload
+    back = b"".join(e.data for e in s.events() if isinstance(e, DataReceived))
+    assert back == payload[:200_000]
+    assert s.stats.retransmits == 0 and s.unacked_bytes == 0
+
+
+# -- reliability over a bad link ------------------------------------------------
+
+
+class Link:
+    """Both directions of a lossy, reordering, duplicating datagram link on a fake clock."""
+
+    def __init__(
+        self, seed: int, loss=0.05, dup=0.02, reorder=0.05, delay=0.010, jitter=0.002
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.loss, self.dup, self.reorder, self.delay, self.jitter = (
+            loss,
+            dup,
+            reorder,
+            delay,
+            jitter,
+        )
+        self.heap: list[tuple[float, int, int, bytes]] = []
+        self.seq = 0
+        self.carried = 0
+
+    def carry(self, now: float, dst: int, datagrams: list[bytes]) -> None:
+        rnd = self.rng.random
+        for d in datagrams:
+            self.carried += 1
+            if rnd() < self.loss:
+                continue
+            copies = 2 if rnd() < self.dup else 1
+            for _ in range(copies):
+                extra = rnd() * self.jitter
+                if rnd() < self.reorder:
+                    extra += rnd() * 4 * self.delay  # overtaken by later packets
+                self.seq += 1
+                heapq.heappush(self.heap, (now + self.delay + extra, self.seq, dst, d))
+
+
+def run_bulk(a: Session, b: Session, realm: int, link: Link, size: int, seed: int, t0=0.0):
+    """Move ``size`` random bytes each way on one realm; return (sent, received) per side."""
+    rng = random.Random(seed)
+    src = [rng.randbytes(size), rng.randbytes(size)]
+    got: list[list[bytes]] = [[], []]
+    pos = [0, 0]
+    sides = (a, b)
+    now = t0
+    heap = link.heap
+    while True:
+        for i, s in enumerate(sides):
+            if pos[i] < size and s.send_space:
+                pos[i] += s.send(realm, memoryview(src[i])[pos[i] : pos[i] + 262144], now)
+            out = s.datagrams_to_send()
+            if out:
+                link.carry(now, 1 - i, out)
+            for ev in s.events():
+                if type(ev) is DataReceived:
+                    got[i].append(ev.data)
+                else:
+                    assert not isinstance(ev, (PeerDead, RealmClosed)), ev
+        if (
+            pos == [size, size]
+            and not a.unacked_bytes
+            and not b.unacked_bytes
+            and not heap
+        ):
+            break
+        deadlines = [t for t in (a.next_deadline(), b.next_deadline()) if t is not None]
+        nxt = min(deadlines)
+        if heap and heap[0][0] < nxt:
+            nxt = heap[0][0]
+        now = max(now, nxt)
+        while heap and heap[0][0] <= now:
+            _, _, dst, d = heapq.heappop(heap)
+            sides[dst].receive_datagram(d, now)
+        a.handle_timers(now)
+        b.handle_timers(now)
+    return src, [b"".join(g) for g in got], now
+
+
+def test_twenty_megabytes_each_way_over_a_lossy_reordering_duplicating_link():
+    a = Session(now=0.0, rng=random.Random(1))
+    b = Session(now=0.0, rng=random.Random(2))
+    realm = connect_pair(a, b)
+    link = Link(seed=7)
+    size = 20 * 1024 * 1024
+    src, got, end = run_bulk(a, b, realm, link, size, seed=11)
+    assert got[1] == src[0]  # a -> b
+    assert got[0] == src[1]  # b -> a
+    for s in (a, b):
+        assert s.stats.retransmits > 0 and s.stats.out_of_order > 0 and s.stats.duplicates > 0
+    assert not a.dead and not b.dead
+
+
+def test_counters_wrap_at_two_to_the_32():
+    start_a, start_b = MASK32 - 300_000, MASK32 - 5
+    a = Session(now=0.0, initial_sent=start_a, initial_recv=start_b, initial_lmid=MASK32 - 2)
+    b = Session(now=0.0, initial_sent=start_b, initial_recv=start_a)
+    realm = connect_pair(a, b)
+    seen = []
+    link = Link(seed=3, loss=0.02)
+    orig_carry = link.carry
+
+    def spy(now, dst, datagrams):
+        seen.extend(decode_packet(d) for d in datagrams)
+        orig_carry(now, dst, datagrams)
+
+    link.carry = spy
+    src, got, _ = run_bulk(a, b, realm, link, 2 * 1024 * 1024, seed=5)
+    assert got[1] == src[0] and got[0] == src[1]
+    # both stream offsets really crossed the wrap
+    assert a.sent < start_a and b.sent < start_b and a.recv == b.sent and b.recv == a.sent
+    assert any(p.sent > start_a for p in seen) and any(p.sent < 1_000_000 for p in seen)
+    assert a.stats.timeouts < 50 and b.stats.timeouts < 50  # no stall at the wrap
+
+
+def test_lossless_link_needs_no_retransmission():
+    a, b = Session(now=0.0), Session(now=0.0)
+    realm = connect_pair(a, b)
+    link = Link(seed=1, loss=0.0, dup=0.0, reorder=0.0, jitter=0.0)
+    src, got, _ = run_bulk(a, b, realm, link, 4 * 1024 * 1024, seed=2)
+    assert got[1] == src[0] and got[0] == src[1]
+    assert a.stats.retransmits == 0 and b.stats.retransmits == 0
+
+
+def test_command_payload_vector_via_session():
+    a = Session(now=0.0)
+    a.send_command(0x17, b"", 0.0)
+    (raw,) = a.datagrams_to_send()
+    assert raw[24:] == bytes.fromhex(VECTORS["sign_request_body_hex"])
+    p = decode_packet(raw)
+    assert p.body == Command(0x17, b"") and p.pid == 0xFFFF
