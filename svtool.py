@@ -56,6 +56,7 @@ __all__ = [
     "AuthResult",
     "DescribeResult",
     "HeartbeatAck",
+    "Notification",
     "DCPClient",
     "TokenKeeper",
     "parse_dvr_url",
@@ -274,19 +275,31 @@ class HeartbeatAck(NamedTuple):
     """Reply to HEARTBEAT."""
 
 
-Event = AuthResult | DescribeResult | HeartbeatAck
+class Notification(NamedTuple):
+    """A whole message the DVR sent while no request was waiting (ignored by the driver)."""
+
+    message: Message
+
+
+Event = AuthResult | DescribeResult | HeartbeatAck | Notification
 _E = TypeVar("_E", AuthResult, DescribeResult, HeartbeatAck)
 
-# Request name -> the reply name that answers it (PROTOCOLS 1.1: HEARTBEAT has no _OK).
-_REPLIES = {"AUTHENTICATE": "AUTHENTICATE_OK", "DESCRIBE": "DESCRIBE_OK", "HEARTBEAT": "HEARTBEAT"}
+# Request name -> reply names that answer it. PROTOCOLS 1.1: the HEARTBEAT reply is named
+# HEARTBEAT, not HEARTBEAT_OK; the latter is accepted too in case some firmware uses it.
+_REPLIES = {
+    "AUTHENTICATE": ("AUTHENTICATE_OK",),
+    "DESCRIBE": ("DESCRIBE_OK",),
+    "HEARTBEAT": ("HEARTBEAT", "HEARTBEAT_OK"),
+}
 
 
 class ClientProtocol:
     """Sans-IO DCP client state: one request in flight, its reply turned into an event.
 
     Call a ``send_*`` method, write the returned bytes, then give every received chunk to
-    :meth:`receive_data` until it returns the event. Unexpected replies raise
-    :class:`SVProtocolError`.
+    :meth:`receive_data` until it returns the event. A reply with the wrong name raises
+    :class:`SVProtocolError`; a message arriving while nothing is pending becomes a
+    :class:`Notification` (the protocol has none documented, so they are only logged).
     """
 
     def __init__(self, *, max_size: int = MAX_MESSAGE_SIZE) -> None:
@@ -321,9 +334,8 @@ class ClientProtocol:
 
     def _handle(self, msg: Message) -> Event:
         if self.pending is None:
-            raise SVProtocolError(f"unsolicited {msg.name!r} message from the DVR")
-        expected = _REPLIES[self.pending]
-        if msg.name != expected:
+            return Notification(msg)
+        if msg.name not in _REPLIES[self.pending]:
             raise SVProtocolError(f"DVR answered {self.pending} with {msg.name!r}")
         request, self.pending = self.pending, None
         if request == "AUTHENTICATE":
@@ -446,12 +458,11 @@ class DCPClient:
                     chunk = sock.recv(65536)
                     if not chunk:
                         raise ConnectionError(f"DVR closed the DCP connection during {name}")
-                    events = self._proto.receive_data(chunk)
-                    if events:
-                        if len(events) > 1 or not isinstance(events[0], expect):
-                            raise SVProtocolError(f"DVR sent unrequested replies after {name}")
-                        log.debug("got the reply to %s", name)
-                        return events[0]
+                    for event in self._proto.receive_data(chunk):
+                        if isinstance(event, expect):
+                            log.debug("got the reply to %s", name)
+                            return event
+                        _log_notification(event)
             except BaseException:
                 # A failed request leaves the stream in an unknown state: do not reuse it.
                 self._proto.pending = None
@@ -461,8 +472,9 @@ class DCPClient:
     def check_alive(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for trouble on an idle connection.
 
-        Returns if nothing arrived; raises ConnectionError if the DVR closed the connection,
-        :class:`SVProtocolError` if it sent something unrequested.
+        Returns when the time is up (unrequested messages are logged and ignored); raises
+        ConnectionError if the DVR closed the connection, :class:`SVProtocolError` if it sent
+        bytes that are not DCP messages.
         """
         sock = self._require_sock()
         readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
@@ -475,10 +487,8 @@ class DCPClient:
                 chunk = sock.recv(65536)
                 if not chunk:
                     raise ConnectionError("DVR closed the DCP connection")
-                self._proto.receive_data(chunk)
-                if self._proto.pending is None:
-                    # Bytes of a message that is not complete yet and was never asked for.
-                    raise SVProtocolError("unsolicited bytes from the DVR")
+                for event in self._proto.receive_data(chunk):
+                    _log_notification(event)
             except BaseException:
                 self._drop()
                 raise
@@ -507,6 +517,12 @@ class DCPClient:
         self.shutdown()
         with self._lock:
             self._drop()
+
+
+def _log_notification(event: Event) -> None:
+    if isinstance(event, Notification):
+        msg = event.message
+        log.debug("ignoring unrequested %s message (%d byte payload)", msg.name, len(msg.payload))
 
 
 class TokenKeeper:
@@ -579,6 +595,10 @@ class TokenKeeper:
         except BaseException:
             client.close()
             raise
+        with self._state_lock:
+            if self._closing:  # close() ran while we were logging in
+                client.close()
+                raise SVError("TokenKeeper was closed during start()")
         self.describe_info = info
         self.token = token
         self._thread = threading.Thread(
@@ -606,6 +626,7 @@ class TokenKeeper:
             error = exc
         with self._state_lock:
             if self._closing:
+                client.close()
                 return
             self._lost = True
         self.lost_reason = error

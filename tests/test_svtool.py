@@ -220,8 +220,6 @@ def test_client_protocol_auth_failure_reason_and_reply_checks() -> None:
     with pytest.raises(SVError):
         proto.send_describe()  # one request at a time
     assert proto.receive_data(reply("HEARTBEAT")) == [HeartbeatAck()]
-    with pytest.raises(SVProtocolError, match="unsolicited"):
-        proto.receive_data(reply("HEARTBEAT"))
     other = ClientProtocol()
     other.send_describe()
     with pytest.raises(SVProtocolError, match="answered DESCRIBE"):
@@ -560,24 +558,113 @@ def test_client_times_out_on_a_mute_server(mute_listener: int) -> None:
         assert not client.connected
 
 
-def test_client_rejects_garbage_from_server() -> None:
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
+class ScriptedDVR:
+    """A one-connection DCP server that answers each request with scripted bytes.
 
-        def answer() -> None:
-            conn, _ = server.accept()
-            with conn:
-                conn.recv(1000)
-                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
-                conn.recv(1000)
+    ``script`` maps a request name to the list of byte strings sent for its 1st, 2nd, ...
+    occurrence; ``served`` counts requests answered. Runs until the client disconnects.
+    """
 
-        thread = threading.Thread(target=answer, daemon=True)
-        thread.start()
-        with DCPClient("127.0.0.1", server.getsockname()[1], timeout=5) as client:
-            with pytest.raises(SVProtocolError, match="bad magic"):
-                client.authenticate("admin", "4321")
-        thread.join(5)
+    def __init__(self, script: dict[str, list[bytes]]) -> None:
+        self.script = {name: list(replies) for name, replies in script.items()}
+        self.served: dict[str, int] = {}
+        self.changed = threading.Condition()
+        self.conn: socket.socket | None = None
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def push(self, data: bytes) -> None:
+        """Send bytes unasked (once the client is connected)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.conn is not None, 5)
+        assert self.conn is not None
+        self.conn.sendall(data)
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with self.changed:
+            self.conn = conn
+            self.changed.notify_all()
+        decoder = MessageDecoder(strict=True)
+        with conn:
+            while data := conn.recv(4096):
+                for msg in decoder.feed(data):
+                    conn.sendall(self.script[msg.name].pop(0))
+                    with self.changed:
+                        self.served[msg.name] = self.served.get(msg.name, 0) + 1
+                        self.changed.notify_all()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[dict[str, list[bytes]]], ScriptedDVR]]:
+    servers: list[ScriptedDVR] = []
+
+    def make(script: dict[str, list[bytes]]) -> ScriptedDVR:
+        servers.append(ScriptedDVR(script))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def test_client_rejects_garbage_from_server(scripted) -> None:
+    server = scripted({"AUTHENTICATE": [b"HTTP/1.0 400 Bad Request\r\n\r\n"]})
+    with DCPClient("127.0.0.1", server.port, timeout=5) as client:
+        with pytest.raises(SVProtocolError, match="bad magic"):
+            client.authenticate("admin", "4321")
+        assert not client.connected  # a broken stream is never reused
+
+
+def test_client_protocol_turns_unrequested_messages_into_notifications() -> None:
+    proto = ClientProtocol()
+    alarm = encode_message("ALARM", b"motion", "TEXT")
+    [note] = proto.receive_data(alarm)
+    assert isinstance(note, svtool.Notification) and note.message.name == "ALARM"
+    proto.send_heartbeat()
+    assert proto.receive_data(encode_message("HEARTBEAT_OK") + alarm) == [HeartbeatAck(), note]
+    proto.send_describe()
+    with pytest.raises(SVProtocolError, match="answered DESCRIBE with 'ALARM'"):
+        proto.receive_data(alarm)  # while a request waits, only its reply may come
+
+
+def test_keeper_ignores_notifications_and_accepts_heartbeat_ok(scripted) -> None:
+    alarm = encode_message("ALARM", b"motion\x00", "TEXT")
+    server = scripted(
+        {
+            "AUTHENTICATE": [AUTH_OK],
+            "DESCRIBE": [DESCRIBE_OK + alarm],  # the alarm arrives after the reply: idle
+            "HEARTBEAT": [reply("HEARTBEAT_OK") + alarm] + [reply("HEARTBEAT")] * 50,
+        }
+    )
+    lost: list[object] = []
+    with TokenKeeper(
+        "127.0.0.1", server.port, "admin", "4321", heartbeat_interval=0.05, on_lost=lost.append
+    ) as keeper:
+        assert keeper.start() == VECTORS["describe_ok_authority"]
+        with server.changed:
+            assert server.changed.wait_for(lambda: server.served.get("HEARTBEAT", 0) >= 4, 10)
+        assert keeper.alive and lost == []
+
+
+def test_keeper_loses_token_on_garbage_while_idle(scripted) -> None:
+    called = threading.Event()
+    server = scripted({"AUTHENTICATE": [AUTH_OK], "DESCRIBE": [DESCRIBE_OK]})
+    errors: list[BaseException | None] = []
+    with TokenKeeper(
+        "127.0.0.1", server.port, "admin", "4321", heartbeat_interval=5,
+        on_lost=lambda exc: (errors.append(exc), called.set()),
+    ) as keeper:  # fmt: skip
+        keeper.start()
+        server.push(b"garbage")
+        assert called.wait(5) and not keeper.alive
+    assert isinstance(errors[0], SVProtocolError)
 
 
 # ---------------------------------------------------------------------------------------------
