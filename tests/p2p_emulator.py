@@ -1,0 +1,940 @@
+"""Loopback emulators of the Dahua P2P cloud and a device (PROTOCOLS 2), for tests.
+
+One :class:`Emulator` runs, on its own thread with one select loop, every party
+of PROTOCOLS 2.2 on its own loopback UDP port: the main cloud server, the P2P
+server, the relay server, the relay agent and the device (a public and a LAN
+socket).  It is as strict as the spec: every request's WSSE header, header
+order and CSeq are checked, device credentials and the encrypted LocalAddr are
+checked, PTCP packets are decoded here independently of ptcp.py and checked
+for lmid order, pid reuse, acknowledgement of unsent bytes and sequence gaps.
+Anything wrong is appended to :attr:`Emulator.violations`; a test asserts the
+list is empty.
+
+Binds on the device open real TCP connections to ``port_map[port]``.  The
+device side retransmits its own unacknowledged data (go-back-N), so tests can
+impair the datagrams it sends (loss, reordering, duplication).
+
+Switches: ``relay_only`` (punches never answered, direct PTCP ignored),
+``auth`` ((user, password): 403 without device credentials, randsalt in
+/info/device), ``loss``/``reorder``/``duplicate`` on the device's datagrams,
+``stray`` (signalling/STUN junk on the tunnel socket), :meth:`Emulator.reboot`.
+
+Run alone for manual testing: ``python tests/p2p_emulator.py --map 554=127.0.0.1:8554``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import heapq
+import itertools
+import logging
+import os
+import random
+import re
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import helpers  # noqa: E402
+from helpers import P2PProtocolError  # noqa: E402
+
+log = logging.getLogger("p2p_emulator")
+
+PTCP_HEADER = struct.Struct("!4sIIIII")
+SYN_BODY = b"\x00\x03\x01\x00"
+SYN_PID = 0x0002FFFF
+NAT_INFO = b"Server Nat Info!"
+MASK32 = 0xFFFFFFFF
+CHUNK = 1280
+WINDOW = 48  # packets in flight from the device
+PID_WINDOW = 64  # a new packet's pid must not repeat one of the last PID_WINDOW
+
+
+def _diff(a: int, b: int) -> int:
+    """(a - b) mod 2**32 as a signed 32-bit number."""
+    d = (a - b) & MASK32
+    return d - (1 << 32) if d & 0x80000000 else d
+
+
+@dataclass
+class Channel:
+    """What the device learned from one p2p-channel request."""
+
+    identify: bytes
+    client_addr: tuple[str, int]
+    client_local: tuple[str, int]
+    nonce: int | None
+    device_tids: set[bytes] = field(default_factory=set)
+    client_tids: set[bytes] = field(default_factory=set)
+    punched: bool = False
+
+
+class PeerSession:
+    """The device's (or relay agent's) PTCP side for one client address."""
+
+    def __init__(self, emu: Emulator, sock: socket.socket, addr: tuple[str, int], role: str):
+        self.emu = emu
+        self.sock = sock
+        self.addr = addr
+        self.role = role  # "device" or "agent"
+        self.lmid = 0
+        self.sent = 0
+        self.recv = 0
+        self.rx_lmid: int | None = None
+        self.nonempty = 0
+        self.acked = 0
+        self.unacked: collections.deque[tuple[int, bytes, int]] = collections.deque()
+        self.rto = 0.25
+        self.retx_at: float | None = None
+        self.recent_pids: collections.deque[int] = collections.deque(maxlen=PID_WINDOW)
+        self.synced = False
+        self.open = False
+        self.realms: dict[int, socket.socket] = {}
+        self.closed_realms: set[int] = set()
+        self.last_rx = time.monotonic()
+        self.next_heartbeat = time.monotonic() + 5.0
+
+    # -- sending -------------------------------------------------------------
+
+    def _packet(self, sent: int, body: bytes, pid: int) -> bytes:
+        rmid = self.rx_lmid if self.rx_lmid is not None else 0
+        header = PTCP_HEADER.pack(b"PTCP", sent & MASK32, self.recv & MASK32, pid, self.lmid, rmid)
+        self.lmid = (self.lmid + 1) & MASK32
+        return header + body
+
+    def send(self, body: bytes = b"") -> None:
+        if not body:
+            self.emu.device_send(self.sock, self.addr, self._packet(self.sent, b"", 0xFFFF))
+            return
+        if body == SYN_BODY:
+            pid = SYN_PID
+        else:
+            pid = (0xFFFF - self.nonempty) & 0xFFFF
+            self.nonempty += 1
+        self.unacked.append((self.sent, body, pid))
+        data = self._packet(self.sent, body, pid)
+        self.sent = (self.sent + len(body)) & MASK32
+        if self.retx_at is None:
+            self.retx_at = time.monotonic() + self.rto
+        self.emu.device_send(self.sock, self.addr, data)
+
+    def window_open(self) -> bool:
+        return len(self.unacked) < WINDOW
+
+    def tick(self, now: float) -> None:
+        if self.retx_at is not None and now >= self.retx_at and self.unacked:
+            for offset, body, pid in list(self.unacked)[:WINDOW]:
+                self.emu.device_send(self.sock, self.addr, self._packet(offset, body, pid))
+            self.rto = min(self.rto * 2, 2.0)
+            self.retx_at = now + self.rto
+        if self.open and now >= self.next_heartbeat:
+            self.next_heartbeat = now + 5.0
+            self.send(b"\x13" + bytes(11))
+
+    # -- receiving -----------------------------------------------------------
+
+    def violation(self, text: str) -> None:
+        self.emu.violation(f"{self.role} PTCP from {self.addr}: {text}")
+
+    def receive(self, data: bytes) -> None:
+        magic, sent, recv, pid, lmid, rmid = PTCP_HEADER.unpack_from(data)
+        body = data[PTCP_HEADER.size :]
+        self.last_rx = time.monotonic()
+        if self.rx_lmid is not None and _diff(lmid, self.rx_lmid) <= 0:
+            self.violation(f"lmid {lmid} not after {self.rx_lmid}")
+        self.rx_lmid = lmid
+        if self.lmid and _diff(rmid, self.lmid) >= 0:
+            self.violation(f"rmid {rmid} names a packet never sent (last lmid {self.lmid - 1})")
+        self._ack(recv)
+        if not body:
+            return
+        ahead = _diff(sent, self.recv)
+        if ahead > 0:
+            self.violation(f"gap: packet at offset {sent}, expected {self.recv}")
+            self.send()
+            return
+        if ahead < 0:  # a retransmission of something we already have
+            self.send()
+            return
+        if body != SYN_BODY:
+            if pid in self.recent_pids:
+                self.violation(f"pid {pid:#x} reused too soon")
+            self.recent_pids.append(pid)
+        elif pid != SYN_PID:
+            self.violation(f"SYN with pid {pid:#x}")
+        self.recv = (self.recv + len(body)) & MASK32
+        self.send()
+        self._body(body)
+
+    def _ack(self, recv: int) -> None:
+        if _diff(recv, self.acked) < 0:
+            return
+        if _diff(recv, self.sent) > 0:
+            self.violation(f"acknowledges byte {recv} but only {self.sent} were sent")
+            return
+        progressed = False
+        while self.unacked:
+            offset, body, _ = self.unacked[0]
+            if _diff(recv, (offset + len(body)) & MASK32) >= 0:
+                self.unacked.popleft()
+                progressed = True
+            else:
+                break
+        self.acked = recv
+        if progressed:
+            self.rto = 0.25
+            self.retx_at = time.monotonic() + self.rto if self.unacked else None
+
+    def _body(self, body: bytes) -> None:
+        kind = body[0]
+        if body == SYN_BODY:
+            self.synced = True
+            self.send(SYN_BODY)
+            return
+        if not self.synced:
+            self.violation(f"body {kind:#x} before SYN")
+        if kind == 0x17 and self.role == "agent":
+            if body != b"\x17" + bytes(11):
+                self.violation(f"bad sign request {body.hex()}")
+            self.send(b"\x18" + bytes(11) + self.emu.sign_for(self))
+            return
+        if kind == 0x19:
+            if body[:12] != b"\x19" + bytes(11) or not self.emu.sign_ok(self, body[12:]):
+                self.violation("0x19 does not carry the sign from the relay agent")
+                return
+            self.send(b"\x1a" + bytes(11))
+            return
+        if kind == 0x1B:
+            if body != b"\x1b" + bytes(11):
+                self.violation(f"bad 0x1b body {body.hex()}")
+            self.open = True
+            self.emu.sessions_opened += 1
+            return
+        if kind == 0x13:
+            if body[1:] != bytes(11):
+                self.violation(f"bad heartbeat {body.hex()}")
+            return
+        if not self.open:
+            self.violation(f"body {kind:#x} before the sign exchange finished")
+            return
+        if len(body) < 12:
+            self.violation(f"short body {body.hex()}")
+            return
+        length = int.from_bytes(body[1:4], "big")
+        realm = int.from_bytes(body[4:8], "big")
+        if body[8:12] != bytes(4):
+            self.violation(f"non-zero padding in body {kind:#x}")
+        if kind == 0x10:
+            if length != len(body) - 12:
+                self.violation(f"data length field {length} != {len(body) - 12}")
+            if len(body) - 12 > CHUNK:
+                self.violation(f"data chunk of {len(body) - 12} bytes > {CHUNK}")
+            conn = self.realms.get(realm)
+            if conn is None:
+                if realm not in self.closed_realms:
+                    self.violation(f"data for unknown realm {realm:#x}")
+                return
+            try:
+                conn.sendall(body[12:])
+            except OSError:
+                self._close_realm(realm, notify=True)
+            return
+        if kind == 0x11:
+            self._bind(realm, body)
+            return
+        if kind == 0x12:
+            status = body[12:]
+            if status == b"DISC":
+                if realm in self.realms:
+                    self._close_realm(realm, notify=True)
+                elif realm not in self.closed_realms:
+                    self.violation(f"DISC for unknown realm {realm:#x}")
+            elif status != b"CONN":
+                self.violation(f"bad status {status!r}")
+            return
+        self.violation(f"unknown body type {kind:#x}")
+
+    def _bind(self, realm: int, body: bytes) -> None:
+        if len(body) != 20 or body[16:20] != b"\x7f\x00\x00\x01":
+            self.violation(f"bad bind body {body.hex()}")
+            return
+        if realm in self.realms or realm in self.closed_realms:
+            self.violation(f"bind reuses realm {realm:#x}")
+            return
+        port = int.from_bytes(body[12:16], "big")
+        self.emu.binds.append(port)
+        target = self.emu.port_map.get(port)
+        conn = None
+        if target is not None:
+            try:
+                conn = socket.create_connection(target, timeout=5)
+                conn.setblocking(False)
+            except OSError:
+                conn = None
+        if conn is None:
+            self.closed_realms.add(realm)
+            self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"DISC")
+            return
+        self.realms[realm] = conn
+        self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"CONN")
+
+    def _close_realm(self, realm: int, notify: bool) -> None:
+        conn = self.realms.pop(realm, None)
+        self.closed_realms.add(realm)
+        if conn is not None:
+            conn.close()
+        if notify:
+            self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"DISC")
+
+    def pump_tcp(self, conn: socket.socket) -> None:
+        """Move bytes from a realm's TCP socket into data packets."""
+        realm = next((r for r, c in self.realms.items() if c is conn), None)
+        if realm is None:
+            return
+        while self.window_open():
+            try:
+                data = conn.recv(CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_realm(realm, notify=True)
+                return
+            head = b"\x10" + len(data).to_bytes(3, "big") + realm.to_bytes(4, "big") + bytes(4)
+            self.send(head + data)
+
+    def drop(self) -> None:
+        """Forget the session without a word (device reboot)."""
+        for conn in self.realms.values():
+            conn.close()
+        self.realms.clear()
+
+
+class Emulator:
+    """Every cloud party plus a device, on loopback UDP ports, on one thread."""
+
+    def __init__(
+        self,
+        serial: str = "EMU0123456789",
+        *,
+        port_map: dict[int, tuple[str, int]] | None = None,
+        auth: tuple[str, str] | None = None,
+        randsalt: str = "0a1b2c3d4e5f60718293a4b5c6d7e8f9",
+        relay_only: bool = False,
+        loss: float = 0.0,
+        reorder: float = 0.0,
+        duplicate: float = 0.0,
+        stray: bool = False,
+        cloud_user: str = helpers.DEFAULT_CLOUD_USER,
+        cloud_key: str = helpers.DEFAULT_CLOUD_KEY,
+        seed: int | None = None,
+    ) -> None:
+        self.serial = serial
+        self.port_map = dict(port_map or {})
+        self.auth = auth
+        self.randsalt = randsalt
+        self.relay_only = relay_only
+        self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
+        self.stray = stray
+        self.cloud_user, self.cloud_key = cloud_user, cloud_key
+        self.rng = random.Random(seed)
+        self.violations: list[str] = []
+        self.requests: list[tuple[str, str]] = []  # (component, path)
+        self.punched_addrs: set[tuple[str, int]] = set()
+        self.binds: list[int] = []
+        self.unbound: list[str] = []
+        self.sessions_opened = 0
+        self.online = True
+        self._lock = threading.Lock()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cseq: dict[tuple[str, tuple[str, int]], int] = {}
+        self._replies: dict[tuple[str, tuple[str, int], int], bytes] = {}
+        self.channels: dict[tuple[str, int], Channel] = {}
+        self.relay_tokens: dict[str, dict] = {}
+        self.sessions: dict[tuple[int, tuple[str, int]], PeerSession] = {}
+        self._held: list[tuple[socket.socket, tuple[str, int], bytes]] = []
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        names = ("main", "p2p", "relay", "agent", "device", "lan")
+        self.socks: dict[str, socket.socket] = {}
+        for name in names:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setblocking(False)
+            self.socks[name] = sock
+        self.addr = {name: s.getsockname() for name, s in self.socks.items()}
+        self._thread = threading.Thread(target=self._run, name="p2p-emulator", daemon=True)
+
+    # -- public --------------------------------------------------------------
+
+    @property
+    def cloud_port(self) -> int:
+        return self.addr["main"][1]
+
+    def start(self) -> Emulator:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake_w.send(b"x")
+        self._thread.join(10)
+        for session in self.sessions.values():
+            session.drop()
+        for sock in self.socks.values():
+            sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def violation(self, text: str) -> None:
+        log.warning("VIOLATION %s", text)
+        with self._lock:
+            self.violations.append(text)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        """Run ``fn`` on the emulator thread and return its result."""
+        done = threading.Event()
+        box: list[object] = []
+
+        def job() -> None:
+            box.append(fn())
+            done.set()
+
+        self.schedule(0, job)
+        if not done.wait(10):
+            raise TimeoutError("emulator thread did not answer")
+        return box[0]
+
+    def open_realms(self) -> int:
+        """Realms currently open on the device (TCP connections to services)."""
+        return int(self.call(lambda: sum(len(s.realms) for s in self.sessions.values())))  # type: ignore[arg-type]
+
+    def open_sessions(self) -> int:
+        return int(self.call(lambda: sum(1 for s in self.sessions.values() if s.open)))  # type: ignore[arg-type]
+
+    def reboot(self, offline_for: float = 1.0) -> None:
+        """Drop every session silently and go offline for a while."""
+
+        def go() -> None:
+            for session in self.sessions.values():
+                session.drop()
+            self.sessions.clear()
+            self.channels.clear()
+            self.online = False
+            self.schedule(offline_for, lambda: setattr(self, "online", True))
+
+        self.call(go)
+
+    def schedule(self, delay: float, fn: Callable[[], None]) -> None:
+        with self._lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    # -- loop ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        by_fd = {s.fileno(): name for name, s in self.socks.items()}
+        next_stray = time.monotonic() + 0.5
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                due = []
+                while self._timers and self._timers[0][0] <= now:
+                    due.append(heapq.heappop(self._timers)[2])
+                timeout = min(0.05, max(0.0, self._timers[0][0] - now)) if self._timers else 0.05
+            for fn in due:
+                fn()
+            tcp: dict[int, tuple[PeerSession, socket.socket]] = {}
+            for session in self.sessions.values():
+                if session.window_open():
+                    for conn in session.realms.values():
+                        tcp[conn.fileno()] = (session, conn)
+            rlist = [*self.socks.values(), self._wake_r, *(c for _, c in tcp.values())]
+            try:
+                ready, _, _ = select.select(rlist, [], [], timeout)
+            except (OSError, ValueError):
+                continue
+            for sock in ready:
+                if sock is self._wake_r:
+                    self._wake_r.recv(4096)
+                    continue
+                name = by_fd.get(sock.fileno())
+                if name is None:
+                    session, conn = tcp[sock.fileno()]
+                    session.pump_tcp(conn)
+                    continue
+                for _ in range(64):
+                    try:
+                        data, addr = sock.recvfrom(65536)
+                    except (BlockingIOError, ConnectionRefusedError):
+                        break
+                    except OSError:
+                        break
+                    try:
+                        self._datagram(name, sock, data, addr)
+                    except Exception as exc:  # an emulator bug must not kill the loop
+                        log.exception("emulator error")
+                        self.violation(f"emulator crashed on a datagram to {name}: {exc!r}")
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                session.tick(now)
+            self._flush_held()
+            if self.stray and now >= next_stray:
+                next_stray = now + 0.5
+                self._send_stray()
+
+    # -- device datagram impairments -----------------------------------------
+
+    def device_send(self, sock: socket.socket, addr: tuple[str, int], data: bytes) -> None:
+        if self.loss and self.rng.random() < self.loss:
+            return
+        if self.reorder and self.rng.random() < self.reorder:
+            self._held.append((sock, addr, data))
+            return
+        self._sendto(sock, addr, data)
+        if self.duplicate and self.rng.random() < self.duplicate:
+            self._sendto(sock, addr, data)
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        for sock, addr, data in held:
+            self._sendto(sock, addr, data)
+
+    @staticmethod
+    def _sendto(sock: socket.socket, addr: tuple[str, int], data: bytes) -> None:
+        try:
+            sock.sendto(data, addr)
+        except OSError:
+            pass
+
+    def _send_stray(self) -> None:
+        junk = [
+            b"HTTP/1.1 200 OK\r\nCSeq: 999\r\n\r\n",
+            helpers.build_punch_request(bytes(8), ("127.0.0.1", 1)).to_wire(),
+            b"\x00\x01garbage",
+        ]
+        for session in self.sessions.values():
+            if session.open and session.role == "device":
+                self._sendto(session.sock, session.addr, self.rng.choice(junk))
+
+    # -- dispatch ------------------------------------------------------------
+
+    def _datagram(self, name: str, sock: socket.socket, data: bytes, addr) -> None:
+        if name in ("device", "lan", "agent") and data[:4] == b"PTCP":
+            self._ptcp(name, sock, data, addr)
+            return
+        if name in ("device", "lan"):
+            self._punch(name, sock, data, addr)
+            return
+        try:
+            req = helpers.parse_request(data)
+        except P2PProtocolError as exc:
+            self.violation(f"{name}: unparsable datagram from {addr}: {exc}")
+            return
+        self.requests.append((name, req.path))
+        cseq = self._check_request(name, req, addr)
+        if cseq is None:
+            self._sendto(sock, addr, helpers.build_reply(401, "Unauthorized"))
+            return
+        key = (name, addr, cseq)
+        if key in self._replies:  # a retransmission: same answer again
+            self._sendto(sock, addr, self._replies[key])
+            return
+        handler = getattr(self, f"_on_{name}")
+        handler(sock, req, addr, cseq)
+
+    def _reply(self, sock, addr, name: str, cseq: int, code: int, reason: str, body=None) -> None:
+        data = helpers.build_reply(code, reason, cseq=cseq, body=body)
+        self._replies[(name, addr, cseq)] = data
+        self._sendto(sock, addr, data)
+
+    def _check_request(self, name: str, req: helpers.Request, addr) -> int | None:
+        order = [n for n, _ in req.headers]
+        want = ["CSeq", "Authorization", "X-WSSE"]
+        if req.method == "DHPOST":
+            want += ["Content-Type", "Content-Length"]
+            if req.header("Content-Type") != "":
+                self.violation(f"{name}: Content-Type must be empty")
+            if not req.body:
+                self.violation(f"{name}: DHPOST without a body")
+        elif req.body:
+            self.violation(f"{name}: DHGET with a body")
+        if order != want:
+            self.violation(f"{name}: header order {order} != {want}")
+        if not req.wsse_valid(self.cloud_user, self.cloud_key):
+            self.violation(f"{name}: bad WSSE on {req.path}")
+            return None
+        cseq = req.cseq
+        if cseq is None or str(cseq) != req.header("CSeq"):
+            self.violation(f"{name}: bad CSeq {req.header('CSeq')!r}")
+            return None
+        last = self._cseq.get((name, addr))
+        if last is not None and cseq < last:
+            self.violation(f"{name}: CSeq went back from {last} to {cseq}")
+        self._cseq[(name, addr)] = max(cseq, last or 0)
+        return cseq
+
+    def _addr_text(self, name: str) -> str:
+        host, port = self.addr[name]
+        return f"{host}:{port}"
+
+    def _on_main(self, sock, req: helpers.Request, addr, cseq: int) -> None:
+        path = req.path
+        sn = self.serial
+        if path == "/probe/p2psrv":
+            self._reply(sock, addr, "main", cseq, 200, "OK")
+        elif path.startswith("/online/p2psrv/"):
+            if path == f"/online/p2psrv/{sn}" and self.online:
+                body = helpers.xml_body({"US": self._addr_text("p2p")})
+                self._reply(sock, addr, "main", cseq, 200, "OK", body)
+            else:
+                self._reply(sock, addr, "main", cseq, 404, "Not Found")
+        elif path == f"/info/device/{sn}":
+            info = ""
+            if self.auth:
+                info = helpers.encrypt_info(
+                    {"httpport": 80, "privport": 37777, "randsalt": self.randsalt, "rtspport": 554}
+                )
+            self._reply(sock, addr, "main", cseq, 200, "OK", helpers.xml_body({"Info": info}))
+        elif path == "/online/relay":
+            body = helpers.xml_body({"Address": self._addr_text("relay")})
+            self._reply(sock, addr, "main", cseq, 200, "OK", body)
+        elif path == f"/device/{sn}/p2p-channel" and req.method == "DHPOST":
+            self._sendto(sock, addr, helpers.build_reply(100, "Trying", cseq=cseq))
+            code, reason, body = self._p2p_channel(req, addr)
+            self.schedule(0.05, lambda: self._reply(sock, addr, "main", cseq, code, reason, body))
+        elif path == f"/device/{sn}/relay-channel" and req.method == "DHPOST":
+            code, reason, body = self._relay_channel(req, addr)
+            self._reply(sock, addr, "main", cseq, code, reason, body)
+        else:
+            self._reply(sock, addr, "main", cseq, 404, "Not Found")
+
+    def _on_p2p(self, sock, req: helpers.Request, addr, cseq: int) -> None:
+        if req.path == f"/probe/device/{self.serial}" and self.online:
+            self._reply(sock, addr, "p2p", cseq, 200, "OK")
+        else:
+            self._reply(sock, addr, "p2p", cseq, 404, "Not Found")
+
+    def _on_relay(self, sock, req: helpers.Request, addr, cseq: int) -> None:
+        if req.path == "/relay/agent":
+            token = f"{self.rng.getrandbits(64):016x}"
+            self.relay_tokens[token] = {"client": addr, "started": False, "sign": None}
+            body = helpers.xml_body({"Token": token, "Agent": self._addr_text("agent")})
+            self._reply(sock, addr, "relay", cseq, 200, "OK", body)
+        elif req.path.startswith("/relay/unbind/"):
+            token = req.path.rsplit("/", 1)[1]
+            if token not in self.relay_tokens:
+                self.violation(f"unbind of unknown token {token}")
+            self.unbound.append(token)
+            self._reply(sock, addr, "relay", cseq, 200, "OK")
+        else:
+            self._reply(sock, addr, "relay", cseq, 404, "Not Found")
+
+    def _on_agent(self, sock, req: helpers.Request, addr, cseq: int) -> None:
+        match = re.fullmatch(r"/relay/start/(\w+)", req.path)
+        entry = self.relay_tokens.get(match.group(1)) if match else None
+        if entry is None:
+            self.violation(f"agent: bad request {req.method} {req.path}")
+            self._reply(sock, addr, "agent", cseq, 404, "Not Found")
+            return
+        if req.method != "DHPOST" or req.body != "<body><Client>:0</Client></body>":
+            self.violation(f"agent: relay/start body {req.body!r}")
+        if addr != entry["client"]:
+            self.violation("agent: relay/start from another socket than /relay/agent")
+        entry["started"] = True
+        self._reply(sock, addr, "agent", cseq, 200, "OK")
+
+    # -- device: channels and credentials -------------------------------------
+
+    def _check_auth(self, fields: dict[str, str], payload: str, what: str) -> str | None:
+        """None when the credentials are right, else the 403 reason."""
+        if self.auth is None:
+            return None
+        if "DevAuth" not in fields:
+            return "DevPwd_InvalidDigest"
+        user, password = self.auth
+        salt = fields.get("RandSalt") or helpers.DEFAULT_RANDSALT
+        if salt != self.randsalt:
+            return "DevPwd_InvalidSalt"
+        key = helpers.device_key(user, password, salt)
+        try:
+            nonce, created = int(fields["Nonce"]), int(fields["CreateDate"])
+        except (KeyError, ValueError):
+            self.violation(f"{what}: auth without numeric Nonce/CreateDate")
+            return "DevPwd_InvalidDigest"
+        if abs(created - time.time()) > 600:
+            self.violation(f"{what}: CreateDate {created} is not now")
+        if fields.get("UserName") != user:
+            return "DevPwd_InvalidDigest"
+        expected = helpers.dev_auth(key, nonce, created, payload)
+        if fields["DevAuth"] != expected:
+            return "DevPwd_InvalidDigest"
+        return None
+
+    def _p2p_channel(self, req: helpers.Request, addr) -> tuple[int, str, str | None]:
+        try:
+            fields = req.fields
+            identify = helpers.parse_identify(fields.get("Identify", ""))
+        except P2PProtocolError as exc:
+            self.violation(f"p2p-channel: {exc}")
+            return 400, "Bad Request", None
+        if not self.online:
+            return 404, "Not Found", None
+        if fields.get("version") != "5.0.0":
+            self.violation(f"p2p-channel: version {fields.get('version')!r}")
+        local_text = fields.get("LocalAddr", "")
+        denied = self._check_auth(fields, local_text, "p2p-channel")
+        if denied:
+            return 403, denied, None
+        if self.auth:
+            if fields.get("IpEncrptV2") != "true":
+                self.violation("p2p-channel: auth without <IpEncrptV2>true")
+            key = helpers.device_key(self.auth[0], self.auth[1], self.randsalt)
+            try:
+                local_text = helpers.decrypt_local_addr(key, int(fields["Nonce"]), local_text)
+            except P2PProtocolError:
+                self.violation("p2p-channel: LocalAddr does not decrypt")
+                return 400, "Bad Request", None
+        elif fields.get("IpEncrpt") != "true":
+            self.violation("p2p-channel: missing <IpEncrpt>true")
+        try:
+            client_local = helpers.parse_host_port(local_text)
+        except P2PProtocolError:
+            self.violation(f"p2p-channel: bad LocalAddr {local_text!r}")
+            return 400, "Bad Request", None
+        if client_local != addr:
+            self.violation(f"p2p-channel: LocalAddr {client_local} is not the socket {addr}")
+        channel = Channel(identify, addr, client_local, None)
+        dev_pub = self._addr_text("device")
+        dev_lan = self._addr_text("lan")
+        items: list[tuple[str, object]] = [("PubAddr", dev_pub)]
+        if self.auth:
+            channel.nonce = self.rng.randrange(2**31)
+            key = helpers.device_key(self.auth[0], self.auth[1], self.randsalt)
+            items.append(("LocalAddr", helpers.encrypt_local_addr(key, channel.nonce, dev_lan)))
+            items.append(("Nonce", channel.nonce))
+        else:
+            items.append(("LocalAddr", dev_lan))
+        items.append(("Policy", "p2p,udprelay"))
+        self.channels[addr] = channel
+        if not self.relay_only:
+            for dev in ("device", "lan"):
+                for target in {addr, client_local}:
+                    self._device_binding_request(dev, target, channel)
+        return 200, "OK", helpers.xml_body(items)
+
+    def _relay_channel(self, req: helpers.Request, addr) -> tuple[int, str, str | None]:
+        try:
+            fields = req.fields
+            agent = helpers.parse_host_port(fields.get("agentAddr", ""))
+        except P2PProtocolError as exc:
+            self.violation(f"relay-channel: {exc}")
+            return 400, "Bad Request", None
+        if agent != self.addr["agent"]:
+            self.violation(f"relay-channel: agentAddr {agent} is not the agent")
+        entry = next((e for e in self.relay_tokens.values() if e["client"] == addr), None)
+        if entry is None or not entry["started"]:
+            self.violation("relay-channel from a socket that did not start a relay")
+            return 400, "Bad Request", None
+        denied = self._check_auth(fields, "", "relay-channel")
+        if denied:
+            return 403, denied, None
+        if self.auth:
+            device_nonces = {c.nonce for c in self.channels.values()}
+            if int(fields["Nonce"]) not in device_nonces:
+                self.violation("relay-channel: Nonce is not the device's reply nonce")
+        if not self.online:
+            return 404, "Not Found", None
+        self.schedule(0.02, lambda: self._sendto(self.socks["agent"], addr, NAT_INFO))
+        return 200, "OK", None
+
+    # -- device: punch -------------------------------------------------------
+
+    def _device_binding_request(self, dev: str, target, channel: Channel) -> None:
+        tid = os.urandom(12)
+        channel.device_tids.add(tid)
+        msg = helpers.StunMessage(
+            helpers.STUN_BINDING_REQUEST,
+            os.urandom(4),
+            tid,
+            {helpers.ATTR_ICE_CONTROLLED: channel.identify, helpers.ATTR_ADDRESS: target},
+        )
+        self.device_send(self.socks[dev], target, msg.to_wire())
+
+    def _punch(self, name: str, sock, data: bytes, addr) -> None:
+        try:
+            msg = helpers.parse_punch(data)
+        except P2PProtocolError as exc:
+            self.violation(f"device: unparsable non-PTCP datagram from {addr}: {exc}")
+            return
+        self.punched_addrs.add(self.addr[name])
+        if self.relay_only:
+            return
+        channel = self.channels.get(addr)
+        if channel is None:
+            self.violation(f"device: punch from {addr} without a p2p-channel")
+            return
+        if msg.msg_type == helpers.STUN_BINDING_REQUEST:
+            if msg.attributes.get(helpers.ATTR_ICE_CONTROLLING) != channel.identify:
+                self.violation("device: Binding Request without our Identify")
+                return
+            if msg.attributes.get(helpers.ATTR_ADDRESS) != self.addr["device"]:
+                self.violation(f"device: Binding Request address {msg.attributes} != PubAddr")
+            channel.client_tids.add(msg.transaction_id)
+            reply = helpers.build_punch_response(
+                channel.identify, addr, msg.cookie, msg.transaction_id
+            )
+            self.device_send(sock, addr, reply.to_wire())
+        elif msg.msg_type == helpers.STUN_BINDING_SUCCESS:
+            if msg.attributes.get(helpers.ATTR_ICE_CONTROLLED) != channel.identify:
+                self.violation("device: Binding Success without our Identify")
+                return
+            if msg.attributes.get(helpers.ATTR_ADDRESS) != self.addr["lan"]:
+                self.violation(f"device: Binding Success address {msg.attributes} != LocalAddr")
+            if msg.transaction_id not in channel.device_tids | channel.client_tids:
+                self.violation("device: Binding Success with an unknown transaction id")
+                return
+            if not channel.punched:
+                channel.punched = True
+                for _ in range(3):  # PROTOCOLS 2.3: a few more punch datagrams follow
+                    self._device_binding_request(name, addr, channel)
+        else:
+            self.violation(f"device: punch of type {msg.msg_type:#x}")
+
+    # -- PTCP ----------------------------------------------------------------
+
+    def _ptcp(self, name: str, sock, data: bytes, addr) -> None:
+        if len(data) < PTCP_HEADER.size:
+            self.violation(f"{name}: short PTCP datagram")
+            return
+        port = self.addr[name][1]
+        session = self.sessions.get((port, addr))
+        if session is None:
+            if name == "agent":
+                if not any(e["client"] == addr for e in self.relay_tokens.values()):
+                    self.violation("agent: PTCP from a socket without a relay token")
+                    return
+            else:
+                if self.relay_only:
+                    return  # NAT: never reaches the device
+                channel = self.channels.get(addr)
+                if channel is None:
+                    return  # unknown peer (for example after a reboot): ignore
+                if not channel.punched:
+                    self.violation("device: PTCP before the punch completed")
+                    return
+            session = PeerSession(self, sock, addr, "agent" if name == "agent" else "device")
+            self.sessions[(port, addr)] = session
+        session.receive(data)
+
+    def sign_for(self, session: PeerSession) -> bytes:
+        entry = next((e for e in self.relay_tokens.values() if e["client"] == session.addr), None)
+        if entry is None:
+            self.violation("agent: sign request without a relay token")
+            return bytes(8)
+        if entry["sign"] is None:
+            entry["sign"] = os.urandom(8)
+        return entry["sign"]
+
+    def sign_ok(self, session: PeerSession, sign: bytes) -> bool:
+        """Whether ``sign`` is one the relay agent issued (to this client, on the agent)."""
+        if session.role == "agent":
+            return sign == self.sign_for(session)
+        return any(e["sign"] == sign for e in self.relay_tokens.values() if e["sign"])
+
+
+# ---------------------------------------------------------------------------
+# Local TCP services the device's binds connect to
+# ---------------------------------------------------------------------------
+
+
+class EchoServer:
+    """A TCP echo server (bulk transfers through the tunnel)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    conn.sendall(data)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the emulator until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serial", default="EMU0123456789")
+    parser.add_argument("--map", action="append", default=[], help="PORT=HOST:PORT")
+    parser.add_argument("--auth", help="USER:PASSWORD the device wants")
+    parser.add_argument("--relay-only", action="store_true")
+    parser.add_argument("--loss", type=float, default=0.0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    port_map = {}
+    for item in args.map:
+        port, _, target = item.partition("=")
+        host, _, tport = target.rpartition(":")
+        port_map[int(port)] = (host, int(tport))
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    emu = Emulator(
+        args.serial, port_map=port_map, auth=auth, relay_only=args.relay_only, loss=args.loss
+    ).start()
+    print(f"cloud 127.0.0.1:{emu.cloud_port} serial {args.serial}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    emu.close()
+    for v in emu.violations:
+        print("violation:", v)
+    return 1 if emu.violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
