@@ -38,6 +38,18 @@ local function set_info(pinfo, text)
     pinfo.cols.info:set(text)
 end
 
+-- Call a sub-dissector; it may throw on a malformed payload (Wireshark then marks the
+-- packet "Malformed Packet: <proto>"), which must not surface as a Lua error.
+local function call_sub(dissector, tvb, pinfo, tree)
+    return pcall(dissector.call, dissector, tvb, pinfo, tree)
+end
+
+-- Bytes from the wire made safe for a label or a column: printable ASCII kept, the
+-- rest written as \xNN.
+local function printable(bytes)
+    return (bytes:gsub("[^\32-\126]", function(c) return string.format("\\x%02x", c:byte()) end))
+end
+
 -- Ask a sub-dissector for "one more segment" (epan's DESEGMENT_ONE_MORE_SEGMENT).
 local DESEGMENT_ONE_MORE_SEGMENT = 0x0fffffff
 
@@ -99,24 +111,25 @@ local function dissect_signalling(tvb, pinfo, tree)
     local subtree = tree:add(dhp2p, tvb())
     pinfo.cols.protocol:set("DH-P2P")
     local first_line = s:match("^([^\r\n]*)")
+    local shown_line = printable(first_line:sub(1, 200))
     if s:sub(1, #AGENT_NOTICE) == AGENT_NOTICE then
         subtree:add(sig_f.text, tvb(0, #AGENT_NOTICE))
         set_info(pinfo, "DH-P2P relay agent: " .. AGENT_NOTICE)
         return tvb:len()
     end
-    local method, uri = first_line:match("^(DH%u+) (%S+)")
+    local method, uri = first_line:match("^(DH%u+) (%S*)")
+    local code = first_line:match("^HTTP/1%.[01] (%d%d%d)")
     if method then
         subtree:add(sig_f.method, tvb(0, #method))
-        subtree:add(sig_f.uri, tvb(#method + 1, #uri))
-    else
-        local code = first_line:match("^HTTP/1%.[01] (%d%d%d)")
+        if #uri > 0 then subtree:add(sig_f.uri, tvb(#method + 1, #uri)) end
+    elseif code then
         subtree:add(sig_f.code, tvb(9, 3), tonumber(code))
     end
     local _, cseq_end, cseq = s:find("\r\nCSeq:[ \t]*(%d+)")
     if cseq_end and #cseq <= 9 then
         subtree:add(sig_f.cseq, tvb(cseq_end - #cseq, #cseq), tonumber(cseq))
     end
-    set_info(pinfo, "DH-P2P " .. first_line)
+    set_info(pinfo, "DH-P2P " .. shown_line)
     if not http_dissector then return tvb:len() end
     local normal = normalise_signalling(s)
     local http_tvb = tvb
@@ -125,9 +138,9 @@ local function dissect_signalling(tvb, pinfo, tree)
             "Handed to HTTP without the DH method prefix and with an XML content type")
         http_tvb = ByteArray.new(normal, true):tvb("DH-P2P as HTTP")
     end
-    http_dissector:call(http_tvb, pinfo, tree)
+    call_sub(http_dissector, http_tvb, pinfo, tree)
     pinfo.cols.protocol:set("DH-P2P")
-    set_info(pinfo, "DH-P2P " .. first_line)
+    set_info(pinfo, "DH-P2P " .. shown_line)
     return tvb:len()
 end
 
@@ -203,7 +216,7 @@ local function dissect_punch(tvb, pinfo, tree)
     -- Devices pick a random cookie, which makes it RFC 3489 ("classic") STUN.
     local stun = classicstun_dissector
     if cookie == STUN_MAGIC_COOKIE or not stun then stun = stun_dissector end
-    if stun then stun:call(plain, pinfo, tree) end
+    if stun then call_sub(stun, plain, pinfo, tree) end
     pinfo.cols.protocol:set("DH-PUNCH")
     set_info(pinfo, "DH-P2P hole punch: inverted STUN " .. (STUN_TYPES[mtype] or "message"))
     return len
@@ -348,14 +361,15 @@ local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subt
     pinfo.desegment_offset = 0
     -- Two: the call through Dissector:call() takes one off, as for TCP payloads.
     pinfo.can_desegment = 2
-    local ok = pcall(sub.call, sub, whole, pinfo, tree)
+    local ok = call_sub(sub, whole, pinfo, tree)
     local want_len, want_offset = pinfo.desegment_len, pinfo.desegment_offset
     pinfo.can_desegment = saved_can_desegment
     pinfo.desegment_len = 0
     pinfo.desegment_offset = 0
     if not ok then
         -- The sub-dissector threw (e.g. truncated data): show what we have as raw data.
-        if data_dissector then data_dissector:call(data_tvb, pinfo, tree) end
+        decided.stream = nil
+        if data_dissector then call_sub(data_dissector, data_tvb, pinfo, tree) end
         return true
     end
     local st = decided.stream
@@ -450,7 +464,7 @@ local function dissect_body(tvb, pinfo, tree, subtree, off)
         end
         if declared ~= data_len or not sub then
             if not frames[pinfo.number] then frames[pinfo.number] = { bound = bound } end
-            if data_dissector then data_dissector:call(data_tvb, pinfo, tree) end
+            if data_dissector then call_sub(data_dissector, data_tvb, pinfo, tree) end
             return info
         end
         local key = conv .. "|" .. hex32(realm) .. "|" .. endpoint(pinfo.src, pinfo.src_port)
@@ -480,7 +494,7 @@ local function dissect_body(tvb, pinfo, tree, subtree, off)
     elseif btype == TYPE_STATUS then
         if not need(16) then return "PTCP malformed: status body too short" end
         local realm = add_realm(body_tree, tvb, off + 4)
-        local status = tvb(off + 12, 4):string()
+        local status = printable(tvb(off + 12, 4):raw())
         body_tree:add(f.status, tvb(off + 12, 4))
         local meaning = STATUS_NAMES[status]
         return string.format("PTCP status realm %s %s%s", hex32(realm), status,

@@ -32,8 +32,12 @@ def load_vectors() -> dict:
 @dataclass
 class TsharkResult:
     returncode: int
-    stdout: str
+    raw_stdout: bytes
     stderr: str
+
+    @property
+    def stdout(self) -> str:
+        return self.raw_stdout.decode("utf-8", errors="replace")
 
     @property
     def lines(self) -> list[str]:
@@ -51,8 +55,8 @@ def tshark(
     if two_pass:
         argv.append("-2")
     argv += list(args)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    return TsharkResult(proc.returncode, proc.stdout, proc.stderr)
+    proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    return TsharkResult(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
 
 
 def fields(capture: Path, display_filter: str | None, *names: str, **kw) -> list[list[str]]:

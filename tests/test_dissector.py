@@ -1,0 +1,405 @@
+"""dh-p2p.lua run by tshark over captures of the Dahua tunnel (issue 7).
+
+The synthetic capture is built from vectors.json packets plus a plausible session
+(tests/_dissector_support.py); field values are compared with the vectors.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from _dissector_support import (
+    DEVICE,
+    REALM_HTTP,
+    REALM_PRIV,
+    REALM_UNBOUND,
+    RTP_SEQS,
+    Session,
+    build_session,
+    fields,
+    load_vectors,
+    tshark,
+)
+
+from conftest import require_tool
+from pcap import LINKTYPE_ETHERNET, Datagram, write_udp_pcap
+
+pytestmark = pytest.mark.real_peer
+
+OUR_PROTOCOLS = {"ptcp", "dhp2p", "dhpunch"}
+PI_WARN, PI_ERROR = 0x00600000, 0x00800000  # epan/proto.h expert severities
+
+
+@pytest.fixture(scope="module")
+def vec() -> dict:
+    return load_vectors()
+
+
+@pytest.fixture(scope="module")
+def session(vec: dict) -> Session:
+    return build_session(vec)
+
+
+@pytest.fixture(scope="module")
+def capture(session: Session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_tool("tshark")
+    return write_udp_pcap(tmp_path_factory.mktemp("dissector") / "session.pcap", session.datagrams)
+
+
+TABLE_FIELDS = [
+    "frame.number",
+    "frame.protocols",
+    "_ws.col.Info",
+    "udp.srcport",
+    "udp.dstport",
+    "ptcp.sent",
+    "ptcp.recv",
+    "ptcp.pid",
+    "ptcp.lmid",
+    "ptcp.rmid",
+    "ptcp.type",
+    "ptcp.length",
+    "ptcp.realm",
+    "ptcp.bind.port",
+    "ptcp.bind.ip",
+    "ptcp.status",
+    "ptcp.realm.port",
+    "_ws.expert.severity",
+    "_ws.expert.message",
+]
+
+
+@pytest.fixture(scope="module")
+def table(capture: Path) -> dict[int, dict[str, str]]:
+    """One tshark run: every frame's fields by name."""
+    rows = fields(capture, None, *TABLE_FIELDS)
+    return {int(r[0]): dict(zip(TABLE_FIELDS, r, strict=True)) for r in rows}
+
+
+def protocols(row: dict[str, str]) -> set[str]:
+    return set(row["frame.protocols"].split(":"))
+
+
+def test_no_lua_error_and_nothing_malformed(capture: Path) -> None:
+    for two_pass in (False, True):
+        res = tshark(capture, "-Y", "_ws.lua.error || _ws.malformed", two_pass=two_pass)
+        assert res.returncode == 0, res.stderr
+        assert res.lines == [], res.stdout
+        assert "Lua Error" not in res.stderr
+    verbose = tshark(capture, "-V")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "Lua Error" not in verbose.stdout + verbose.stderr
+    assert "Dahua PTCP tunnel" in verbose.stdout
+
+
+def test_every_tunnel_datagram_is_recognised(
+    session: Session, table: dict[int, dict[str, str]]
+) -> None:
+    assert len(table) == len(session.datagrams)
+    on_tunnel = [
+        row
+        for row in table.values()
+        if {int(row["udp.srcport"]), int(row["udp.dstport"])} & session.tunnel_ports
+    ]
+    assert len(on_tunnel) >= 40
+    unclaimed = [row["frame.number"] for row in on_tunnel if not protocols(row) & OUR_PROTOCOLS]
+    assert unclaimed == []
+
+
+def test_stray_datagrams_are_not_claimed(
+    session: Session, table: dict[int, dict[str, str]]
+) -> None:
+    for mark in ("stray", "stray_short", "stray_zeros"):
+        row = table[session.marks[mark]]
+        assert not protocols(row) & OUR_PROTOCOLS, (mark, row["frame.protocols"])
+
+
+@pytest.mark.parametrize("key", ["syn_hex", "ack_hex", "bind_554_hex"])
+def test_header_fields_match_vectors(
+    key: str, vec: dict, session: Session, table: dict[int, dict[str, str]]
+) -> None:
+    raw = bytes.fromhex(vec["ptcp"][key])
+    sent, recv, pid, lmid, rmid = struct.unpack(">5I", raw[4:24])
+    mark = {"syn_hex": "syn", "ack_hex": "ack_vec", "bind_554_hex": "bind554"}[key]
+    row = table[session.marks[mark]]
+    assert int(row["ptcp.sent"]) == sent
+    assert int(row["ptcp.recv"]) == recv
+    assert int(row["ptcp.pid"], 16) == pid
+    assert int(row["ptcp.lmid"]) == lmid
+    assert int(row["ptcp.rmid"]) == rmid
+
+
+def test_body_fields_match_vectors(
+    vec: dict, session: Session, table: dict[int, dict[str, str]]
+) -> None:
+    p = vec["ptcp"]
+    realm = f"0x{p['realm']:08x}"
+    m = session.marks
+
+    syn = table[m["syn"]]
+    assert int(syn["ptcp.type"], 16) == 0x00
+    ack = table[m["ack_vec"]]
+    assert int(ack["ptcp.type"], 16) == 0x100  # pseudo type of an empty body
+
+    bind = table[m["bind554"]]
+    bind_raw = bytes.fromhex(p["bind_554_hex"])
+    assert int(bind["ptcp.type"], 16) == bind_raw[24] == 0x11
+    assert bind["ptcp.realm"] == realm
+    assert int(bind["ptcp.bind.port"]) == struct.unpack(">I", bind_raw[36:40])[0] == 554
+    assert bind["ptcp.bind.ip"] == "127.0.0.1"
+
+    conn_body = bytes.fromhex(p["conn_status_body_hex"])
+    for mark, body in (("conn", conn_body), ("disc", bytes.fromhex(p["disc_status_body_hex"]))):
+        row = table[m[mark]]
+        assert int(row["ptcp.type"], 16) == 0x12
+        assert row["ptcp.realm"] == realm
+        assert row["ptcp.status"] == body[12:16].decode()
+
+    assert int(table[m["heartbeat"]]["ptcp.type"], 16) == bytes.fromhex(p["heartbeat_body_hex"])[0]
+    assert int(table[m["sign17"]]["ptcp.type"], 16) == 0x17
+
+    data = table[m["options"]]
+    assert int(data["ptcp.type"], 16) == 0x10
+    assert data["ptcp.realm"] == realm
+    assert int(data["ptcp.length"]) == len(p["data_payload"].encode())
+    assert int(data["ptcp.realm.port"]) == 554
+
+
+def test_info_column_reads_like_a_sentence(
+    vec: dict, session: Session, table: dict[int, dict[str, str]]
+) -> None:
+    realm = f"0x{vec['ptcp']['realm']:08x}"
+    n = len(vec["ptcp"]["data_payload"].encode())
+    m = session.marks
+    info = {mark: table[m[mark]]["_ws.col.Info"] for mark in m}
+    assert info["syn"] == "PTCP SYN"
+    assert info["ack_vec"] == "PTCP ack sent 4 recv 4"
+    assert info["bind554"] == f"PTCP bind realm {realm} to 127.0.0.1:554"
+    assert info["conn"] == f"PTCP status realm {realm} CONN (connected)"
+    assert info["disc"] == f"PTCP status realm {realm} DISC (closed)"
+    assert info["heartbeat"] == "PTCP heartbeat"
+    assert info["options"].startswith(f"PTCP data realm {realm} {n} bytes: OPTIONS rtsp://")
+    assert info["priv_data"] == f"PTCP data realm 0x{REALM_PRIV:08x} 32 bytes"
+    assert info["describe_reply_1"].endswith("(continued in a later packet)")
+    assert info["sign19"] == "PTCP sign exchange: sign (0x19)"
+    assert info["short_header"] == "PTCP malformed: header truncated (7 of 24 bytes)"
+    assert info["probe"] == "DH-P2P DHGET /probe/p2psrv HTTP/1.1"
+    assert info["punch_req"] == "DH-P2P hole punch: inverted STUN Binding Request"
+
+
+def test_type_value_names(capture: Path, session: Session) -> None:
+    res = tshark(capture, "-T", "pdml", "-Y", "ptcp.type")
+    assert res.returncode == 0, res.stderr
+    shown: dict[int, list[str]] = {}
+    for packet in ET.fromstring(res.stdout).iter("packet"):
+        number = int(packet.find("proto[@name='frame']/field[@name='frame.number']").get("show"))
+        types = [f for f in packet.iter("field") if f.get("name") == "ptcp.type"]
+        shown[number] = [f.get("showname") for f in types]
+    m = session.marks
+    expected = {
+        "ack_vec": "ack",
+        "syn": "SYN",
+        "options": "data",
+        "bind554": "bind",
+        "conn": "status",
+        "heartbeat": "heartbeat",
+        "sign17": "sign exchange",
+        "sign19": "sign exchange",
+        "sign1a": "sign exchange",
+        "sign1b": "sign exchange",
+    }
+    for mark, name in expected.items():
+        assert len(shown[m[mark]]) == 1, mark
+        assert shown[m[mark]][0].startswith(f"Type: {name}"), (mark, shown[m[mark]])
+    # Value names work in display filters too.
+    hb = fields(capture, 'ptcp.type == "heartbeat"', "frame.number")
+    assert [int(r[0]) for r in hb] == [m["heartbeat"], m["heartbeat_dev"]]
+
+
+def test_malformed_packets_get_expert_info(
+    session: Session, table: dict[int, dict[str, str]]
+) -> None:
+    m = session.marks
+    for mark, text in (
+        ("short_header", "Only 7 of the 24 header bytes"),
+        ("bad_length", "Length field says 500 bytes but 10 follow"),
+        ("short_bind", "bind body of 10 bytes, at least 20 expected"),
+        ("short_body", "Body of 2 bytes is shorter than its 4-byte type and length"),
+    ):
+        row = table[m[mark]]
+        assert "ptcp" in protocols(row), mark
+        assert text in row["_ws.expert.message"], (mark, row["_ws.expert.message"])
+        assert int(row["_ws.expert.severity"]) == PI_ERROR, mark
+    unknown = table[m["unknown_type"]]
+    assert unknown["_ws.expert.message"] == "Unknown body type 0x30"
+    assert int(unknown["_ws.expert.severity"]) == PI_WARN
+    # The good packets carry no PTCP error.
+    for mark in ("syn", "bind554", "options", "heartbeat", "disc"):
+        assert table[m[mark]]["_ws.expert.message"] == "", mark
+
+
+def test_expert_filters(capture: Path, session: Session) -> None:
+    m = session.marks
+    got = {
+        name: [int(r[0]) for r in fields(capture, name, "frame.number")]
+        for name in ("ptcp.short", "ptcp.bad_length", "ptcp.short_body", "ptcp.unknown_type")
+    }
+    assert got == {
+        "ptcp.short": [m["short_header"]],
+        "ptcp.bad_length": [m["bad_length"]],
+        "ptcp.short_body": [m["short_bind"], m["short_body"]],
+        "ptcp.unknown_type": [m["unknown_type"]],
+    }
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_rtsp_in_realm_data_is_decoded(
+    two_pass: bool, capture: Path, vec: dict, session: Session
+) -> None:
+    m = session.marks
+    rows = fields(capture, "rtsp.request", "frame.number", "rtsp.method", "rtsp.request",
+                  two_pass=two_pass)
+    got = {int(r[0]): r[1] for r in rows}
+    assert got == {m["options"]: "OPTIONS", m["describe"]: "DESCRIBE", m["setup"]: "SETUP",
+                   m["play"]: "PLAY"}
+    first_line = vec["ptcp"]["data_payload"].split("\r\n")[0]
+    options_row = next(r for r in rows if int(r[0]) == m["options"])
+    assert options_row[2].replace("\\r\\n", "") == first_line
+
+    # The DESCRIBE reply is split over two PTCP packets: decoded once, where it completes.
+    replies = fields(capture, "rtsp.response", "frame.number", "rtsp.status", "sdp.media",
+                     two_pass=two_pass)
+    by_frame = {int(r[0]): r for r in replies}
+    assert m["describe_reply_1"] not in by_frame
+    assert by_frame[m["describe_reply_2"]][1] == "200"
+    assert by_frame[m["describe_reply_2"]][2] == "video 0 RTP/AVP 96"
+    assert {m["options_reply"], m["setup_reply"], m["play_reply"]} <= set(by_frame)
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_interleaved_rtp_in_realm_data(two_pass: bool, capture: Path, session: Session) -> None:
+    m = session.marks
+    rows = fields(capture, "rtp", "frame.number", "rtp.seq", "rtp.ssrc", two_pass=two_pass)
+    got = {int(r[0]): r[1].split(",") for r in rows}
+    assert got == {
+        m["play_reply"]: [str(RTP_SEQS[0])],
+        m["rtp_split_2"]: [str(RTP_SEQS[1]), str(RTP_SEQS[2])],
+    }
+    assert all(r[2].split(",")[0] == "0xcafebabe" for r in rows)
+
+
+def test_http_realm_and_raw_realms(capture: Path, session: Session) -> None:
+    m = session.marks
+    req = fields(capture, "http.request && ptcp", "frame.number", "http.request.uri", "ptcp.realm")
+    assert req == [
+        [str(m["http_get"]), "/cgi-bin/magicBox.cgi?action=getDeviceType", f"0x{REALM_HTTP:08x}"]
+    ]
+    resp = fields(capture, "http.response && ptcp", "frame.number", "http.response.code")
+    assert resp == [[str(m["http_reply"]), "200"]]
+    raw = fields(capture, "ptcp && data", "frame.number", "ptcp.realm", "data.len")
+    got = {int(r[0]): (r[1], r[2]) for r in raw}
+    assert got[m["priv_data"]] == (f"0x{REALM_PRIV:08x}", "32")
+    assert got[m["unbound_data"]][0] == f"0x{REALM_UNBOUND:08x}"
+    unbound = fields(capture, "ptcp.unknown_realm", "frame.number")
+    assert unbound == [[str(m["unbound_data"])]]
+    # Unbound realm data that looks like HTTP still is not guessed at.
+    assert fields(capture, f"frame.number == {m['unbound_data']} && http", "frame.number") == []
+
+
+def test_signalling_goes_through_http_with_xml(capture: Path, session: Session, vec: dict) -> None:
+    m = session.marks
+    rows = fields(
+        capture,
+        "dhp2p",
+        "frame.number",
+        "dhp2p.method",
+        "dhp2p.uri",
+        "dhp2p.code",
+        "dhp2p.cseq",
+        "http.request.method",
+        "http.response.code",
+        "xml.tag",
+        "dhp2p.text",
+    )
+    by = {int(r[0]): r[1:] for r in rows}
+    assert by[m["probe"]][:6] == ["DHGET", "/probe/p2psrv", "", "1", "GET", ""]
+    relay = by[m["relay_start"]]
+    assert relay[:6] == ["DHPOST", "/relay/start/abc", "", "7", "POST", ""]
+    body_tags = [f"<{el.tag}>" for el in ET.fromstring(vec["dhp2p"]["post_body"]).iter()]
+    assert relay[6].split(",") == body_tags
+    chan = by[m["chan"]]
+    assert "<LocalAddr>" in chan[6].split(",")
+    assert by[m["probe_reply"]][2:7] == ["200", "1", "", "200", "<body>,<US>"]
+    assert by[m["trying"]][2] == "100"
+    assert "<PubAddr>" in by[m["chan_reply"]][6]
+    assert by[m["nat_info"]][7] == "Server Nat Info!"
+
+
+def test_punch_is_uninverted_into_stun(capture: Path, session: Session, vec: dict) -> None:
+    m = session.marks
+    rows = fields(
+        capture,
+        "dhpunch",
+        "frame.number",
+        "classicstun.type",
+        "classicstun.id",
+        "dhpunch.identify",
+        "dhpunch.port",
+        "dhpunch.ip",
+    )
+    by = {int(r[0]): r[1:] for r in rows}
+    assert set(by) == {m["punch_req"], m["punch_resp"]}
+    for mark, key in (("punch_req", "request_plain_hex"), ("punch_resp", "response_plain_hex")):
+        plain = bytes.fromhex(vec["punch"][key])
+        mtype = struct.unpack(">H", plain[:2])[0]
+        port = struct.unpack(">H", plain[38:40])[0]
+        ip = ".".join(str(b) for b in plain[40:44])
+        assert by[m[mark]] == [
+            f"0x{mtype:04x}",
+            plain[4:20].hex(),
+            vec["punch"]["identify_hex"],
+            str(port),
+            ip,
+        ]
+
+
+def _fuzz_datagrams(session: Session, seed: int = 7) -> list[Datagram]:
+    """Every tunnel packet cut at every length, plus random byte flips."""
+    rng = random.Random(seed)
+    out: list[Datagram] = []
+    ts = 1767323045.0
+    for d in session.datagrams:
+        if DEVICE not in (d.src, d.dst) and not d.payload.startswith(b"DH"):
+            continue
+        for cut in range(0, min(len(d.payload), 120)):
+            ts += 0.001
+            out.append(Datagram(ts, d.src, d.dst, d.payload[:cut]))
+        for _ in range(5):
+            flipped = bytearray(d.payload)
+            for _ in range(rng.randint(1, 4)):
+                flipped[rng.randrange(4, len(flipped))] = rng.randrange(256)
+            ts += 0.001
+            out.append(Datagram(ts, d.src, d.dst, bytes(flipped)))
+    return out
+
+
+def test_truncated_and_mutated_packets_raise_no_lua_error(
+    session: Session, tmp_path: Path
+) -> None:
+    require_tool("tshark")
+    dgrams = _fuzz_datagrams(session)
+    assert len(dgrams) > 2000
+    cap = write_udp_pcap(tmp_path / "fuzz.pcap", dgrams, linktype=LINKTYPE_ETHERNET)
+    res = tshark(cap, "-V", two_pass=True)
+    assert res.returncode == 0, res.stderr
+    assert "Lua Error" not in res.stdout + res.stderr
+    # Labels and columns built from wire bytes stay valid UTF-8.
+    res.raw_stdout.decode("utf-8")
+    assert tshark(cap, "-Y", "_ws.lua.error").lines == []
+    # Truncated headers are still claimed, as malformed PTCP.
+    short = fields(cap, "ptcp.short", "frame.number")
+    assert len(short) >= 20
