@@ -818,6 +818,8 @@ def _authorize(host: str, port: int, user: str, password: str, args: argparse.Na
     end = time.monotonic() + args.duration if args.duration else None
     with stop, keeper:
         token = keeper.start()
+        if stop.requested:  # SIGINT/SIGTERM while logging in: nobody wants the token now
+            return _fail(130, "interrupted")
         print(token, flush=True)
         # Poll: a signal handler must not touch locks (an Event) the main thread may hold.
         while not stop.requested:

@@ -58,6 +58,14 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
         time.sleep(0.01)  # polling interval of a condition check
 
 
+def fuzz(examples: int) -> settings:
+    """Hypothesis settings for the fuzz tests: no per-example deadline (load makes those
+    flaky); a hang is caught by the test's pytest timeout instead."""
+    return settings(
+        max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+
+
 def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     """Split ``data`` at the given offsets."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
@@ -273,7 +281,8 @@ def _feed_all(decoder: MessageDecoder, data: bytes, cuts: list[int]) -> list[Mes
     return out
 
 
-@settings(max_examples=400, deadline=1000)
+@pytest.mark.timeout(120)  # a hang fails here
+@fuzz(400)
 @given(st.binary(max_size=600), st.lists(st.integers(0, 600), max_size=8), st.booleans())
 def test_decoder_random_bytes_raise_only_protocol_error(
     data: bytes, cuts: list[int], strict: bool
@@ -286,7 +295,8 @@ def test_decoder_random_bytes_raise_only_protocol_error(
     assert decoder.buffered <= len(data)
 
 
-@settings(max_examples=300, deadline=1000)
+@pytest.mark.timeout(120)  # a hang fails here
+@fuzz(300)
 @given(st.lists(_valid_message(), min_size=1, max_size=5), st.lists(st.integers(0, 2000)))
 def test_decoder_round_trip_any_chunking(messages: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(messages)
@@ -294,7 +304,8 @@ def test_decoder_round_trip_any_chunking(messages: list[bytes], cuts: list[int])
     assert [encode_message(m.name, m.payload, m.payload_type) for m in decoded] == messages
 
 
-@settings(max_examples=300, deadline=1000)
+@pytest.mark.timeout(120)  # a hang fails here
+@fuzz(300)
 @given(_valid_message(), st.data())
 def test_decoder_truncated_message_waits_without_error(raw: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(raw) - 1))
@@ -304,7 +315,8 @@ def test_decoder_truncated_message_waits_without_error(raw: bytes, data: st.Data
     assert len(decoder.feed(raw[cut:])) == 1
 
 
-@settings(max_examples=400, deadline=1000)
+@pytest.mark.timeout(120)  # a hang fails here
+@fuzz(400)
 @given(
     st.lists(_valid_message(), min_size=1, max_size=3),
     st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), min_size=1, max_size=6),
@@ -322,7 +334,8 @@ def test_decoder_mutated_stream_raises_only_protocol_error(
         pass
 
 
-@settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.timeout(120)  # a hang fails here
+@fuzz(300)
 @given(st.sampled_from(["AUTHENTICATE", "DESCRIBE", "HEARTBEAT"]), st.binary(max_size=300))
 def test_client_protocol_random_reply_raises_only_protocol_error(
     request_name: str, data: bytes
@@ -339,7 +352,8 @@ def test_client_protocol_random_reply_raises_only_protocol_error(
         pass
 
 
-@settings(max_examples=300, deadline=1000)
+@pytest.mark.timeout(120)  # a hang fails here
+@fuzz(300)
 @given(st.one_of(st.binary(max_size=300), _valid_message()), st.lists(st.integers(0, 400)))
 def test_emulated_dvr_session_never_crashes(data: bytes, cuts: list[int]) -> None:
     session = DCPSession({"admin": "4321"}, {}, 0.0, silence_timeout=1.0)
