@@ -1116,6 +1116,20 @@ class PTCPTunnel:
         os.close(self._wake_w)
         self.closed.set()
 
+    def send_syn(self) -> None:
+        """Queue a SYN on the running tunnel (the Session's counters continue)."""
+        with self._lock:
+            self.session.send_syn(self.clock())
+            self._flush()
+            self._wake_locked()
+
+    def send_command(self, body_type: int, payload: bytes) -> None:
+        """Queue an opaque command (0x17/0x19/0x1b); answers arrive as CommandReceived."""
+        with self._lock:
+            self.session.send_command(body_type, payload, self.clock())
+            self._flush()
+            self._wake_locked()
+
     # -- client side ------------------------------------------------------
 
     def forward(
@@ -1486,6 +1500,7 @@ def _run_until(stop: threading.Event, tunnel: PTCPTunnel) -> int:
     stop.wait()
     dead = tunnel.dead.is_set()
     tunnel.close()
+    log.info("tunnel %s; session %s", tunnel.stats, tunnel.session.stats)
     return 3 if dead else 0
 
 

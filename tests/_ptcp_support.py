@@ -1,0 +1,169 @@
+"""Helpers for the PTCP driver tests and benchmark: local TCP echo and bulk services.
+
+Both services listen on an ephemeral loopback port, serve each connection in a
+thread, and record how every connection ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import socket
+import threading
+from collections.abc import Iterator
+
+CHUNK = 256 * 1024
+
+
+def stream_chunks(seed: int, total: int, chunk: int = CHUNK) -> Iterator[bytes]:
+    """A deterministic pseudo-random byte stream of ``total`` bytes (None: endless)."""
+    rng = random.Random(seed)
+    sent = 0
+    while total is None or sent < total:
+        n = chunk if total is None else min(chunk, total - sent)
+        yield rng.randbytes(n)
+        sent += n
+
+
+def digest_of(seed: int, total: int) -> str:
+    h = hashlib.sha256()
+    for c in stream_chunks(seed, total):
+        h.update(c)
+    return h.hexdigest()
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.ended: list[str] = []
+        self.changed = threading.Condition()
+        self.threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            outcome = self.serve(conn)
+        except OSError as exc:
+            outcome = f"broken: {exc.__class__.__name__}"
+        finally:
+            conn.close()
+        with self.changed:
+            self.ended.append(outcome)
+            self.changed.notify_all()
+
+    def serve(self, conn: socket.socket) -> str:
+        raise NotImplementedError
+
+    def wait_ended(self, count: int, timeout: float) -> list[str]:
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.ended) >= count, timeout)
+            return list(self.ended)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        for c in self._conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self.threads:
+            t.join(10)
+        self._acceptor.join(10)
+
+
+class EchoServer(_Server):
+    """Echoes everything until the client closes."""
+
+    def serve(self, conn: socket.socket) -> str:
+        buf = bytearray(CHUNK)
+        total = 0
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                return f"eof after {total}"
+            conn.sendall(memoryview(buf)[:n])
+            total += n
+
+
+class BulkServer(_Server):
+    """Sends ``stream_chunks(seed, total)`` (total None: until the connection breaks)."""
+
+    def __init__(self, seed: int, total: int | None) -> None:
+        self.seed, self.total = seed, total
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> str:
+        sent = 0
+        for chunk in stream_chunks(self.seed, self.total):
+            conn.sendall(chunk)
+            sent += len(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(CHUNK):
+            pass
+        return f"done {sent}"
+
+
+def echo_roundtrip(port: int, seed: int, total: int, timeout: float = 120.0) -> tuple[str, str]:
+    """Send ``total`` bytes through an echo path; return (sent digest, received digest)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sent_h, got_h = hashlib.sha256(), hashlib.sha256()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for chunk in stream_chunks(seed, total):
+                sent_h.update(chunk)
+                sock.sendall(chunk)
+        except OSError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    got = 0
+    buf = bytearray(CHUNK)
+    try:
+        while got < total:
+            n = sock.recv_into(buf)
+            if not n:
+                break
+            got_h.update(memoryview(buf)[:n])
+            got += n
+    finally:
+        sock.close()
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    return sent_h.hexdigest(), got_h.hexdigest()
+
+
+def read_all(port: int, timeout: float = 120.0) -> tuple[int, str]:
+    """Read a connection to EOF; return (byte count, digest)."""
+    h = hashlib.sha256()
+    n = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        buf = bytearray(CHUNK)
+        while True:
+            k = sock.recv_into(buf)
+            if not k:
+                break
+            h.update(memoryview(buf)[:k])
+            n += k
+    return n, h.hexdigest()

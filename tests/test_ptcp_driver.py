@@ -1,0 +1,258 @@
+"""PTCP threaded driver over real loopback UDP: realms bridged to local TCP services."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from _ptcp_support import BulkServer, EchoServer, digest_of, echo_roundtrip, read_all
+
+from ptcp import (
+    PTCPError,
+    PTCPTunnel,
+    RealmClosed,
+    Session,
+    SynReceived,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PTCP = str(REPO / "ptcp.py")
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Pair:
+    """A client tunnel and a device tunnel in this process, joined over loopback UDP."""
+
+    def __init__(self, ports: dict[int, int], **options) -> None:
+        self.device_events: list = []
+        self.event_seen = threading.Condition()
+        a_sock, b_sock = udp_socket(), udp_socket()
+        a, b = Session(now=time.monotonic(), **options), Session(now=time.monotonic(), **options)
+        now = time.monotonic()
+        a.send_syn(now)  # handshake in memory; the tunnels continue the counters
+        for d in a.datagrams_to_send():
+            b.receive_datagram(d, now)
+        b.send_syn(now)
+        for d in b.datagrams_to_send():
+            a.receive_datagram(d, now)
+        for d in a.datagrams_to_send():
+            b.receive_datagram(d, now)
+        assert SynReceived() in a.events() and SynReceived() in b.events()
+
+        def on_bind(port: int, _ip: str):
+            target = ports.get(port)
+            return None if target is None else socket.create_connection(("127.0.0.1", target))
+
+        self.device = PTCPTunnel(
+            b_sock, a_sock.getsockname(), b, on_bind=on_bind, on_event=self._device_event
+        )
+        self.client = PTCPTunnel(a_sock, b_sock.getsockname(), a)
+        self.client_sock, self.device_sock = a_sock, b_sock
+        self.device.start()
+        self.client.start()
+
+    def _device_event(self, ev) -> None:
+        with self.event_seen:
+            self.device_events.append(ev)
+            self.event_seen.notify_all()
+
+    def wait_device_event(self, pred, timeout: float = 10.0) -> list:
+        with self.event_seen:
+            assert self.event_seen.wait_for(
+                lambda: [e for e in self.device_events if pred(e)], timeout
+            ), self.device_events
+            return [e for e in self.device_events if pred(e)]
+
+    def close(self) -> None:
+        self.client.close()
+        self.device.close()
+
+
+@pytest.fixture
+def pair_factory():
+    made: list[Pair] = []
+
+    def make(ports: dict[int, int], **options) -> Pair:
+        p = Pair(ports, **options)
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.close()
+
+
+def test_in_process_echo_and_stray_datagrams(pair_factory, echo):
+    pair = pair_factory({7: echo.port})
+    local, remote_port = pair.client.listen(7)
+    assert local == "127.0.0.1"
+    # signalling text and an inverted STUN punch from the peer's own socket
+    pair.device_sock.sendto(b"HTTP/1.1 200 OK\r\nCSeq: 3\r\n\r\n", pair.client_sock.getsockname())
+    pair.device_sock.sendto(bytes(b ^ 0xFF for b in bytes(20)), pair.client_sock.getsockname())
+    # and a datagram from a stranger
+    with udp_socket() as stranger:
+        stranger.sendto(b"PTCP" + bytes(20), pair.client_sock.getsockname())
+    sent, got = echo_roundtrip(remote_port, seed=1, total=3 * MB)
+    assert sent == got
+    assert pair.client.stats.stray == 3
+    assert not pair.client.dead.is_set()
+
+
+def test_refused_bind_raises_and_closes_the_client(pair_factory):
+    pair = pair_factory({})
+    a, b = socket.socketpair()
+    with b:
+        with pytest.raises(PTCPError, match="refused"):
+            pair.client.forward(a, 80)
+        assert b.recv(10) == b""  # our end of the local client was closed
+    assert pair.client.session.realms == {}
+
+
+def test_close_sends_disc_for_every_realm(pair_factory, echo):
+    pair = pair_factory({7: echo.port})
+    clients = []
+    for _ in range(2):
+        a, b = socket.socketpair()
+        pair.client.forward(a, 7)
+        b.sendall(b"hello")
+        assert b.recv(5) == b"hello"
+        clients.append(b)
+    pair.client.close()
+    closed = pair.wait_device_event(lambda e: isinstance(e, RealmClosed))
+    assert [e.reason for e in closed] == ["peer", "peer"]
+    assert len(echo.wait_ended(2, 10.0)) == 2  # the far end's TCP connections were closed
+    for b in clients:
+        assert b.recv(10) == b""
+        b.close()
+    assert pair.device.session.realms == {}
+    assert pair.client.session.unacked_bytes == 0  # the DISCs were acknowledged
+
+
+def test_peer_going_silent_is_declared_dead(pair_factory, echo):
+    pair = pair_factory({7: echo.port}, heartbeat_interval=0.2, dead_after=1.0)
+    assert not pair.device.dead.wait(0.5)  # heartbeats keep both alive meanwhile
+    started = time.monotonic()
+    pair.client.close(timeout=0)  # stops answering without telling anyone
+    assert pair.device.dead.wait(10.0)
+    assert time.monotonic() - started >= 0.5
+
+
+# -- two CLI processes, the services in this one -------------------------------
+
+
+def start_tunnel(spawn, maps: dict[int, int], forwards: list[int], *extra: str):
+    args = [f"--map={rp}=127.0.0.1:{lp}" for rp, lp in maps.items()]
+    serve = spawn([sys.executable, PTCP, *extra, "serve", *args], ready=r"ptcp: udp ")
+    udp = int(serve.wait_line(r"ptcp: udp 127\.0\.0\.1:(\d+)").group(1))
+    fw = [f"--forward=0:{rp}" for rp in forwards]
+    conn = spawn([sys.executable, PTCP, *extra, "connect", f"--peer=127.0.0.1:{udp}", *fw])
+    local = {}
+    for rp in forwards:
+        m = conn.wait_line(rf"forwarding 127\.0\.0\.1:(\d+) -> remote port {rp}$")
+        local[rp] = int(m.group(1))
+    serve.wait_line(r"ptcp: session with")
+    return serve, conn, local
+
+
+def run_threads(jobs: dict[str, callable], timeout: float) -> dict[str, object]:
+    results: dict[str, object] = {}
+
+    def wrap(name, fn):
+        try:
+            results[name] = fn()
+        except BaseException as exc:  # reported below
+            results[name] = exc
+
+    threads = [threading.Thread(target=wrap, args=(n, f), daemon=True) for n, f in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"jobs still running after {timeout}s"
+    return results
+
+
+@pytest.mark.timeout(240)
+def test_hundred_megabytes_over_three_realms(spawn, echo):
+    bulk = BulkServer(seed=99, total=34 * MB)
+    try:
+        serve, conn, local = start_tunnel(spawn, {7: echo.port, 9: bulk.port}, [7, 9])
+        results = run_threads(
+            {
+                "echo1": lambda: echo_roundtrip(local[7], seed=1, total=33 * MB),
+                "echo2": lambda: echo_roundtrip(local[7], seed=2, total=33 * MB),
+                "bulk": lambda: read_all(local[9]),
+            },
+            timeout=200,
+        )
+        for name in ("echo1", "echo2"):
+            sent, got = results[name]
+            assert sent == got, name
+        assert results["bulk"] == (34 * MB, digest_of(99, 34 * MB))
+        assert bulk.wait_ended(1, 10) == [f"done {34 * MB}"]
+        assert conn.stop() == 0 and serve.stop() == 0
+    finally:
+        bulk.close()
+
+
+@pytest.mark.timeout(240)
+def test_client_that_stops_reading_is_disconnected_others_finish(spawn, echo):
+    bulk = BulkServer(seed=5, total=None)  # endless
+    try:
+        serve, conn, local = start_tunnel(
+            spawn, {7: echo.port, 9: bulk.port}, [7, 9], "--queue=1048576"
+        )
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        stalled.connect(("127.0.0.1", local[9]))
+        assert len(stalled.recv(1000)) > 0  # flowing; now stop reading
+        results = run_threads(
+            {
+                "echo1": lambda: echo_roundtrip(local[7], seed=3, total=12 * MB),
+                "echo2": lambda: echo_roundtrip(local[7], seed=4, total=12 * MB),
+                "bulk_end": lambda: bulk.wait_ended(1, 60),
+            },
+            timeout=200,
+        )
+        for name in ("echo1", "echo2"):
+            sent, got = results[name]
+            assert sent == got, name
+        assert results["bulk_end"] and results["bulk_end"][0].startswith("broken")
+        conn.wait_line("local client is not reading")
+        # the stalled client gets what was buffered, then the connection ends
+        stalled.settimeout(30)
+        total = 0
+        try:
+            while True:
+                n = len(stalled.recv(1 << 20))
+                if not n:
+                    break
+                total += n
+        except ConnectionResetError:
+            pass
+        stalled.close()
+        assert total < 64 * MB
+        assert conn.stop() == 0 and serve.stop() == 0
+    finally:
+        bulk.close()
