@@ -202,7 +202,8 @@ class EmulatedDCP:
         self._lock = threading.Lock()
         self._sessions: dict[socket.socket, DCPSession] = {}
         self._listener: socket.socket | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
         self._drop_all = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -242,11 +243,16 @@ class EmulatedDCP:
         if self._thread is not None:
             raise RuntimeError("already started")
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        listener.listen(16)
-        listener.setblocking(False)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self.port))
+            listener.listen(16)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()  # e.g. port taken: leave nothing open, the caller may retry
+            raise
         self._listener = listener
+        self._wake_r, self._wake_w = socket.socketpair()
         self.port = listener.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name="emulated-dcp", daemon=True)
         self._thread.start()
@@ -258,10 +264,13 @@ class EmulatedDCP:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        self._wake_r.close()
-        self._wake_w.close()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
 
     def _wake(self) -> None:
+        if self._wake_w is None:
+            return
         try:
             self._wake_w.send(b"x")
         except OSError:
@@ -271,11 +280,11 @@ class EmulatedDCP:
 
     def _serve(self) -> None:
         sel = selectors.DefaultSelector()
-        listener = self._listener
-        if listener is None:
+        listener, wake_r = self._listener, self._wake_r
+        if listener is None or wake_r is None:
             return
         sel.register(listener, selectors.EVENT_READ, "listen")
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping:
                 now = time.monotonic()
@@ -286,7 +295,7 @@ class EmulatedDCP:
                     if key.data == "listen":
                         self._accept(sel, listener)
                     elif key.data == "wake":
-                        self._wake_r.recv(4096)
+                        wake_r.recv(4096)
                     else:
                         self._read(sel, key.fileobj)  # type: ignore[arg-type]
                 self._reap(sel, time.monotonic())

@@ -820,3 +820,29 @@ def test_cli_authorize_lost_connection_exits_4(dvr: EmulatedDCP, spawn) -> None:
     dvr.drop_connections()
     assert proc.wait(20) == 4
     assert "Traceback" not in proc.output and len(proc.lines) == 2, proc.output
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator's own lifecycle
+
+
+def test_emulator_port_taken_leaves_nothing_open_and_stop_is_safe() -> None:
+    with EmulatedDCP() as first:
+        second = EmulatedDCP(port=first.port)
+        with pytest.raises(OSError):
+            second.start()
+        second.stop()  # never started: harmless
+        assert first.open_connections == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((first.host, first.port), timeout=2).close()
+
+
+def test_emulator_drop_connections_invalidates_tokens_at_once(dvr: EmulatedDCP) -> None:
+    with DCPClient(dvr.host, dvr.port) as client:
+        client.authenticate("admin", "4321")
+        token = client.describe()["authority"]
+        dvr.drop_connections()
+        assert not dvr.is_token_valid(token)
+        wait_until(lambda: dvr.open_connections == 0, what="connections closed")
+        with pytest.raises(OSError):
+            client.heartbeat()
