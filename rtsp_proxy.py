@@ -16,16 +16,27 @@ session, one side-port stream).  Tokens come from ``svtool.TokenKeeper``.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import dataclasses
 import logging
+import os
 import random
 import re
 import secrets
+import selectors
+import signal
+import socket
 import struct
+import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
+
+import svtool
 
 log = logging.getLogger("rtsp_proxy")
 
@@ -1051,3 +1062,821 @@ class ClientProtocol:
         self.channel = None
         self.transport = None
         return self.reply(request, 200)
+
+
+# ==========================================================================
+# Driver: sockets and threads only move bytes
+# ==========================================================================
+
+
+class UpstreamError(Exception):
+    """The DVR session could not be opened or was lost."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Outbox:
+    """Bounded queue of bytes for one client, drained by its own writer thread."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self.sock = sock
+        self.limit = limit
+        self._items: deque[bytes] = deque()
+        self._size = 0
+        self._cond = threading.Condition()
+        self.closed = False
+        self._thread = threading.Thread(target=self._run, name="client-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes, media: bool = False) -> bool:
+        """Queue bytes; media is refused (False) once the buffer is full."""
+        with self._cond:
+            if self.closed:
+                return False
+            if media and self._size + len(data) > self.limit:
+                return False
+            self._items.append(data)
+            self._size += len(data)
+            self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self.closed:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                items = list(self._items)
+                self._items.clear()
+            try:
+                self.sock.sendall(b"".join(items) if len(items) > 1 else items[0])
+            except OSError:
+                self.close()
+                _shutdown(self.sock)
+                return
+            with self._cond:
+                self._size -= sum(len(i) for i in items)
+
+    def close(self, flush: bool = False) -> None:
+        """Stop accepting data; the writer sends what is queued when ``flush``."""
+        with self._cond:
+            self.closed = True
+            if not flush:
+                self._items.clear()
+            self._cond.notify()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class Viewer:
+    """One client connection as seen by the channels."""
+
+    def __init__(self, sock: socket.socket, addr: tuple[str, int], outbox: Outbox) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.outbox = outbox
+        self.proto: ClientProtocol | None = None
+        self.transport: ClientTransport | None = None
+        self.play_request: RTSPRequest | None = None
+        self.play_started = threading.Event()
+        self.last_request = time.monotonic()
+        self.lock = threading.Lock()
+
+    def disconnect(self) -> None:
+        self.outbox.close()
+        _shutdown(self.sock)
+
+
+class KeeperPool:
+    """One DCP login (svtool.TokenKeeper) per credentials, shared by channels."""
+
+    def __init__(
+        self,
+        host: str,
+        dcp_port: int,
+        timeout: float,
+        on_lost: Callable[[tuple[str, str]], None],
+    ) -> None:
+        self.host = host
+        self.dcp_port = dcp_port
+        self.timeout = timeout
+        self.on_lost = on_lost
+        self._keepers: dict[tuple[str, str], tuple[object, int]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, creds: tuple[str, str]) -> str:
+        """The token for ``creds``, logging in if needed (AuthenticationError, SVError, OSError)."""
+        with self._lock:
+            entry = self._keepers.get(creds)
+            if entry is not None and entry[0].alive:
+                self._keepers[creds] = (entry[0], entry[1] + 1)
+                return entry[0].token
+            if entry is not None:
+                entry[0].close()
+            keeper = svtool.TokenKeeper(
+                self.host,
+                self.dcp_port,
+                creds[0],
+                creds[1],
+                timeout=self.timeout,
+                on_lost=lambda _exc, c=creds: self._lost(c),
+            )
+            token = keeper.start()
+            self._keepers[creds] = (keeper, 1)
+            return token
+
+    def _lost(self, creds: tuple[str, str]) -> None:
+        self.on_lost(creds)
+
+    def release(self, creds: tuple[str, str]) -> None:
+        with self._lock:
+            entry = self._keepers.get(creds)
+            if entry is None:
+                return
+            if entry[1] > 1:
+                self._keepers[creds] = (entry[0], entry[1] - 1)
+                return
+            del self._keepers[creds]
+        entry[0].close()
+
+    def close(self) -> None:
+        with self._lock:
+            keepers = [k for k, _ in self._keepers.values()]
+            self._keepers.clear()
+        for keeper in keepers:
+            keeper.close()
+
+
+class Channel:
+    """One DVR channel for one set of credentials: one upstream, many viewers."""
+
+    def __init__(self, server: ProxyServer, channel: int, creds: tuple[str, str]) -> None:
+        self.server = server
+        self.channel = channel
+        self.creds = creds
+        self.media = ChannelMedia(server.dvr_clock)
+        self.description: DVRDescription | None = None
+        self.params_ready = threading.Event()
+        self.lock = threading.Lock()
+        self.open_lock = threading.Lock()
+        self.opened = False
+        self.failed: str | None = None
+        self.holders: set[Viewer] = set()
+        self.active: set[Viewer] = set()
+        self.waiting: set[Viewer] = set()
+        self.idle_since: float | None = None
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._token = False
+        self._thread: threading.Thread | None = None
+
+    # ---- opening the DVR session (blocking, in the first client's thread)
+    def ensure_open(self) -> None:
+        with self.open_lock:
+            if self.failed:
+                raise UpstreamError(self.failed)
+            if self.opened:
+                return
+            try:
+                self._open()
+            except BaseException as exc:
+                self.fail(f"cannot open the DVR session: {exc}")
+                raise
+            self.opened = True
+
+    def _exchange(self, sock: socket.socket, dvr: DVRConnection, request: bytes) -> RTSPResponse:
+        sock.sendall(request)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise UpstreamError("the DVR closed its RTSP connection")
+            reply = dvr.receive_data(data)
+            if reply is not None:
+                if reply.status != 200:
+                    raise UpstreamError(f"the DVR answered {dvr.cseq} with {reply.status}")
+                return reply
+
+    def _open(self) -> None:
+        srv = self.server
+        try:
+            token = srv.keepers.acquire(self.creds)
+        except svtool.AuthenticationError as exc:
+            raise UpstreamError("DVR login refused", status=401) from exc
+        except (svtool.SVError, OSError) as exc:
+            raise UpstreamError(f"DCP login failed: {exc}") from exc
+        self._token = True
+        try:
+            ctrl = socket.create_connection((srv.remote_host, srv.remote_port), srv.timeout)
+            self._socks.append(ctrl)
+            dvr = DVRConnection(srv.remote_host, srv.remote_port, self.channel, token)
+            reply = self._exchange(ctrl, dvr, dvr.describe())
+            self.description = parse_dvr_describe(reply.body)
+            mode = self.description.mode
+            side: socket.socket
+            if mode == "udp":
+                side = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self._socks.append(side)
+                for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+                    try:
+                        if opt is not None:
+                            side.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+                            break
+                    except OSError:
+                        continue
+                side.bind((ctrl.getsockname()[0], 0))
+                reply = self._exchange(ctrl, dvr, dvr.setup("udp", side.getsockname()[1]))
+                port = side_port_from_transport(reply.header("Transport"), srv.remote_port)
+                side.connect((srv.remote_host, port))  # only the DVR may feed this socket
+                side.send(b"\x00")  # PROTOCOLS 1.2: the DVR streams to this datagram's source
+            else:
+                reply = self._exchange(ctrl, dvr, dvr.setup("tcp"))
+                port = side_port_from_transport(reply.header("Transport"), srv.remote_port)
+                side = socket.create_connection((srv.remote_host, port), srv.timeout)
+                self._socks.append(side)
+                # PROTOCOLS 1.2: the whole Session header line, then one NUL
+                side.sendall((dvr.session_line or "").encode("latin-1") + b"\x00")
+            self._exchange(ctrl, dvr, dvr.play())
+        except (OSError, ProxyError) as exc:
+            raise UpstreamError(f"DVR RTSP: {exc}") from exc
+        ctrl.settimeout(None)
+        side.settimeout(None)
+        log.info("channel %d: DVR session open (%s side port)", self.channel, mode)
+        self._thread = threading.Thread(
+            target=self._pump, args=(ctrl, side, mode), name=f"dvr-ch{self.channel}", daemon=True
+        )
+        self._thread.start()
+
+    # ---- media pump (one thread per channel)
+    def _pump(self, ctrl: socket.socket, side: socket.socket, mode: str) -> None:
+        defrag = SamsungDefragmenter()
+        sel = selectors.DefaultSelector()
+        sel.register(ctrl, selectors.EVENT_READ, "ctrl")
+        sel.register(side, selectors.EVENT_READ, "side")
+        last_frame = time.monotonic()
+        reason = "stopped"
+        try:
+            while not self._stop.is_set():
+                events = sel.select(0.5)
+                now = time.monotonic()
+                for key, _ in events:
+                    if key.data == "ctrl":
+                        if not ctrl.recv(4096):
+                            raise UpstreamError("the DVR closed its RTSP connection")
+                        continue
+                    if mode == "tcp":
+                        data = side.recv(262144)
+                        if not data:
+                            raise UpstreamError("the DVR closed the side port")
+                        frames = defrag.feed_stream(data)
+                    else:
+                        frames = []
+                        for _ in range(256):
+                            try:
+                                data = side.recv(65536, socket.MSG_DONTWAIT)
+                            except BlockingIOError:
+                                break
+                            try:
+                                frames += defrag.feed_datagram(data)
+                            except SamsungStreamError as exc:
+                                log.debug("channel %d: bad datagram: %s", self.channel, exc)
+                    for frame in frames:
+                        last_frame = now
+                        self._fan_out(frame)
+                if now - last_frame > self.server.timeout:
+                    raise UpstreamError("no video from the DVR")
+        except (OSError, UpstreamError, SamsungStreamError) as exc:
+            reason = str(exc)
+        finally:
+            sel.close()
+        self.fail(reason)
+
+    def _fan_out(self, frame: SamsungFrame) -> None:
+        media = self.media.on_frame(frame)
+        if media is None:
+            return
+        if self.media.sps and self.media.pps:
+            self.params_ready.set()
+        dropped: list[Viewer] = []
+        with self.lock:
+            starting = list(self.waiting) if media.keyframe else []
+            prefix = self.media.start_packets(media) if starting else []
+            for viewer in starting:
+                self.waiting.discard(viewer)
+                with viewer.lock:
+                    request, viewer.play_request = viewer.play_request, None
+                    if request is None or viewer.proto is None:
+                        continue
+                    first = (media.first_seq - len(prefix)) & 0xFFFF
+                    viewer.outbox.put(viewer.proto.play_reply(request, first, media.rtptime))
+                    viewer.play_started.set()
+                self.active.add(viewer)
+                if prefix and not self._deliver(viewer, prefix, None):
+                    dropped.append(viewer)
+            for viewer in self.active:
+                if not self._deliver(viewer, media.packets, media):
+                    dropped.append(viewer)
+            for viewer in dropped:
+                self.active.discard(viewer)
+        for viewer in dropped:
+            log.warning("channel %d: dropping slow client %s:%d", self.channel, *viewer.addr)
+            viewer.disconnect()
+
+    def _deliver(self, viewer: Viewer, packets: list[bytes], media: MediaFrame | None) -> bool:
+        transport = viewer.transport
+        if transport is None:
+            return True
+        if transport.kind == "tcp":
+            ch = transport.interleaved[0]
+            data = media.interleaved(ch) if media is not None else interleave(packets, ch)
+            return viewer.outbox.put(data, media=True)
+        dest = (viewer.addr[0], transport.client_port[0])
+        sock = self.server.rtp_socket
+        for packet in packets:
+            try:
+                sock.sendto(packet, dest)
+            except BlockingIOError:
+                pass  # UDP: a full buffer is a lost packet
+            except OSError:
+                return False
+        return True
+
+    # ---- viewers
+    def hold(self, viewer: Viewer) -> None:
+        with self.lock:
+            self.holders.add(viewer)
+            self.idle_since = None
+
+    def release(self, viewer: Viewer) -> None:
+        with self.lock:
+            self.holders.discard(viewer)
+            self.active.discard(viewer)
+            self.waiting.discard(viewer)
+            if not self.holders:
+                self.idle_since = time.monotonic()
+
+    def start_play(self, viewer: Viewer, request: RTSPRequest) -> None:
+        with self.lock:
+            if self.failed:
+                raise UpstreamError(self.failed)
+            with viewer.lock:
+                viewer.play_request = request
+                viewer.play_started.clear()
+            self.active.discard(viewer)
+            self.waiting.add(viewer)
+
+    def cancel_play(self, viewer: Viewer) -> bool:
+        """Stop waiting for a keyframe; False when the PLAY reply already went out."""
+        with self.lock:
+            with viewer.lock:
+                if viewer.play_started.is_set():
+                    return False
+                viewer.play_request = None
+            self.waiting.discard(viewer)
+            return True
+
+    def pause(self, viewer: Viewer) -> None:
+        with self.lock:
+            self.active.discard(viewer)
+            self.waiting.discard(viewer)
+
+    # ---- ending
+    def fail(self, reason: str) -> None:
+        """End the DVR session; every client of this channel is disconnected."""
+        if self._stop.is_set():
+            return
+        with self.lock:
+            if self.failed is None:
+                self.failed = reason
+            viewers = list(self.holders | self.active | self.waiting)
+            self.holders.clear()
+            self.active.clear()
+            self.waiting.clear()
+        self._stop.set()
+        self.server.forget(self)
+        for sock in self._socks:
+            _shutdown(sock)
+            sock.close()
+        self._socks = []
+        if self._token:
+            self._token = False
+            self.server.keepers.release(self.creds)
+        if self.opened:
+            log.info("channel %d: DVR session closed (%s)", self.channel, reason)
+        for viewer in viewers:
+            viewer.disconnect()
+
+
+class ProxyServer:
+    """The proxy: a threaded RTSP server in front of one DVR."""
+
+    def __init__(
+        self,
+        local: tuple[str, int],
+        remote: tuple[str, int],
+        *,
+        dcp_port: int | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 10.0,
+        linger: float = 5.0,
+        client_buffer: int = 2 << 20,
+        dvr_clock: int = 1000,
+    ) -> None:
+        self.remote_host, self.remote_port = remote
+        self.dcp_port = dcp_port if dcp_port is not None else remote[1] + 1
+        self._creds = (username, password or "") if username is not None else None
+        self.timeout = timeout
+        self.linger = linger
+        self.client_buffer = client_buffer
+        self.dvr_clock = dvr_clock
+        self.keepers = KeeperPool(self.remote_host, self.dcp_port, timeout, self._keeper_lost)
+        self._channels: dict[tuple[tuple[str, str], int], Channel] = {}
+        self._viewers: set[Viewer] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.listener = socket.create_server(local, backlog=64)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.rtp_socket, self.rtcp_socket = self._bind_rtp_pair(self.address[0])
+        self.server_ports = (self.rtp_socket.getsockname()[1], self.rtcp_socket.getsockname()[1])
+
+    @staticmethod
+    def _bind_rtp_pair(host: str) -> tuple[socket.socket, socket.socket]:
+        for _ in range(100):
+            rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            rtp.bind((host, 0))
+            port = rtp.getsockname()[1]
+            if port % 2 == 0 and port < 65535:
+                rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    rtcp.bind((host, port + 1))
+                except OSError:
+                    rtcp.close()
+                else:
+                    rtp.setblocking(False)
+                    rtp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                    return rtp, rtcp
+            rtp.close()
+        raise OSError("no free even/odd UDP port pair")
+
+    # ---- lifecycle
+    def start(self) -> None:
+        """Serve in background threads."""
+        for target, name in (
+            (self._accept_loop, "rtsp-accept"),
+            (self._drain_udp, "rtp-drain"),
+            (self._housekeeping, "housekeeping"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def close(self) -> None:
+        """Stop serving, end every DVR session, close every connection."""
+        self._stop.set()
+        _shutdown(self.listener)
+        self.listener.close()
+        with self._lock:
+            channels = list(self._channels.values())
+            viewers = list(self._viewers)
+        for channel in channels:
+            channel.fail("proxy shutting down")
+        for viewer in viewers:
+            viewer.disconnect()
+        self.keepers.close()
+        for thread in self._threads:
+            thread.join(5)
+        self.rtp_socket.close()
+        self.rtcp_socket.close()
+
+    def __enter__(self) -> ProxyServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def channel_count(self) -> int:
+        with self._lock:
+            return len(self._channels)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, addr = self.listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            thread = threading.Thread(
+                target=self._serve_client, args=(sock, addr), name="rtsp-client", daemon=True
+            )
+            thread.start()
+
+    def _drain_udp(self) -> None:
+        sel = selectors.DefaultSelector()
+        for sock in (self.rtp_socket, self.rtcp_socket):
+            sel.register(sock, selectors.EVENT_READ)
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.5):
+                    try:
+                        key.fileobj.recv(65536, socket.MSG_DONTWAIT)  # RTCP reports, NAT punches
+                    except OSError:
+                        pass
+        finally:
+            sel.close()
+
+    def _housekeeping(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            with self._lock:
+                channels = list(self._channels.values())
+                viewers = list(self._viewers)
+            for channel in channels:
+                idle = channel.idle_since
+                if idle is not None and now - idle >= self.linger:
+                    channel.fail("no viewers left")
+            for viewer in viewers:
+                transport = viewer.transport
+                if transport is not None and transport.kind == "udp":
+                    if now - viewer.last_request > SESSION_TIMEOUT * 1.5:
+                        log.info("client %s:%d: session timed out", *viewer.addr)
+                        viewer.disconnect()
+
+    # ---- channels
+    def _channel(self, number: int, creds: tuple[str, str]) -> Channel:
+        key = (creds, number)
+        with self._lock:
+            channel = self._channels.get(key)
+            if channel is None or channel.failed:
+                channel = Channel(self, number, creds)
+                self._channels[key] = channel
+        return channel
+
+    def forget(self, channel: Channel) -> None:
+        with self._lock:
+            key = (channel.creds, channel.channel)
+            if self._channels.get(key) is channel:
+                del self._channels[key]
+
+    def _keeper_lost(self, creds: tuple[str, str]) -> None:
+        with self._lock:
+            channels = [c for (k, _), c in self._channels.items() if k == creds]
+        for channel in channels:
+            channel.fail("the DVR dropped the DCP connection")
+
+    # ---- one client connection
+    def _serve_client(self, sock: socket.socket, addr: tuple[str, int]) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
+        outbox = Outbox(sock, self.client_buffer)
+        viewer = Viewer(sock, addr[:2], outbox)
+        viewer.proto = ClientProtocol(credentials_required=self._creds is None)
+        held: dict[int, Channel] = {}
+        parser = RTSPRequestParser()
+        with self._lock:
+            self._viewers.add(viewer)
+        log.debug("client %s:%d connected", *addr[:2])
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                try:
+                    events = parser.feed(data)
+                except RTSPError as exc:
+                    log.info("client %s:%d: bad request: %s", *addr[:2], exc)
+                    outbox.put(viewer.proto.error(exc).data)
+                    outbox.close(flush=True)
+                    break
+                for event in events:
+                    if isinstance(event, RTSPRequest):
+                        viewer.last_request = time.monotonic()
+                        if not self._handle(viewer, event, held):
+                            break
+        finally:
+            with self._lock:
+                self._viewers.discard(viewer)
+            for channel in held.values():
+                channel.release(viewer)
+            outbox.close(flush=True)
+            outbox.join(2.0)
+            _shutdown(sock)
+            sock.close()
+            log.debug("client %s:%d gone", *addr[:2])
+
+    def _handle(self, viewer: Viewer, request: RTSPRequest, held: dict[int, Channel]) -> bool:
+        proto = viewer.proto
+        assert proto is not None
+        action = proto.handle(request)
+        if isinstance(action, Reply):
+            viewer.outbox.put(action.data)
+            return not action.close
+        if isinstance(action, NeedDescribe | NeedSetup):
+            creds = action.credentials or self._creds
+            if creds is None:  # cannot happen: ClientProtocol asked for them
+                viewer.outbox.put(proto.unauthorized(request))
+                return True
+            try:
+                channel = held.get(action.channel)
+                if channel is None or channel.failed:
+                    channel = self._channel(action.channel, creds)
+                    channel.hold(viewer)
+                    held[action.channel] = channel
+                channel.ensure_open()
+            except UpstreamError as exc:
+                log.warning("channel %d: %s", action.channel, exc)
+                held.pop(action.channel, None)
+                if exc.status == 401 and self._creds is None:
+                    viewer.outbox.put(proto.unauthorized(request))
+                else:
+                    viewer.outbox.put(proto.reply(request, 503))
+                return True
+            if isinstance(action, NeedDescribe):
+                channel.params_ready.wait(min(self.timeout, 3.0))
+                url = strip_userinfo(request.url)
+                sdp = build_sdp(
+                    channel.description,
+                    url,
+                    self.address[0],
+                    action.channel,
+                    channel.media.sps,
+                    channel.media.pps,
+                )
+                viewer.outbox.put(proto.describe_reply(request, sdp, url))
+                return True
+            viewer.transport = action.transport
+            reply = proto.setup_reply(
+                request, action.channel, action.transport, channel.media.ssrc, self.server_ports
+            )
+            viewer.outbox.put(reply)
+            return True
+        channel = held.get(proto.channel) if proto.channel is not None else None
+        if isinstance(action, NeedTeardown):
+            if channel is not None:
+                channel.release(viewer)
+                held.pop(channel.channel, None)
+            viewer.transport = None
+            viewer.outbox.put(proto.teardown_reply(request))
+            return True
+        if channel is None or channel.failed:
+            viewer.outbox.put(proto.reply(request, 503))
+            return False
+        if isinstance(action, NeedPause):
+            channel.pause(viewer)
+            viewer.outbox.put(proto.pause_reply(request))
+            return True
+        # PLAY: the reply goes out with the first keyframe, so media follows it in order.
+        try:
+            channel.start_play(viewer, request)
+        except UpstreamError:
+            viewer.outbox.put(proto.reply(request, 503))
+            return False
+        if not viewer.play_started.wait(self.timeout) and channel.cancel_play(viewer):
+            viewer.outbox.put(proto.reply(request, 503))
+        return True
+
+
+# --------------------------------------------------------------------------
+# Command line
+
+
+EXIT_OK, EXIT_USAGE, EXIT_NETWORK = 0, 2, 4
+
+
+def parse_hostport(text: str, default_host: str, default_port: int | None) -> tuple[str, int]:
+    """``host:port``, ``host`` or ``port`` to a (host, port) pair; ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        if text.isdigit():
+            host, port = default_host, text
+        else:
+            host, port = text, ""
+    host = host.strip("[]") or default_host
+    if not port:
+        if default_port is None:
+            raise ValueError(f"{text!r} needs a port")
+        return host, default_port
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtsp_proxy.py",
+        description=(
+            "Serve a Samsung SmartViewer DVR to standard RTSP clients. Clients open "
+            "rtsp://[user:pass@]LOCAL/live.000 for channel 0, live.001 for channel 1, ..."
+        ),
+        epilog=(
+            "Without --username the clients must send Basic credentials, which are used for "
+            "the DVR login. Example: rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554"
+        ),
+    )
+    parser.add_argument("local", metavar="LOCAL", help="listen address host:port (127.0.0.1:8554)")
+    parser.add_argument("remote", metavar="REMOTE", help="the DVR's RTSP address host[:port] (554)")
+    parser.add_argument(
+        "--username", default=os.environ.get("SV_USER"), help="DVR user held by the proxy (SV_USER)"
+    )
+    parser.add_argument(
+        "--password", default=None, help="DVR password (better: environment SV_PASS)"
+    )
+    parser.add_argument("--dcp-port", type=int, default=None, help="DCP port (RTSP port + 1)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="DVR I/O timeout, s (10)")
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=5.0,
+        help="seconds a DVR session outlives its last viewer (5)",
+    )
+    parser.add_argument(
+        "--client-buffer",
+        type=int,
+        default=2 << 20,
+        help="bytes queued per TCP client before it is dropped as too slow (2 MiB)",
+    )
+    parser.add_argument(
+        "--dvr-clock", type=int, default=1000, help="the DVR's RTP clock rate, Hz (1000)"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    level = logging.ERROR if args.quiet else (
+        logging.WARNING, logging.INFO, logging.DEBUG
+    )[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    password = args.password if args.password is not None else os.environ.get("SV_PASS")
+    try:
+        local = parse_hostport(args.local, "127.0.0.1", 8554)
+        remote = parse_hostport(args.remote, "", 554)
+    except ValueError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"rtsp_proxy.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not remote[0]:
+        print("rtsp_proxy.py: error: REMOTE needs a host", file=sys.stderr)
+        return EXIT_USAGE
+    if args.username is not None and password is None:
+        print("rtsp_proxy.py: error: --username needs --password or SV_PASS", file=sys.stderr)
+        return EXIT_USAGE
+    if args.timeout <= 0 or args.linger < 0 or args.client_buffer < 65536 or args.dvr_clock <= 0:
+        print("rtsp_proxy.py: error: bad --timeout, --linger, --client-buffer or --dvr-clock",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        server = ProxyServer(
+            local,
+            remote,
+            dcp_port=args.dcp_port,
+            username=args.username,
+            password=password,
+            timeout=args.timeout,
+            linger=args.linger,
+            client_buffer=args.client_buffer,
+            dvr_clock=args.dvr_clock,
+        )
+    except OSError as exc:
+        print(f"rtsp_proxy.py: cannot listen on {args.local}: {exc}", file=sys.stderr)
+        return EXIT_NETWORK
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    host, port = server.address
+    if not args.quiet:
+        print(f"listening rtsp://{host}:{port}/live.000 (DVR {remote[0]}:{remote[1]})", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

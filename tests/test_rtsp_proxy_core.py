@@ -178,7 +178,9 @@ def test_client_protocol_flow_without_credentials_needs_basic() -> None:
     assert isinstance(proto.handle(play), rp.NeedPlay)
     data = proto.play_reply(play, 70000, 123)
     assert b"RTP-Info: url=rtsp://h/live.002;seq=4464;rtptime=123" in data
-    keep = proto.handle(_req(f"GET_PARAMETER rtsp://h/live.002 RTSP/1.0\nCSeq: 6\nSession: {session}"))
+    keep = proto.handle(
+        _req(f"GET_PARAMETER rtsp://h/live.002 RTSP/1.0\nCSeq: 6\nSession: {session}")
+    )
     assert isinstance(keep, rp.Reply) and b"CSeq: 6" in keep.data
     bad = proto.handle(_req("PLAY rtsp://h/live.002 RTSP/1.0\nCSeq: 7\nSession: NOPE"))
     assert isinstance(bad, rp.Reply) and b" 454 " in bad.data
@@ -282,7 +284,13 @@ def test_dvr_describe_and_sdp() -> None:
     sps, pps = bytes.fromhex("6764001eacd940a0"), bytes.fromhex("68ebe3cb")
     sdp = rp.build_sdp(tcp, "rtsp://127.0.0.1:8554/live.000", "127.0.0.1", 0, sps, pps, 42)
     lines = sdp.decode().split("\r\n")
-    assert lines[:5] == ["v=0", "o=- 42 1 IN IP4 127.0.0.1", "s=DVR live", "c=IN IP4 0.0.0.0", "t=0 0"]
+    assert lines[:5] == [
+        "v=0",
+        "o=- 42 1 IN IP4 127.0.0.1",
+        "s=DVR live",
+        "c=IN IP4 0.0.0.0",
+        "t=0 0",
+    ]
     assert "m=video 0 RTP/AVP 96" in lines and "a=rtpmap:96 H264/90000" in lines
     fmtp = next(x for x in lines if x.startswith("a=fmtp:96 "))
     assert fmtp.startswith("a=fmtp:96 packetization-mode=1;profile-level-id=64001E")
@@ -415,7 +423,8 @@ def test_channel_media_late_joiner_packets() -> None:
     assert (second.rtptime - first.rtptime) & 0xFFFFFFFF == 3600
     bare = media.on_frame(rp.SamsungFrame(1080, b"\x65IDR2"))
     start = media.start_packets(bare)
-    assert [_rtp(p)[2] for p in start] == [(bare.first_seq - 2) & 0xFFFF, (bare.first_seq - 1) & 0xFFFF]
+    seqs = [(bare.first_seq - 2) & 0xFFFF, (bare.first_seq - 1) & 0xFFFF]
+    assert [_rtp(p)[2] for p in start] == seqs
     assert [_rtp(p)[5] for p in start] == [b"\x67SPS", b"\x68PPS"]
     assert {_rtp(p)[3] for p in start} == {bare.rtptime}
     inter = bare.interleaved(2)
