@@ -240,7 +240,7 @@ local TYPE_NAMES = {
     [TYPE_STATUS] = "status",
     [TYPE_HEARTBEAT] = "heartbeat",
     [0x17] = "sign exchange: request",
-    [0x18] = "sign exchange: 0x18 (unknown)",
+    [0x18] = "sign exchange: unknown",
     [0x19] = "sign exchange: sign",
     [0x1a] = "sign exchange: reply",
     [0x1b] = "sign exchange: confirm",
@@ -271,11 +271,12 @@ local f = {
     realm_port = ProtoField.uint32("ptcp.realm.port", "Realm bound to port", base.DEC),
     realm_bind = ProtoField.framenum("ptcp.realm.bind_frame", "Realm bound in frame"),
     reassembled = ProtoField.framenum("ptcp.reassembled_in", "Continued, reassembled in frame"),
+    retransmission = ProtoField.bool("ptcp.retransmission", "Retransmission"),
 }
 ptcp.fields = {
     f.magic, f.sent, f.recv, f.pid, f.lmid, f.rmid, f.body, f.ptype, f.length, f.syn, f.realm,
     f.reserved, f.bind_port, f.bind_ip, f.status, f.data, f.sign, f.realm_port, f.realm_bind,
-    f.reassembled,
+    f.reassembled, f.retransmission,
 }
 
 local e = {
@@ -293,16 +294,33 @@ local e = {
         "Realm not bound in this capture: shown as raw data",
         expert.group.SEQUENCE, expert.severity.NOTE),
 }
-ptcp.experts = { e.short, e.short_body, e.bad_length, e.bad_syn, e.unknown_type, e.unknown_realm }
+e.retransmitted = ProtoExpert.new("ptcp.retransmitted",
+    "Body bytes already sent by an earlier packet (retransmission)",
+    expert.group.SEQUENCE, expert.severity.NOTE)
+e.gap = ProtoExpert.new("ptcp.gap", "Body bytes missing before this packet (not captured)",
+    expert.group.SEQUENCE, expert.severity.WARN)
+ptcp.experts = {
+    e.short, e.short_body, e.bad_length, e.bad_syn, e.unknown_type, e.unknown_realm,
+    e.retransmitted, e.gap,
+}
 
 -- State learnt on the first pass, in capture order:
 --   binds[conv][realm] = { port = n, frame = n }   (from bind packets)
 --   streams[conv|realm|sender] = { pending = bytes, need = n, waiting = {frames} }
 --   frames[frame number] = what was decided for that frame (reused on later passes)
-local binds, streams, frames = {}, {}, {}
+--   senders[conv|sender] = { next = sent value expected next, gen = n }
+--   seqs[frame number] = { retrans = bool, gap = n, gen = n } from the sent counters
+local binds, streams, frames, senders, seqs = {}, {}, {}, {}, {}
 
 function ptcp.init()
-    binds, streams, frames = {}, {}, {}
+    binds, streams, frames, senders, seqs = {}, {}, {}, {}, {}
+end
+
+-- (a - b) modulo 2^32 as a signed number: PROTOCOLS 2.5, sent/recv wrap.
+local function diff32(a, b)
+    local d = (a - b) % 4294967296
+    if d >= 2147483648 then d = d - 4294967296 end
+    return d
 end
 
 local function endpoint(addr, port)
@@ -317,6 +335,43 @@ end
 
 local function hex32(n)
     return string.format("0x%08x", n)
+end
+
+-- Place a packet in its sender's body byte stream by its sent counter. A body that
+-- starts before the bytes already seen is a retransmission (the device resends
+-- unacknowledged data); one that starts after them follows a gap (datagrams the capture
+-- missed), after which partial realm messages are dropped (a new generation).
+local function track_sequence(tvb, pinfo, conv)
+    local number = pinfo.number
+    local d = seqs[number]
+    if d then return d end
+    local key = conv .. "|" .. endpoint(pinfo.src, pinfo.src_port)
+    local blen = tvb:len() - HEADER_LEN
+    local sent = tvb(4, 4):uint()
+    local st = senders[key]
+    d = { gen = 0 }
+    if blen >= 4 and tvb(HEADER_LEN, 4):uint() == SYN_BODY then
+        -- A new session from this sender starts its counters again.
+        st = { next = (sent + blen) % 4294967296, gen = st and st.gen + 1 or 0 }
+        senders[key] = st
+    elseif not st then
+        st = { next = (sent + blen) % 4294967296, gen = 0 }
+        senders[key] = st
+    elseif blen > 0 then
+        local ahead = diff32(sent, st.next)
+        if ahead < 0 then
+            d.retrans = true
+        else
+            if ahead > 0 then
+                d.gap = ahead
+                st.gen = st.gen + 1
+            end
+            st.next = (sent + blen) % 4294967296
+        end
+    end
+    d.gen = st.gen
+    seqs[number] = d
+    return d
 end
 
 -- Hand realm data to `sub`, joining it with the bytes an earlier packet left over
@@ -399,7 +454,7 @@ end
 
 -- Returns the Info sentence for the body at `off` (the body is the rest of `tvb`) and
 -- the Info text of the sub-dissector that realm data was handed to, if any.
-local function dissect_body(tvb, pinfo, tree, subtree, off)
+local function dissect_body(tvb, pinfo, tree, subtree, off, seq)
     local blen = tvb:len() - off
     if blen == 0 then
         subtree:add(f.ptype, TYPE_ACK):set_generated()
@@ -462,12 +517,17 @@ local function dissect_body(tvb, pinfo, tree, subtree, off)
         else
             body_tree:add_proto_expert_info(e.unknown_realm)
         end
+        if seq.retrans then
+            info = info .. " (retransmission)"
+            sub = nil
+        end
         if declared ~= data_len or not sub then
             if not frames[pinfo.number] then frames[pinfo.number] = { bound = bound } end
             if data_dissector then call_sub(data_dissector, data_tvb, pinfo, tree) end
             return info
         end
-        local key = conv .. "|" .. hex32(realm) .. "|" .. endpoint(pinfo.src, pinfo.src_port)
+        local key = conv .. "|" .. hex32(realm) .. "|" .. endpoint(pinfo.src, pinfo.src_port) ..
+            "|" .. tostring(seq.gen)
         pinfo.cols.info:clear_fence()
         pinfo.cols.info:clear()
         local handed, partial = dissect_realm_stream(data_tvb, pinfo, tree, sub, key, body_tree)
@@ -528,7 +588,15 @@ local function dissect_ptcp(tvb, pinfo, tree)
     subtree:add(f.lmid, tvb(16, 4))
     subtree:add(f.rmid, tvb(20, 4))
     -- Realm data handed to RTSP or HTTP leaves their name in the Protocol column.
-    local info, sub_info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN)
+    local seq = track_sequence(tvb, pinfo, conversation_key(pinfo))
+    if seq.retrans then
+        subtree:add(f.retransmission, true):set_generated()
+        subtree:add_proto_expert_info(e.retransmitted)
+    elseif seq.gap then
+        subtree:add_proto_expert_info(e.gap, string.format(
+            "%d body bytes missing before this packet (not captured)", seq.gap))
+    end
+    local info, sub_info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN, seq)
     set_info(pinfo, sub_info and (info .. ": " .. sub_info) or info)
     subtree:append_text(", " .. info:gsub("^PTCP ", ""))
     return len

@@ -140,6 +140,7 @@ class Session:
 
 CLIENT = ("127.0.0.1", 40001)  # socket S: signalling to the main server, then the tunnel
 RELAY_SOCK = ("127.0.0.1", 40002)  # socket R
+CLIENT_2 = ("127.0.0.1", 40003)  # an earlier attempt's socket
 MAIN = ("127.0.0.2", 38800)
 AGENT = ("127.0.0.4", 40200)
 DEVICE = ("127.0.0.3", 40100)
@@ -158,7 +159,7 @@ DESCRIBE_REPLY = (
     f"RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Base: {RTSP_URL}/\r\nContent-Type: application/sdp\r\n"
     f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
 ).encode()
-RTP_SEQS = [1000, 1001, 1002]
+RTP_SEQS = [1000, 1001, 1002, 1010]
 
 
 def signalling_request(method: str, path: str, cseq: int, body: str = "") -> bytes:
@@ -198,7 +199,7 @@ def build_session(vec: dict) -> Session:
     s = Session()
     p = vec["ptcp"]
     realm = p["realm"]
-    s.tunnel_ports = {CLIENT[1], DEVICE[1], RELAY_SOCK[1], AGENT[1]}
+    s.tunnel_ports = {CLIENT[1], CLIENT_2[1], DEVICE[1], RELAY_SOCK[1], AGENT[1]}
 
     # Cloud signalling (2.1, 2.2).
     s.add(CLIENT, MAIN, bytes.fromhex(vec["dhp2p"]["probe_request_hex"]), "probe")
@@ -222,20 +223,32 @@ def build_session(vec: dict) -> Session:
     s.add(CLIENT, DEVICE, bytes.fromhex(vec["punch"]["request_wire_hex"]), "punch_req")
     s.add(DEVICE, CLIENT, bytes.fromhex(vec["punch"]["response_wire_hex"]), "punch_resp")
 
-    # PTCP handshake (2.2 step 10); the SYN is the vector verbatim.
+    # Relay path (2.2 step 9): SYN, sign request 0x17, the agent's answer carries the sign.
+    rel, agent = PtcpSide(), PtcpSide()
+    sign = bytes(range(0x40, 0x60))
+    s.add(RELAY_SOCK, AGENT, rel.packet(SYN_BODY, agent), "")
+    s.add(AGENT, RELAY_SOCK, agent.packet(SYN_BODY, rel), "")
+    s.add(RELAY_SOCK, AGENT, rel.packet(bytes.fromhex(p["sign_request_body_hex"]), agent), "sign17")
+    s.add(AGENT, RELAY_SOCK, agent.packet(b"\x18" + b"\x00" * 11 + sign, rel), "sign18")
+
+    # A first direct attempt (2.2 step 10) that the capture shows up to the sign exchange.
+    first, dev0 = PtcpSide(), PtcpSide()
+    s.add(CLIENT_2, DEVICE, first.packet(SYN_BODY, dev0), "")
+    s.add(DEVICE, CLIENT_2, dev0.packet(SYN_BODY, first), "")
+    s.add(CLIENT_2, DEVICE, first.packet(b"\x19" + b"\x00" * 11 + sign, dev0), "sign19")
+    s.add(DEVICE, CLIENT_2, dev0.packet(b"\x1a" + b"\x00" * 11 + b"ok", first), "sign1a")
+    s.add(CLIENT_2, DEVICE, first.packet(b"\x1b" + b"\x00" * 11, dev0), "sign1b")
+    s.add(DEVICE, CLIENT_2, dev0.packet(b"", first), "ack_dev")
+
+    # The session used below, consistent with the vectors: SYN, ack and bind verbatim.
     cli, dev = PtcpSide(), PtcpSide()
     s.add(CLIENT, DEVICE, bytes.fromhex(p["syn_hex"]), "syn")
+    cli.sent, cli.lmid = 4, 1
     s.add(DEVICE, CLIENT, dev.packet(SYN_BODY, cli), "syn_dev")
-    sign = bytes(range(0x40, 0x60))
-    s.add(CLIENT, DEVICE, cli.packet(b"\x19" + b"\x00" * 11 + sign, dev), "sign19")
-    s.add(DEVICE, CLIENT, dev.packet(b"\x1a" + b"\x00" * 11 + b"ok", cli), "sign1a")
-    s.add(CLIENT, DEVICE, cli.packet(b"\x1b" + b"\x00" * 11, dev), "sign1b")
-    s.add(DEVICE, CLIENT, dev.packet(b"", cli), "ack_dev")
     s.add(CLIENT, DEVICE, bytes.fromhex(p["ack_hex"]), "ack_vec")
-
-    # Bind realm to 554 (vector verbatim), CONN.
     s.add(CLIENT, DEVICE, bytes.fromhex(p["bind_554_hex"]), "bind554")
-    cli.sent, cli.lmid = 4 + 20, 3
+    cli.sent, cli.lmid, cli.nonempty = 4 + 20, 3, 1
+    dev.recv = 4 + 20
     s.add(DEVICE, CLIENT, dev.packet(b"", cli), "")
     s.add(DEVICE, CLIENT, dev.packet(bytes.fromhex(p["conn_status_body_hex"]), cli), "conn")
 
@@ -251,8 +264,12 @@ def build_session(vec: dict) -> Session:
         data_body(realm, b"RTSP/1.0 200 OK\r\nCSeq: 1\r\nPublic: OPTIONS, DESCRIBE, PLAY\r\n\r\n"),
         "options_reply",
     )
-    tunnel(cli, dev, data_body(realm, f"DESCRIBE {RTSP_URL} RTSP/1.0\r\nCSeq: 2\r\n\r\n".encode()),
-           "describe")
+    describe = tunnel(
+        cli, dev, data_body(realm, f"DESCRIBE {RTSP_URL} RTSP/1.0\r\nCSeq: 2\r\n\r\n".encode()),
+        "describe",
+    )
+    # The same datagram again: a retransmission, not a second DESCRIBE.
+    s.add(CLIENT, DEVICE, s.datagrams[describe - 1].payload, "describe_again")
     half = len(DESCRIBE_REPLY) // 2
     tunnel(dev, cli, data_body(realm, DESCRIBE_REPLY[:half]), "describe_reply_1")
     tunnel(dev, cli, data_body(realm, DESCRIBE_REPLY[half:]), "describe_reply_2")
@@ -283,6 +300,10 @@ def build_session(vec: dict) -> Session:
     tunnel(dev, cli, data_body(realm, second[:1280]), "rtp_split_1")
     tunnel(dev, cli, data_body(realm, second[1280:] + third), "rtp_split_2")
     tunnel(cli, dev, b"", "")
+    # A packet the capture missed (never written), then a whole RTP frame: after the
+    # gap the dissector starts afresh and still decodes the frame.
+    dev.packet(data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[2] + 1, 700))[:300]), cli)
+    tunnel(dev, cli, data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[3], 80))), "after_gap")
 
     # Heartbeats both ways.
     tunnel(cli, dev, HEARTBEAT_BODY, "heartbeat")
@@ -301,7 +322,6 @@ def build_session(vec: dict) -> Session:
     tunnel(cli, dev, bind_body(REALM_PRIV, 37777), "bind37777")
     tunnel(cli, dev, data_body(REALM_PRIV, b"\xa0\x00\x00\x60" + b"\x00" * 28), "priv_data")
     tunnel(cli, dev, data_body(REALM_UNBOUND, b"GET / HTTP/1.1\r\n\r\n"), "unbound_data")
-    tunnel(cli, dev, bytes.fromhex(p["sign_request_body_hex"]), "sign17")
 
     # Teardown: DISC both ways (vector body).
     tunnel(cli, dev, bytes.fromhex(p["disc_status_body_hex"]), "disc")
@@ -312,11 +332,10 @@ def build_session(vec: dict) -> Session:
     s.add(CLIENT, DEVICE, b"PTCP\x00\x00\x00", "short_header")
     lying = bytearray(data_body(realm, b"0123456789"))
     lying[1:4] = (500).to_bytes(3, "big")
-    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 90, 80) + bytes(lying), "bad_length")
-    short_bind = bind_body(realm, 554)[:10]
-    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 91, 80) + short_bind, "short_bind")
-    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 92, 80) + b"\x30\x00\x00\x00", "unknown_type")
-    s.add(CLIENT, DEVICE, ptcp_header(1, 2, 0xFF00, 93, 80) + b"\x10\x00", "short_body")
+    tunnel(cli, dev, bytes(lying), "bad_length")
+    tunnel(cli, dev, bind_body(realm, 554)[:10], "short_bind")
+    tunnel(cli, dev, b"\x30\x00\x00\x00", "unknown_type")
+    tunnel(cli, dev, b"\x10\x00", "short_body")
 
     # Stray datagrams elsewhere that must not be claimed.
     s.add(STRAY_A, STRAY_B, b"hello, this is not a tunnel packet", "stray")

@@ -208,6 +208,7 @@ def test_type_value_names(capture: Path, session: Session) -> None:
         "conn": "status",
         "heartbeat": "heartbeat",
         "sign17": "sign exchange",
+        "sign18": "sign exchange",
         "sign19": "sign exchange",
         "sign1a": "sign exchange",
         "sign1b": "sign exchange",
@@ -288,8 +289,23 @@ def test_interleaved_rtp_in_realm_data(two_pass: bool, capture: Path, session: S
     assert got == {
         m["play_reply"]: [str(RTP_SEQS[0])],
         m["rtp_split_2"]: [str(RTP_SEQS[1]), str(RTP_SEQS[2])],
+        m["after_gap"]: [str(RTP_SEQS[3])],
     }
     assert all(r[2].split(",")[0] == "0xcafebabe" for r in rows)
+
+
+def test_retransmission_and_gap_from_sent_counters(capture: Path, session: Session) -> None:
+    m = session.marks
+    retrans = fields(capture, "ptcp.retransmission", "frame.number", "_ws.col.Info")
+    assert [int(r[0]) for r in retrans] == [m["describe_again"]]
+    assert retrans[0][1].endswith("(retransmission)")
+    assert [int(r[0]) for r in fields(capture, "ptcp.retransmitted", "frame.number")] == [
+        m["describe_again"]
+    ]
+    gap = fields(capture, "ptcp.gap", "frame.number", "_ws.expert.message")
+    assert [int(r[0]) for r in gap] == [m["after_gap"]]
+    lost = 12 + 300  # the data body the capture never saw: 12-byte data header + 300 bytes
+    assert gap[0][1] == f"{lost} body bytes missing before this packet (not captured)"
 
 
 def test_http_realm_and_raw_realms(capture: Path, session: Session) -> None:
