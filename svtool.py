@@ -656,7 +656,7 @@ class TokenKeeper:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-EXIT_OK, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_PROTOCOL = 0, 2, 3, 4, 5
+EXIT_OK, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_PROTOCOL, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -666,10 +666,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "describe it, or obtain an RTSP authority token and keep it valid.",
         epilog="Credentials come from --username/--password, else the URL, else the "
         "environment variables SV_USER / SV_PASS. Exit codes: 0 ok, 2 usage error, "
-        "3 login refused, 4 network error or timeout, 5 DVR protocol error.",
+        "3 login refused, 4 network error or timeout, 5 DVR protocol error, 130 interrupted "
+        "before the token was printed.",
     )
     parser.add_argument("--username", help="DVR user name (at most 16 bytes)")
-    parser.add_argument("--password", help="DVR password (prefer the URL or SV_PASS)")
+    parser.add_argument(
+        "--password", help="DVR password (other local users can see it: prefer SV_PASS)"
+    )
     parser.add_argument(
         "--dcp-port", type=_port, metavar="N", help="DCP port (default: RTSP port + 1)"
     )
@@ -790,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     except SVError as exc:
         return _fail(EXIT_PROTOCOL, str(exc))
     except KeyboardInterrupt:
-        return _fail(130, "interrupted")
+        return _fail(EXIT_INTERRUPTED, "interrupted")
 
 
 def _describe(host: str, port: int, user: str, password: str, timeout: float) -> int:
@@ -819,7 +822,7 @@ def _authorize(host: str, port: int, user: str, password: str, args: argparse.Na
     with stop, keeper:
         token = keeper.start()
         if stop.requested:  # SIGINT/SIGTERM while logging in: nobody wants the token now
-            return _fail(130, "interrupted")
+            return _fail(EXIT_INTERRUPTED, "interrupted")
         print(token, flush=True)
         # Poll: a signal handler must not touch locks (an Event) the main thread may hold.
         while not stop.requested:

@@ -748,6 +748,14 @@ def test_cli_nothing_listening_exits_4(spawn) -> None:
     assert code == 4 and len(lines) == 1 and "refused" in output, output
 
 
+def test_cli_protocol_error_exits_5(spawn, scripted) -> None:
+    server = scripted({"AUTHENTICATE": [AUTH_OK], "DESCRIBE": [reply("HEARTBEAT")]})
+    argv = [sys.executable, SVTOOL, "--dcp-port", str(server.port), "rtsp://a:b@127.0.0.1/",
+            "describe"]  # fmt: skip
+    code, output, lines = _run(spawn, argv)
+    assert code == 5 and "answered DESCRIBE with 'HEARTBEAT'" in output and len(lines) == 1
+
+
 def test_cli_timeout_exits_4(spawn, mute_listener: int) -> None:
     argv = [sys.executable, SVTOOL, "--timeout", "0.5", "--dcp-port", str(mute_listener),
             "rtsp://a:b@127.0.0.1/", "authorize"]  # fmt: skip
