@@ -72,11 +72,22 @@ def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
+def _emulated_dvr(silence_timeout: float) -> Iterator[EmulatedDCP]:
+    with EmulatedDCP({"admin": "4321"}, silence_timeout=silence_timeout) as server:
+        yield server
+        assert server.violations == []  # our client never sends what a real box rejects
+
+
 @pytest.fixture
 def dvr() -> Iterator[EmulatedDCP]:
-    with EmulatedDCP({"admin": "4321"}, silence_timeout=1.0) as server:
-        yield server
-        assert server.violations == []
+    """An emulated DVR that drops silent connections only after 30 s (as a real one might)."""
+    yield from _emulated_dvr(30.0)
+
+
+@pytest.fixture
+def quick_dvr() -> Iterator[EmulatedDCP]:
+    """An emulated DVR that drops a connection after 1 s without HEARTBEAT."""
+    yield from _emulated_dvr(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,35 +477,35 @@ def test_client_too_long_username_is_clear_error_before_io(dvr: EmulatedDCP) -> 
     assert dvr.violations == []
 
 
-def test_token_dies_without_heartbeats(dvr: EmulatedDCP) -> None:
+def test_token_dies_without_heartbeats(quick_dvr: EmulatedDCP) -> None:
     start = time.monotonic()
-    with DCPClient(dvr.host, dvr.port, timeout=5) as client:
+    with DCPClient(quick_dvr.host, quick_dvr.port, timeout=5) as client:
         client.authenticate("admin", "4321")
         token = client.describe()["authority"]
-        assert dvr.is_token_valid(token)
-        wait_until(lambda: not dvr.is_token_valid(token), what="silent connection dropped")
-        assert time.monotonic() - start >= dvr.silence_timeout
+        assert quick_dvr.is_token_valid(token)
+        wait_until(lambda: not quick_dvr.is_token_valid(token), what="silent connection dropped")
+        assert time.monotonic() - start >= quick_dvr.silence_timeout
         with pytest.raises(OSError):
             client.heartbeat()
-    assert dvr.silence_drops == 1
+    assert quick_dvr.silence_drops == 1
 
 
-def test_token_keeper_keeps_token_past_silence_timeout(dvr: EmulatedDCP) -> None:
+def test_token_keeper_keeps_token_past_silence_timeout(quick_dvr: EmulatedDCP) -> None:
     lost: list[object] = []
     keeper = TokenKeeper(
-        dvr.host, dvr.port, "admin", "4321", heartbeat_interval=0.2, on_lost=lost.append
+        quick_dvr.host, quick_dvr.port, "admin", "4321", heartbeat_interval=0.2, on_lost=lost.append
     )
     with keeper:
         start = time.monotonic()
         token = keeper.start()
         assert keeper.token == token and keeper.alive
         assert keeper.describe_info["authority"] == token
-        wait_until(lambda: dvr.heartbeats >= 8, what="8 heartbeats")  # 8 * 0.2 s > 1 s
-        assert time.monotonic() - start > dvr.silence_timeout
-        assert dvr.is_token_valid(token) and keeper.alive
+        wait_until(lambda: quick_dvr.heartbeats >= 8, what="8 heartbeats")  # 8 * 0.2 s > 1 s
+        assert time.monotonic() - start > quick_dvr.silence_timeout
+        assert quick_dvr.is_token_valid(token) and keeper.alive
     assert not keeper.alive
-    wait_until(lambda: not dvr.is_token_valid(token), what="token invalidated by close()")
-    assert lost == [] and dvr.silence_drops == 0
+    wait_until(lambda: not quick_dvr.is_token_valid(token), what="token invalidated by close()")
+    assert lost == [] and quick_dvr.silence_drops == 0
     assert "4321" not in repr(keeper) and token not in repr(keeper)
 
 
@@ -793,17 +804,17 @@ def test_cli_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert "SV_USER" in capsys.readouterr().out
 
 
-def test_cli_authorize_keeps_token_past_silence_then_sigterm(dvr: EmulatedDCP, spawn) -> None:
+def test_cli_authorize_keeps_token_past_silence_then_sigterm(quick_dvr: EmulatedDCP, spawn) -> None:
     start = time.monotonic()
-    argv = _cli(dvr, "authorize", "--heartbeat-interval", "0.2", opts=("-v",))
+    argv = _cli(quick_dvr, "authorize", "--heartbeat-interval", "0.2", opts=("-v",))
     proc = spawn(argv)
     token = proc.wait_line(TOKEN_LINE).group(0)
-    assert dvr.is_token_valid(token)
-    wait_until(lambda: dvr.heartbeats >= 8, what="8 heartbeats")  # 8 * 0.2 s > 1 s silence
-    assert time.monotonic() - start > dvr.silence_timeout
-    assert dvr.is_token_valid(token) and dvr.silence_drops == 0
+    assert quick_dvr.is_token_valid(token)
+    wait_until(lambda: quick_dvr.heartbeats >= 8, what="8 heartbeats")  # 8 * 0.2 s > 1 s silence
+    assert time.monotonic() - start > quick_dvr.silence_timeout
+    assert quick_dvr.is_token_valid(token) and quick_dvr.silence_drops == 0
     assert proc.stop(signal.SIGTERM) == 0, proc.output
-    assert not dvr.is_token_valid(token)
+    assert not quick_dvr.is_token_valid(token)
     assert "4321" not in proc.output and "Traceback" not in proc.output
     assert sum(token in line for line in proc.lines) == 1  # printed, never logged
 
@@ -815,12 +826,12 @@ def test_cli_authorize_sigint_exits_0(dvr: EmulatedDCP, spawn) -> None:
     assert proc.lines == [proc.lines[0]]
 
 
-def test_cli_authorize_duration_ends_it(dvr: EmulatedDCP, spawn) -> None:
-    argv = _cli(dvr, "authorize", "--duration", "1.5", "--heartbeat-interval", "0.3")
+def test_cli_authorize_duration_ends_it(quick_dvr: EmulatedDCP, spawn) -> None:
+    argv = _cli(quick_dvr, "authorize", "--duration", "1.5", "--heartbeat-interval", "0.3")
     proc = spawn(argv, ready=TOKEN_LINE)
     assert proc.wait(20) == 0, proc.output
-    assert dvr.heartbeats >= 3 and dvr.silence_drops == 0
-    wait_until(lambda: not dvr.is_token_valid(proc.lines[0]), what="token invalidated")
+    assert quick_dvr.heartbeats >= 3 and quick_dvr.silence_drops == 0
+    wait_until(lambda: not quick_dvr.is_token_valid(proc.lines[0]), what="token invalidated")
 
 
 def test_cli_authorize_lost_connection_exits_4(dvr: EmulatedDCP, spawn) -> None:
