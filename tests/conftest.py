@@ -177,6 +177,9 @@ class Proc:
                 pass
         for reader in self._readers:
             reader.join(5)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None and not any(r.is_alive() for r in self._readers):
+                stream.close()
         return self.popen.returncode
 
 
