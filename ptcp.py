@@ -367,6 +367,7 @@ class SessionStats:
     out_of_order: int = 0
     dropped_ahead: int = 0
     ignored: int = 0
+    ack_beyond: int = 0
 
 
 class Session:
@@ -428,7 +429,7 @@ class Session:
         self._rcv_nxt = initial_recv & MASK32
         self._rmid = 0
         self._seen_peer = False
-        self._ooo: dict[int, tuple[int, Body]] = {}
+        self._ooo: dict[int, tuple[int, Body | DataReceived]] = {}
         # timing / congestion (RFC 6298 + NewReno, counted in body bytes)
         self._mss = max_data + 12
         self._cwnd = min(10 * self._mss, window_bytes)
@@ -592,6 +593,8 @@ class Session:
     ) -> int:
         """Client side: bind a fresh realm to the peer's ``ip:port``; wait for RealmConnected."""
         encode_body(Bind(0, port, ip))  # validates before any state changes
+        if self._dead:
+            raise PTCPError("the peer is dead")
         realm = self._new_realm()
         self._realms[realm] = OPENING
         self._realm_deadline[realm] = now + (self.open_timeout if timeout is None else timeout)
@@ -615,30 +618,27 @@ class Session:
 
     def send(self, realm: int, data: bytes | bytearray | memoryview, now: float) -> int:
         """Queue realm bytes in bodies of at most max_data; returns how many the window took."""
-        if self._realms.get(realm) != OPEN:
+        if self._realms.get(realm) != OPEN or self._dead:
             raise PTCPError(f"realm {realm:#x} is not open")
         take = min(len(data), self.window_bytes - self._buffered)
         if take <= 0:
             return 0
         view = memoryview(data)
         step = self.max_data
-        rb = realm.to_bytes(4, "big")
+        pack = _REALM_HEAD.pack
+        segs = self._pending
+        off = self._next_off
         pos = 0
         while pos < take:
-            chunk = view[pos : pos + step]
-            if len(chunk) > take - pos:
-                chunk = chunk[: take - pos]
-            n = len(chunk)
-            self._queue_data(((T_DATA << 24) | n).to_bytes(4, "big") + rb + b"\0\0\0\0" + chunk)
+            n = min(step, take - pos)
+            seg = _Seg(off, pack((T_DATA << 24) | n, realm, 0) + view[pos : pos + n], False)
+            off = seg.end
+            segs.append(seg)
             pos += n
+        self._next_off = off
+        self._buffered += take + 12 * ((take + step - 1) // step)
         self._push(now)
         return take
-
-    def _queue_data(self, body: bytes) -> None:
-        seg = _Seg(self._next_off, body, False)
-        self._next_off = seg.end
-        self._buffered += len(body)
-        self._pending.append(seg)
 
     def close_realm(self, realm: int, now: float) -> None:
         """Send DISC for a live realm (no-op for an unknown or already closing one)."""
@@ -663,29 +663,32 @@ class Session:
 
     def receive_datagram(self, data: bytes | memoryview, now: float) -> None:
         """Process one datagram from the peer.  Raises PTCPError if it is not PTCP."""
+        if type(data) is not bytes:
+            data = bytes(data)
         if len(data) < HEADER_LEN:
             raise PTCPError(f"datagram of {len(data)} bytes is shorter than the PTCP header")
         magic, off, ack, _pid, lmid, _rmid = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise PTCPError("bad magic, not a PTCP packet")
         n = len(data) - HEADER_LEN
-        body: Body | None = None
+        body: Body | DataReceived | None = None
         if n:
-            if data[HEADER_LEN] == T_DATA and n >= 12:  # hot path
+            if data[HEADER_LEN] == T_DATA and n >= 12:  # hot path: straight to the event
                 typelen, realm, _z = _REALM_HEAD.unpack_from(data, HEADER_LEN)
                 if typelen & 0xFFFFFF != n - 12:
                     raise PTCPError("data length field disagrees with the data")
-                body = Data(realm, bytes(data[HEADER_LEN + 12 :]))
+                body = DataReceived(realm, data[HEADER_LEN + 12 :])
             else:
                 body = decode_body(memoryview(data)[HEADER_LEN:])
         if self._dead:
             return
         self.stats.packets_in += 1
         self._last_rx = now
-        if not self._seen_peer or seq_lt(self._rmid, lmid):
+        if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
             self._rmid = lmid
             self._seen_peer = True
-        self._on_ack(ack, now, n == 0)
+        if ack != self._snd_una or (not n and self._inflight):
+            self._on_ack(ack, now, n == 0)
         if not n:
             if self._pending:
                 self._push(now)
@@ -728,10 +731,10 @@ class Session:
         for off in [o for o in self._ooo if ((o - rcv) & MASK32) >= HALF32]:
             del self._ooo[off]
 
-    def _deliver(self, body: Body | None, now: float) -> None:
-        if type(body) is Data:
+    def _deliver(self, body: Body | DataReceived | None, now: float) -> None:
+        if type(body) is DataReceived:
             if self._realms.get(body.realm) == OPEN:
-                self._events.append(DataReceived(body.realm, body.data))
+                self._events.append(body)
             else:
                 self.stats.ignored += 1
         elif isinstance(body, Heartbeat):
@@ -779,8 +782,13 @@ class Session:
             if pure and self._inflight:
                 self._dupack(now)
             return
+        if adv >= HALF32:
+            return  # an old acknowledgement, overtaken
         if adv > ((self._tx_nxt - self._snd_una) & MASK32):
-            return  # acknowledges bytes never sent: ignore (public tools count duplicates)
+            # more than we ever sent: public tools count retransmitted duplicates
+            # into recv; take it as acknowledging everything sent so far
+            self.stats.ack_beyond += 1
+            ack = self._tx_nxt
         inflight = self._inflight
         acked = 0
         sample_at = None
@@ -908,11 +916,14 @@ class TunnelStats:
 class _Bridge:
     """One realm <-> one local TCP socket: a reader thread and a writer thread."""
 
-    def __init__(self, tunnel: PTCPTunnel, realm: int, sock: socket.socket, limit: int) -> None:
+    def __init__(self, tunnel: PTCPTunnel, realm: int, sock: socket.socket) -> None:
         self.tunnel = tunnel
         self.realm = realm
         self.sock = sock
-        self.limit = limit
+        self.limit = tunnel.queue_bytes
+        self.hard_limit = 4 * tunnel.queue_bytes
+        self.stall_timeout = tunnel.stall_timeout
+        self.progress = 0.0  # when the local socket last accepted bytes
         self.cond = threading.Condition(threading.Lock())
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -933,13 +944,22 @@ class _Bridge:
         self.open_result = result
         self.opened.set()
 
-    def push(self, data: bytes) -> bool:
-        """Queue peer bytes for the local socket; False when the bound is exceeded."""
+    def push(self, data: bytes, now: float) -> bool:
+        """Queue peer bytes for the local socket.
+
+        False when the local client has stopped reading: the queue is past its
+        soft limit and nothing was written for stall_timeout, or past the hard limit.
+        """
         with self.cond:
             if self.aborted:
                 return True
-            if self.queued + len(data) > self.limit:
+            size = self.queued + len(data)
+            if size > self.limit and (
+                size > self.hard_limit or now - self.progress > self.stall_timeout
+            ):
                 return False
+            if not self.chunks:
+                self.progress = now
             self.chunks.append(data)
             self.queued += len(data)
             self.cond.notify()
@@ -982,14 +1002,20 @@ class _Bridge:
                     return
                 if not self.chunks:  # finishing and drained
                     break
-                parts = list(self.chunks)
-                self.chunks.clear()
-                self.queued = 0
+                parts, size = [], 0
+                chunks = self.chunks
+                while chunks and size < _READ_CHUNK:
+                    part = chunks.popleft()
+                    parts.append(part)
+                    size += len(part)
             try:
                 sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
             except OSError:
                 self.tunnel._local_closed(self, "write failed")
                 return
+            with self.cond:
+                self.queued -= size
+                self.progress = self.tunnel.clock()
         self.close_socket()
 
     def _reader(self) -> None:
@@ -1027,6 +1053,7 @@ class PTCPTunnel:
         on_event: Callable[[Event], None] | None = None,
         on_dead: Callable[[], None] | None = None,
         queue_bytes: int = 4 << 20,
+        stall_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         own_socket: bool = True,
         **session_options: object,
@@ -1039,6 +1066,7 @@ class PTCPTunnel:
         self.on_event = on_event
         self.on_dead = on_dead
         self.queue_bytes = queue_bytes
+        self.stall_timeout = stall_timeout
         self.own_socket = own_socket
         self.stats = TunnelStats()
         self.dead = threading.Event()
@@ -1145,7 +1173,7 @@ class PTCPTunnel:
                 client.close()
                 raise PTCPError("tunnel is closed")
             realm = self.session.open_realm(remote_port, self.clock(), ip, timeout)
-            bridge = _Bridge(self, realm, client, self.queue_bytes)
+            bridge = _Bridge(self, realm, client)
             self._bridges[realm] = bridge
             self._flush()
             self._wake_locked()
@@ -1205,7 +1233,7 @@ class PTCPTunnel:
             if sock is None:
                 self.session.refuse(realm, now)
             else:
-                bridge = _Bridge(self, realm, sock, self.queue_bytes)
+                bridge = _Bridge(self, realm, sock)
                 self._bridges[realm] = bridge
                 self.session.accept(realm, now)
                 self.stats.realms_opened += 1
@@ -1378,7 +1406,7 @@ class PTCPTunnel:
         bridge = self._bridges.get(realm) if realm is not None else None
         if bridge is None:
             return
-        if bridge.push(parts[0] if len(parts) == 1 else b"".join(parts)):
+        if bridge.push(parts[0] if len(parts) == 1 else b"".join(parts), self.clock()):
             return
         log.warning("realm %08x: local client is not reading, closing it", bridge.realm)
         with self._lock:
@@ -1444,7 +1472,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-after", type=float, default=60.0, help="peer silence limit, s")
     p.add_argument("--max-data", type=int, default=DEFAULT_MAX_DATA, help="data bytes per body")
     p.add_argument("--window", type=int, default=1 << 20, help="send window, bytes")
-    p.add_argument("--queue", type=int, default=4 << 20, help="per-realm local queue, bytes")
+    p.add_argument(
+        "--queue",
+        type=int,
+        default=4 << 20,
+        help="per-realm queue towards a local client, bytes; past it (or 4x it) a client "
+        "that made no progress for --stall-timeout is disconnected",
+    )
+    p.add_argument("--stall-timeout", type=float, default=5.0, help="see --queue, s")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="play the device: turn binds into local TCP connections")
     s.add_argument("--bind", type=_hostport, default=("127.0.0.1", 0), help="UDP HOST:PORT")
@@ -1478,6 +1513,10 @@ def _session_options(args: argparse.Namespace) -> dict[str, object]:
         "max_data": args.max_data,
         "window_bytes": args.window,
     }
+
+
+def _tunnel_options(args: argparse.Namespace) -> dict[str, object]:
+    return {"queue_bytes": args.queue, "stall_timeout": args.stall_timeout}
 
 
 def _wait_for_syn(sock: socket.socket) -> tuple[bytes, tuple[str, int]]:
@@ -1531,7 +1570,7 @@ def main(argv: list[str] | None = None) -> int:
             session.events()
             session.send_syn(now)
             tunnel = PTCPTunnel(
-                sock, peer, session, on_bind=on_bind, on_dead=stop.set, queue_bytes=args.queue
+                sock, peer, session, on_bind=on_bind, on_dead=stop.set, **_tunnel_options(args)
             )
             tunnel.start()
             print(f"ptcp: session with {peer[0]}:{peer[1]}", flush=True)
@@ -1542,7 +1581,7 @@ def main(argv: list[str] | None = None) -> int:
             args.peer,
             on_event=lambda ev: up.set() if isinstance(ev, SynReceived) else None,
             on_dead=stop.set,
-            queue_bytes=args.queue,
+            **_tunnel_options(args),
             **_session_options(args),
         )
         with tunnel._lock:

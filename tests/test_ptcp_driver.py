@@ -162,6 +162,7 @@ def test_peer_going_silent_is_declared_dead(pair_factory, echo):
 
 
 def start_tunnel(spawn, maps: dict[int, int], forwards: list[int], *extra: str):
+    """Spawn `ptcp.py serve` and `ptcp.py connect`; return both and the local ports."""
     args = [f"--map={rp}=127.0.0.1:{lp}" for rp, lp in maps.items()]
     serve = spawn([sys.executable, PTCP, *extra, "serve", *args], ready=r"ptcp: udp ")
     udp = int(serve.wait_line(r"ptcp: udp 127\.0\.0\.1:(\d+)").group(1))
@@ -190,6 +191,8 @@ def run_threads(jobs: dict[str, callable], timeout: float) -> dict[str, object]:
     for t in threads:
         t.join(timeout)
     assert not any(t.is_alive() for t in threads), f"jobs still running after {timeout}s"
+    failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
+    assert not failed, failed
     return results
 
 
@@ -221,7 +224,7 @@ def test_client_that_stops_reading_is_disconnected_others_finish(spawn, echo):
     bulk = BulkServer(seed=5, total=None)  # endless
     try:
         serve, conn, local = start_tunnel(
-            spawn, {7: echo.port, 9: bulk.port}, [7, 9], "--queue=1048576"
+            spawn, {7: echo.port, 9: bulk.port}, [7, 9], "--queue=1048576", "--stall-timeout=2"
         )
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
