@@ -1253,7 +1253,8 @@ class Channel:
             try:
                 self._open()
             except BaseException as exc:
-                self.fail(f"cannot open the DVR session: {exc}")
+                # the clients waiting for this open get the error as their reply
+                self.fail(f"cannot open the DVR session: {exc}", disconnect=False)
                 raise
             self.opened = True
 
@@ -1453,7 +1454,7 @@ class Channel:
             self.waiting.discard(viewer)
 
     # ---- ending
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, disconnect: bool = True) -> None:
         """End the DVR session; every client of this channel is disconnected."""
         if self._stop.is_set():
             return
@@ -1475,7 +1476,7 @@ class Channel:
             self.server.keepers.release(self.creds)
         if self.opened:
             log.info("channel %d: DVR session closed (%s)", self.channel, reason)
-        for viewer in viewers:
+        for viewer in viewers if disconnect else ():
             viewer.disconnect()
 
 

@@ -6,6 +6,7 @@ Import the fixtures into a test module with
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -77,3 +78,99 @@ def start_proxy(spawn) -> Callable[..., tuple[Proc, str]]:
         return proc, match.group(1)
 
     return _start
+
+
+class RawRTSP:
+    """A minimal blocking RTSP client for byte-level checks of the proxy."""
+
+    def __init__(self, address: str, rcvbuf: int | None = None, timeout: float = 15.0) -> None:
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, int(port)))
+        self.buf = b""
+        self.cseq = 0
+        self.base = f"rtsp://{address}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawRTSP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("connection closed by the proxy")
+        self.buf += data
+
+    def read_response(self) -> tuple[int, dict[str, str], bytes]:
+        """Next RTSP reply (interleaved blocks before it are skipped)."""
+        while True:
+            while self.buf.startswith(b"$"):
+                if len(self.buf) < 4:
+                    self._fill()
+                    continue
+                size = 4 + int.from_bytes(self.buf[2:4], "big")
+                while len(self.buf) < size:
+                    self._fill()
+                self.buf = self.buf[size:]
+            if self.buf and not self.buf.startswith(b"$") and b"\r\n\r\n" in self.buf:
+                break
+            self._fill()
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            self._fill()
+            head, _, rest = self.buf.partition(b"\r\n\r\n")
+        self.buf = rest[length:]
+        return status, headers, rest[:length]
+
+    def build(self, method: str, url: str | None = None, headers: dict[str, str] | None = None):
+        self.cseq += 1
+        lines = [f"{method} {url or self.base + '/live.000'} RTSP/1.0", f"CSeq: {self.cseq}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    def request(self, method: str, url: str | None = None, **headers: str):
+        self.send(self.build(method, url, {k.replace("_", "-"): v for k, v in headers.items()}))
+        return self.read_response()
+
+    def read_interleaved(self) -> tuple[int, bytes]:
+        """Next ``$`` block as (channel, packet)."""
+        while len(self.buf) < 4:
+            self._fill()
+        if not self.buf.startswith(b"$"):
+            raise AssertionError(f"expected interleaved data, got {self.buf[:40]!r}")
+        size = 4 + int.from_bytes(self.buf[2:4], "big")
+        while len(self.buf) < size:
+            self._fill()
+        block, self.buf = self.buf[:size], self.buf[size:]
+        return block[1], block[4:]
+
+    def play_tcp(self, url: str | None = None, channel: int = 0, **auth: str) -> dict[str, str]:
+        """DESCRIBE, SETUP (interleaved), PLAY; returns the PLAY reply headers."""
+        status, _, _ = self.request("DESCRIBE", url, **auth)
+        assert status == 200, status
+        transport = f"RTP/AVP/TCP;unicast;interleaved={channel}-{channel + 1}"
+        status, headers, _ = self.request("SETUP", url, Transport=transport, **auth)
+        assert status == 200, status
+        session = headers["session"].split(";")[0]
+        status, headers, _ = self.request("PLAY", url, Session=session, Range="npt=0-", **auth)
+        assert status == 200, status
+        headers["session"] = session
+        return headers

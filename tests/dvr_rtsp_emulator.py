@@ -150,13 +150,19 @@ class EmulatedDVR:
         clock: int = 1000,
         fragment_size: int = 1200,
         host: str = "127.0.0.1",
+        parameter_sets: str = "every",
     ) -> None:
         if mode not in ("tcp", "udp"):
             raise ValueError("mode is tcp or udp")
         self.mode = mode
         self.users = users if users is not None else {"admin": "4321"}
-        self.frames = [frame_payload(au) for au in access_units(h264)]
-        self.keyframes = [any(n[0] & 0x1F == 5 for n in au) for au in access_units(h264)]
+        units = access_units(h264)
+        self.frames = [frame_payload(au) for au in units]
+        # parameter_sets="first": SPS/PPS only in a stream's first frame (late joiners need a cache)
+        self.bare_frames = [
+            frame_payload([n for n in au if n[0] & 0x1F not in (7, 8)]) for au in units
+        ]
+        self.parameter_sets = parameter_sets
         if not self.frames:
             raise ValueError("no H.264 frames in the input")
         self.fps = fps
@@ -483,7 +489,8 @@ class EmulatedDVR:
     def _frames(self) -> Iterator[tuple[int, bytes]]:
         index = 0
         while True:
-            yield index, self.frames[index % len(self.frames)]
+            bare = self.parameter_sets == "first" and index > 0
+            yield index, (self.bare_frames if bare else self.frames)[index % len(self.frames)]
             index += 1
 
     def _stream(self, session: _Session) -> None:
