@@ -6,8 +6,13 @@ The synthetic capture is built from vectors.json packets plus a plausible sessio
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import socket
 import struct
+import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from _dissector_support import (
     REALM_HTTP,
     REALM_PRIV,
     REALM_UNBOUND,
+    REPO,
     RTP_SEQS,
     Session,
     build_session,
@@ -25,7 +31,7 @@ from _dissector_support import (
     tshark,
 )
 
-from conftest import require_tool
+from conftest import free_port, play, require_tool
 from pcap import LINKTYPE_ETHERNET, Datagram, write_udp_pcap
 
 pytestmark = pytest.mark.real_peer
@@ -419,3 +425,121 @@ def test_truncated_and_mutated_packets_raise_no_lua_error(
     # Truncated headers are still claimed, as malformed PTCP.
     short = fields(cap, "ptcp.short", "frame.number")
     assert len(short) >= 20
+
+
+# --------------------------------------------------------------------------- real tunnel
+
+
+@pytest.fixture
+def emulator(rtsp_camera):
+    """The cloud/device emulator whose device port 554 reaches the test camera."""
+    from p2p_emulator import Emulator
+
+    with Emulator(port_map={554: (rtsp_camera.host, rtsp_camera.port)}) as emu:
+        yield emu
+
+
+class LoopbackCapture:
+    """tshark on lo capturing the emulator's datagrams, plus an end-of-capture sentinel.
+
+    tshark prints a summary line per packet (-P -l); a datagram the test sends to its
+    own sentinel port therefore shows when every earlier packet has been written.
+    """
+
+    def __init__(self, spawn, emu, path: Path) -> None:
+        tshark_exe = require_tool("tshark")
+        self.path = path
+        self.ports = sorted({port for _, port in emu.addr.values()})
+        self.sentinel = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sentinel.bind(("127.0.0.1", 0))
+        self.sentinel_port = self.sentinel.getsockname()[1]
+        ports = [*self.ports, self.sentinel_port]
+        capture_filter = "udp and (" + " or ".join(f"port {p}" for p in ports) + ")"
+        argv = [tshark_exe, "-n", "-l", "-P", "-i", "lo", "-f", capture_filter, "-w", str(path)]
+        try:
+            self.proc = spawn(argv, ready=r"Capturing on", timeout=30)
+        except AssertionError as exc:  # no capture privileges (CI runs as root)
+            self.sentinel.close()
+            if os.environ.get("REQUIRE_REAL_PEERS") == "1":
+                raise
+            pytest.skip(f"cannot capture on lo: {exc}")
+
+    def finish(self) -> None:
+        """Wait until everything sent so far is in the file, then stop tshark."""
+        try:
+            self.sentinel.sendto(b"end of capture", self.sentinel.getsockname())
+            port = self.sentinel_port
+            self.proc.wait_line(rf"\b{port}\b.*\b{port}\b", timeout=30)
+        finally:
+            self.sentinel.close()
+            self.proc.stop(signal.SIGINT)
+
+
+def test_real_tunnel_session_capture(spawn, emulator, tmp_path: Path, vec: dict) -> None:
+    """dh_p2p.py through the emulator, played by ffprobe, captured and dissected."""
+    require_tool("ffprobe")
+    cap = tmp_path / "tunnel.pcapng"
+    capture = LoopbackCapture(spawn, emulator, cap)
+    local = free_port()
+    tunnel = spawn(
+        [sys.executable, str(REPO / "dh_p2p.py"), "--cloud", f"127.0.0.1:{emulator.cloud_port}",
+         "-p", f"127.0.0.1:{local}:554", emulator.serial],
+        ready=r"^ready: ", timeout=60,
+    )
+    result = play(f"rtsp://127.0.0.1:{local}/cam/realmonitor?channel=1&subtype=0", "ffprobe",
+                  "tcp", seconds=3)
+    assert result.frames >= 25 and not result.errors, result.output
+    # ffprobe has closed its connection: the tunnel closes the realm (DISC both ways).
+    deadline = time.monotonic() + 10
+    while emulator.open_realms() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tunnel.stop() == 0, tunnel.output
+    capture.finish()
+    assert emulator.violations == []
+
+    # Every captured datagram on the tunnel's ports (all have an emulator port at one
+    # end) is ours, and no Lua error or malformed packet shows up in one or two passes.
+    rows = fields(cap, None, "frame.number", "frame.protocols", "udp.srcport", "udp.dstport")
+    sentinel = [r for r in rows if int(r[2]) == capture.sentinel_port]
+    assert len(sentinel) == 1 and not set(sentinel[0][1].split(":")) & OUR_PROTOCOLS
+    rows = [r for r in rows if r not in sentinel]
+    assert len(rows) > 100
+    assert all({int(r[2]), int(r[3])} & set(capture.ports) for r in rows)
+    assert [r[0] for r in rows if not set(r[1].split(":")) & OUR_PROTOCOLS] == []
+    for two_pass in (False, True):
+        res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=two_pass)
+        assert res.returncode == 0 and res.lines == [], res.stdout + res.stderr
+        assert "Lua Error" not in res.stderr
+
+    # Known packets: the client's SYNs are the vector byte for byte, decoded like it.
+    syn_hex = vec["ptcp"]["syn_hex"]
+    syns = fields(cap, "ptcp.type == 0x00", "udp.payload", "ptcp.sent", "ptcp.recv", "ptcp.pid",
+                  "ptcp.lmid", "ptcp.rmid")
+    client_syns = [r for r in syns if r[0] == syn_hex]
+    assert client_syns, syns
+    sent, recv, pid, lmid, rmid = struct.unpack(">5I", bytes.fromhex(syn_hex)[4:24])
+    for r in client_syns:
+        assert [int(r[1]), int(r[2]), int(r[3], 16), int(r[4]), int(r[5])] == [
+            sent, recv, pid, lmid, rmid
+        ]
+
+    # Binds: port 554 on 127.0.0.1, as the emulator saw them; CONN and DISC on the realm.
+    binds = fields(cap, "ptcp.type == 0x11", "ptcp.realm", "ptcp.bind.port", "ptcp.bind.ip")
+    assert [int(r[1]) for r in binds] == emulator.binds == [554]
+    realm = binds[0][0]
+    assert binds[0][2] == "127.0.0.1"
+    statuses = fields(cap, "ptcp.type == 0x12", "ptcp.realm", "ptcp.status")
+    assert {tuple(r) for r in statuses} == {(realm, "CONN"), (realm, "DISC")}
+
+    # Data bodies: the length field agrees with the datagram, all on the bound realm.
+    data = fields(cap, "ptcp.type == 0x10", "udp.length", "ptcp.length", "ptcp.realm")
+    assert len(data) > 50
+    assert all(int(r[1]) == int(r[0]) - 8 - 24 - 12 and r[2] == realm for r in data)
+
+    # RTSP requests inside realm data, and the interleaved video behind them.
+    methods = [r[0] for r in fields(cap, "rtsp.request", "rtsp.method")]
+    assert methods[:4] == ["OPTIONS", "DESCRIBE", "SETUP", "PLAY"], methods
+    rtp = fields(cap, "rtp", "rtp.seq")
+    seqs = [int(s) for r in rtp for s in r[0].split(",")]
+    assert len(seqs) >= 100
+    assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:], strict=False)), seqs
