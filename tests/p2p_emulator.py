@@ -58,6 +58,7 @@ MASK32 = 0xFFFFFFFF
 CHUNK = 1280
 WINDOW = 48  # packets in flight from the device
 PID_WINDOW = 64  # a new packet's pid must not repeat one of the last PID_WINDOW
+REALM_BUFFER = 1 << 20  # bytes queued for a slow local service before data is refused
 
 
 def _diff(a: int, b: int) -> int:
@@ -79,6 +80,26 @@ class Channel:
     punched: bool = False
 
 
+class Realm:
+    """A device-side TCP connection and the bytes not yet written to it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.out = bytearray()
+
+    def flush(self) -> bool:
+        """Write what the socket takes now; False when the connection is broken."""
+        while self.out:
+            try:
+                n = self.sock.send(self.out)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            del self.out[:n]
+        return True
+
+
 class PeerSession:
     """The device's (or relay agent's) PTCP side for one client address."""
 
@@ -94,12 +115,17 @@ class PeerSession:
         self.nonempty = 0
         self.acked = 0
         self.unacked: collections.deque[tuple[int, bytes, int]] = collections.deque()
-        self.rto = 0.25
+        self.rto = 0.2
         self.retx_at: float | None = None
         self.recent_pids: collections.deque[int] = collections.deque(maxlen=PID_WINDOW)
         self.synced = False
         self.open = False
-        self.realms: dict[int, socket.socket] = {}
+        self.realms: dict[int, Realm] = {}
+        self.dropped = 0
+        self.dupacks = 0
+        self.recovering = False
+        self.out_of_order = 0
+        self.ooo: dict[int, bytes] = {}
         self.closed_realms: set[int] = set()
         self.last_rx = time.monotonic()
         self.next_heartbeat = time.monotonic() + 5.0
@@ -135,7 +161,7 @@ class PeerSession:
         if self.retx_at is not None and now >= self.retx_at and self.unacked:
             for offset, body, pid in list(self.unacked)[:WINDOW]:
                 self.emu.device_send(self.sock, self.addr, self._packet(offset, body, pid))
-            self.rto = min(self.rto * 2, 2.0)
+            self.rto = min(self.rto * 2, 1.0)
             self.retx_at = now + self.rto
         if self.open and now >= self.next_heartbeat:
             self.next_heartbeat = now + 5.0
@@ -155,28 +181,54 @@ class PeerSession:
         self.rx_lmid = lmid
         if self.lmid and _diff(rmid, self.lmid) >= 0:
             self.violation(f"rmid {rmid} names a packet never sent (last lmid {self.lmid - 1})")
-        self._ack(recv)
+        self._ack(recv, not body)
         if not body:
             return
         ahead = _diff(sent, self.recv)
-        if ahead > 0:
-            self.violation(f"gap: packet at offset {sent}, expected {self.recv}")
-            self.send()
-            return
         if ahead < 0:  # a retransmission of something we already have
             self.send()
             return
-        if body != SYN_BODY:
-            if pid in self.recent_pids:
-                self.violation(f"pid {pid:#x} reused too soon")
-            self.recent_pids.append(pid)
-        elif pid != SYN_PID:
-            self.violation(f"SYN with pid {pid:#x}")
-        self.recv = (self.recv + len(body)) & MASK32
+        if not self._check_pid(pid, body):
+            return
+        if ahead > 0:
+            # A datagram before this one was lost (a full socket buffer drops them on
+            # loopback too): keep this one until the hole is filled.
+            self.out_of_order += 1
+            if len(self.ooo) < 4096:
+                self.ooo.setdefault(sent, body)
+            self.send()
+            return
+        if self._accept(body):
+            while self.recv in self.ooo:
+                if not self._accept(self.ooo[self.recv], drain=True):
+                    break
         self.send()
-        self._body(body)
 
-    def _ack(self, recv: int) -> None:
+    def _check_pid(self, pid: int, body: bytes) -> bool:
+        if body == SYN_BODY:
+            if pid != SYN_PID:
+                self.violation(f"SYN with pid {pid:#x}")
+            return True
+        if pid in self.recent_pids:
+            self.violation(f"pid {pid:#x} reused too soon")
+            return False
+        self.recent_pids.append(pid)
+        return True
+
+    def _accept(self, body: bytes, drain: bool = False) -> bool:
+        """Take the next in-order body; False when there is no room for it."""
+        if body[0] == 0x10 and len(body) >= 12:
+            realm = self.realms.get(int.from_bytes(body[4:8], "big"))
+            if realm is not None and len(realm.out) > REALM_BUFFER:
+                self.dropped += 1  # the service is not reading: no room, like a full window
+                return False
+        if drain:
+            del self.ooo[self.recv]
+        self.recv = (self.recv + len(body)) & MASK32
+        self._body(body)
+        return True
+
+    def _ack(self, recv: int, pure: bool) -> None:
         if _diff(recv, self.acked) < 0:
             return
         if _diff(recv, self.sent) > 0:
@@ -192,8 +244,22 @@ class PeerSession:
                 break
         self.acked = recv
         if progressed:
-            self.rto = 0.25
+            self.dupacks = 0
+            self.rto = 0.2
             self.retx_at = time.monotonic() + self.rto if self.unacked else None
+            if self.recovering and self.unacked:
+                self._resend_head()  # partial ack: the next hole is at the head
+            elif not self.unacked:
+                self.recovering = False
+        elif pure and self.unacked:
+            self.dupacks += 1
+            if self.dupacks == 3:  # fast retransmit
+                self.recovering = True
+                self._resend_head()
+
+    def _resend_head(self) -> None:
+        offset, body, pid = self.unacked[0]
+        self.emu.device_send(self.sock, self.addr, self._packet(offset, body, pid))
 
     def _body(self, body: bytes) -> None:
         kind = body[0]
@@ -244,9 +310,8 @@ class PeerSession:
                 if realm not in self.closed_realms:
                     self.violation(f"data for unknown realm {realm:#x}")
                 return
-            try:
-                conn.sendall(body[12:])
-            except OSError:
+            conn.out += body[12:]
+            if not conn.flush():
                 self._close_realm(realm, notify=True)
             return
         if kind == 0x11:
@@ -285,20 +350,20 @@ class PeerSession:
             self.closed_realms.add(realm)
             self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"DISC")
             return
-        self.realms[realm] = conn
+        self.realms[realm] = Realm(conn)
         self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"CONN")
 
     def _close_realm(self, realm: int, notify: bool) -> None:
         conn = self.realms.pop(realm, None)
         self.closed_realms.add(realm)
         if conn is not None:
-            conn.close()
+            conn.sock.close()
         if notify:
             self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"DISC")
 
     def pump_tcp(self, conn: socket.socket) -> None:
         """Move bytes from a realm's TCP socket into data packets."""
-        realm = next((r for r, c in self.realms.items() if c is conn), None)
+        realm = next((r for r, c in self.realms.items() if c.sock is conn), None)
         if realm is None:
             return
         while self.window_open():
@@ -317,7 +382,7 @@ class PeerSession:
     def drop(self) -> None:
         """Forget the session without a word (device reboot)."""
         for conn in self.realms.values():
-            conn.close()
+            conn.sock.close()
         self.realms.clear()
 
 
@@ -372,7 +437,7 @@ class Emulator:
         for name in names:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind(("127.0.0.1", 0))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.setblocking(False)
             self.socks[name] = sock
         self.addr = {name: s.getsockname() for name, s in self.socks.items()}
@@ -467,15 +532,24 @@ class Emulator:
             for fn in due:
                 fn()
             tcp: dict[int, tuple[PeerSession, socket.socket]] = {}
+            writers: dict[int, tuple[PeerSession, int]] = {}
             for session in self.sessions.values():
-                if session.window_open():
-                    for conn in session.realms.values():
-                        tcp[conn.fileno()] = (session, conn)
+                for realm, conn in list(session.realms.items()):
+                    if session.window_open():
+                        tcp[conn.sock.fileno()] = (session, conn.sock)
+                    if conn.out:
+                        writers[conn.sock.fileno()] = (session, realm)
             rlist = [*self.socks.values(), self._wake_r, *(c for _, c in tcp.values())]
+            wlist = [session.realms[realm].sock for session, realm in writers.values()]
             try:
-                ready, _, _ = select.select(rlist, [], [], timeout)
+                ready, writable, _ = select.select(rlist, wlist, [], timeout)
             except (OSError, ValueError):
                 continue
+            for sock in writable:
+                session, realm = writers[sock.fileno()]
+                conn = session.realms.get(realm)
+                if conn is not None and not conn.flush():
+                    session._close_realm(realm, notify=True)
             for sock in ready:
                 if sock is self._wake_r:
                     self._wake_r.recv(4096)
