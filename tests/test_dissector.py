@@ -475,7 +475,10 @@ class LoopbackCapture:
             self.proc.stop(signal.SIGINT)
 
 
-def test_real_tunnel_session_capture(spawn, emulator, tmp_path: Path, vec: dict) -> None:
+@pytest.mark.parametrize("mode", ["direct", "relay"])
+def test_real_tunnel_session_capture(
+    mode: str, spawn, emulator, tmp_path: Path, vec: dict
+) -> None:
     """dh_p2p.py through the emulator, played by ffprobe, captured and dissected."""
     require_tool("ffprobe")
     cap = tmp_path / "tunnel.pcapng"
@@ -483,7 +486,7 @@ def test_real_tunnel_session_capture(spawn, emulator, tmp_path: Path, vec: dict)
     local = free_port()
     tunnel = spawn(
         [sys.executable, str(REPO / "dh_p2p.py"), "--cloud", f"127.0.0.1:{emulator.cloud_port}",
-         "-p", f"127.0.0.1:{local}:554", emulator.serial],
+         f"--{mode}", "-p", f"127.0.0.1:{local}:554", emulator.serial],
         ready=r"^ready: ", timeout=60,
     )
     result = play(f"rtsp://127.0.0.1:{local}/cam/realmonitor?channel=1&subtype=0", "ffprobe",
