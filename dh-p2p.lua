@@ -26,11 +26,20 @@ local http_dissector = find_dissector("http")
 local stun_dissector = find_dissector("stun-udp")
 local classicstun_dissector = find_dissector("classicstun")
 
--- Realm data is handed to these according to the TCP port the realm was bound to.
-local PORT_DISSECTORS = {
-    [554] = find_dissector("rtsp"),
-    [80] = find_dissector("http"),
-}
+-- Realm data is handed to a dissector according to the TCP port the realm was bound
+-- to: "PORT=name,..." (the ptcp.realm_ports preference).
+local DEFAULT_REALM_PORTS = "554=rtsp,80=http"
+
+local function parse_realm_ports(text)
+    local map = {}
+    for port, name in tostring(text):gmatch("(%d+)%s*=%s*([%w_%.%-]+)") do
+        local d = find_dissector(name)
+        if d and tonumber(port) then map[tonumber(port)] = d end
+    end
+    return map
+end
+
+local PORT_DISSECTORS = parse_realm_ports(DEFAULT_REALM_PORTS)
 
 -- Sub-dissectors (HTTP, RTSP) fence the Info column; our sentence replaces it whole.
 local function set_info(pinfo, text)
@@ -311,6 +320,14 @@ ptcp.experts = {
 --   senders[conv|sender] = { next = sent value expected next, gen = n }
 --   seqs[frame number] = { retrans = bool, gap = n, gen = n } from the sent counters
 local binds, streams, frames, senders, seqs = {}, {}, {}, {}, {}
+
+ptcp.prefs.realm_ports = Pref.string("Realm port dissectors", DEFAULT_REALM_PORTS,
+    "Comma-separated PORT=dissector pairs: data of a realm bound to PORT is handed to " ..
+    "that dissector (e.g. rtsp, http); realms bound to other ports show as raw data")
+
+function ptcp.prefs_changed()
+    PORT_DISSECTORS = parse_realm_ports(ptcp.prefs.realm_ports)
+end
 
 function ptcp.init()
     binds, streams, frames, senders, seqs = {}, {}, {}, {}, {}

@@ -59,9 +59,16 @@ def tshark(
     return TsharkResult(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
 
 
-def fields(capture: Path, display_filter: str | None, *names: str, **kw) -> list[list[str]]:
+def fields(
+    capture: Path,
+    display_filter: str | None,
+    *names: str,
+    extra: list[str] | None = None,
+    **kw,
+) -> list[list[str]]:
     """Rows of ``-T fields`` output (one row per matching frame, ``|`` separated)."""
-    args = ["-T", "fields", "-E", "separator=|", "-E", "occurrence=a", "-E", "aggregator=,"]
+    args = list(extra or [])
+    args += ["-T", "fields", "-E", "separator=|", "-E", "occurrence=a", "-E", "aggregator=,"]
     for n in names:
         args += ["-e", n]
     if display_filter:

@@ -332,6 +332,19 @@ def test_http_realm_and_raw_realms(capture: Path, session: Session) -> None:
     assert fields(capture, f"frame.number == {m['unbound_data']} && http", "frame.number") == []
 
 
+def test_realm_ports_preference(capture: Path, session: Session) -> None:
+    m = session.marks
+    pref = ["-o", "ptcp.realm_ports:80=http, 37777=rtsp, 99=no-such-dissector"]
+    rows = fields(capture, "ptcp.type == 0x10", "frame.number", "frame.protocols",
+                  extra=pref)
+    protos = {int(r[0]): set(r[1].split(":")) for r in rows}
+    assert "rtsp" not in protos[m["options"]] and "data" in protos[m["options"]]
+    assert "http" in protos[m["http_get"]]
+    assert "rtsp" in protos[m["priv_data"]]
+    res = tshark(capture, "-Y", "_ws.lua.error", *pref)
+    assert res.returncode == 0 and res.lines == [] and "Lua Error" not in res.stderr
+
+
 def test_signalling_goes_through_http_with_xml(capture: Path, session: Session, vec: dict) -> None:
     m = session.marks
     rows = fields(
