@@ -86,10 +86,14 @@ dhp2p.experts = { sig_e.normalised }
 -- Agent notice on the relay socket (PROTOCOLS 2.2 step 8).
 local AGENT_NOTICE = "Server Nat Info!"
 
-local function is_signalling(s)
-    if s:sub(1, 6) == "DHGET " or s:sub(1, 7) == "DHPOST " then return true end
-    if s:match("^HTTP/1%.[01] %d%d%d") then return true end
-    return s:sub(1, #AGENT_NOTICE) == AGENT_NOTICE
+-- `head` is the start of the datagram, `tvb` the whole of it.
+local function is_signalling(head, tvb)
+    if head:sub(1, 6) == "DHGET " or head:sub(1, 7) == "DHPOST " then return true end
+    if head:match("^HTTP/1%.[01] %d%d%d") then
+        -- Cloud replies echo the request's CSeq; other HTTP over UDP (SSDP) has none.
+        return tvb:raw():find("\r\n[Cc][Ss][Ee][Qq]:") ~= nil
+    end
+    return head:sub(1, #AGENT_NOTICE) == AGENT_NOTICE
 end
 
 -- Turn a signalling message into something Wireshark's HTTP dissector understands:
@@ -635,7 +639,7 @@ local function heur_signalling(tvb, pinfo, tree)
     local c = tvb(0, 1):uint()
     -- 'D' (DHGET/DHPOST), 'H' (HTTP/1.x), 'S' (Server Nat Info!)
     if c ~= 0x44 and c ~= 0x48 and c ~= 0x53 then return false end
-    if not is_signalling(tvb(0, math.min(len, 16)):raw()) then return false end
+    if not is_signalling(tvb(0, math.min(len, 16)):raw(), tvb) then return false end
     dissect_signalling(tvb, pinfo, tree)
     return true
 end

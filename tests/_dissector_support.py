@@ -348,4 +348,6 @@ def build_session(vec: dict) -> Session:
     s.add(STRAY_A, STRAY_B, b"hello, this is not a tunnel packet", "stray")
     s.add(STRAY_A, STRAY_B, b"PTC", "stray_short")
     s.add(STRAY_A, STRAY_B, bytes(44), "stray_zeros")
+    ssdp = b"HTTP/1.1 200 OK\r\nST: upnp:rootdevice\r\nUSN: uuid:1::upnp:rootdevice\r\n\r\n"
+    s.add(STRAY_A, STRAY_B, ssdp, "stray_ssdp")
     return s

@@ -119,7 +119,7 @@ def test_every_tunnel_datagram_is_recognised(
 def test_stray_datagrams_are_not_claimed(
     session: Session, table: dict[int, dict[str, str]]
 ) -> None:
-    for mark in ("stray", "stray_short", "stray_zeros"):
+    for mark in ("stray", "stray_short", "stray_zeros", "stray_ssdp"):
         row = table[session.marks[mark]]
         assert not protocols(row) & OUR_PROTOCOLS, (mark, row["frame.protocols"])
 
