@@ -608,6 +608,8 @@ def parse_forward(text: str) -> Forward:
         bind, local, remote = "127.0.0.1", parts[0], parts[1]
     elif len(parts) == 3:
         bind, local, remote = parts
+        if ":" in bind and not (bind.startswith("[") and bind.endswith("]")):
+            raise ValueError(f"expected [BIND:]LOCAL:REMOTE, got {text!r}")
         bind = bind.strip("[]") or "127.0.0.1"
     else:
         raise ValueError(f"expected [BIND:]LOCAL:REMOTE, got {text!r}")

@@ -1,0 +1,361 @@
+"""dh_p2p.py sans-IO parts: the cloud handshake driven by scripted replies, CLI parsing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dh_p2p
+import helpers
+import ptcp
+from dh_p2p import MAIN, P2PSRV, RELAY, Handshake
+
+CLOUD = ("127.0.0.1", 8800)
+P2P = ("127.0.0.1", 8801)
+RELAY_SRV = ("127.0.0.1", 8802)
+AGENT = ("127.0.0.1", 8803)
+DEV_PUB = ("127.0.0.1", 40000)
+DEV_LAN = ("127.0.0.1", 40001)
+LOCAL = ("127.0.0.1", 5555)
+SN = "SN0001"
+
+
+def make(**kw) -> Handshake:
+    kw.setdefault("rng", random.Random(1))
+    return Handshake(SN, CLOUD, LOCAL, **kw)
+
+
+def sent(hs: Handshake) -> list[tuple[str, tuple[str, int], helpers.Request]]:
+    """Parse the signalling requests produced so far (PTCP/STUN left out)."""
+    out = []
+    for sock, addr, data in hs.datagrams_to_send():
+        if data[:2] == b"DH":
+            out.append((sock, addr, helpers.parse_request(data)))
+    return out
+
+
+def answer(hs, sock, addr, req, code=200, reason="OK", body=None, now=0.0) -> None:
+    hs.receive(sock, addr, helpers.build_reply(code, reason, cseq=req.cseq, body=body), now)
+
+
+def drive_to_channel(hs: Handshake, now: float = 0.0) -> dict[str, tuple]:
+    """Answer every request up to and including /relay/start; return requests by path."""
+    hs.start(now)
+    seen: dict[str, tuple] = {}
+    bodies = {
+        "/probe/p2psrv": None,
+        f"/online/p2psrv/{SN}": helpers.xml_body({"US": "127.0.0.1:8801"}),
+        f"/info/device/{SN}": helpers.xml_body({"Info": ""}),
+        f"/probe/device/{SN}": None,
+        "/online/relay": helpers.xml_body({"Address": "127.0.0.1:8802"}),
+        "/relay/agent": helpers.xml_body({"Token": "tok1", "Agent": "127.0.0.1:8803"}),
+        "/relay/start/tok1": None,
+    }
+    for _ in range(20):
+        batch = sent(hs)
+        if not batch:
+            break
+        for sock, addr, req in batch:
+            seen[req.path] = (sock, addr, req)
+            if req.path in bodies:
+                answer(hs, sock, addr, req, body=bodies[req.path], now=now)
+    return seen
+
+
+# --- signalling -------------------------------------------------------------
+
+
+def test_first_request_and_retry_schedule() -> None:
+    hs = make(retry=dh_p2p.Retry(initial=0.5, cap=4.0, give_up=15.0))
+    hs.start(0.0)
+    first = hs.datagrams_to_send()
+    assert len(first) == 1
+    sock, addr, data = first[0]
+    req = helpers.parse_request(data)
+    assert (sock, addr, req.method, req.path) == (MAIN, CLOUD, "DHGET", "/probe/p2psrv")
+    assert req.cseq == 1
+    assert req.wsse_valid(helpers.DEFAULT_CLOUD_USER, helpers.DEFAULT_CLOUD_KEY)
+    times = []
+    while not hs.done:
+        now = hs.next_deadline()
+        assert now is not None
+        hs.handle_timers(now)
+        for _, _, again in hs.datagrams_to_send():
+            assert again == data  # a retransmission is the same request, same CSeq
+            times.append(now)
+    assert times == [0.5, 1.5, 3.5, 7.5, 11.5]
+    assert hs.error is not None and hs.error.kind == "unreachable"
+    assert "127.0.0.1:8800" in str(hs.error)
+
+
+def test_unknown_serial_is_offline() -> None:
+    hs = make()
+    hs.start(0.0)
+    (sock, addr, req), = sent(hs)
+    answer(hs, sock, addr, req)
+    (sock, addr, req), = sent(hs)
+    assert req.path == f"/online/p2psrv/{SN}"
+    answer(hs, sock, addr, req, 404, "Not Found")
+    assert hs.error is not None and hs.error.kind == "offline"
+    assert SN in str(hs.error)
+
+
+def test_signalling_order_sockets_and_bodies() -> None:
+    hs = make(username="admin", password="pw")
+    seen = drive_to_channel(hs)
+    assert seen["/probe/p2psrv"][0] == MAIN
+    assert seen[f"/probe/device/{SN}"][:2] == (P2PSRV, P2P)
+    assert seen["/relay/agent"][:2] == (RELAY, RELAY_SRV)
+    sock, addr, start = seen["/relay/start/tok1"]
+    assert (sock, addr, start.body) == (RELAY, AGENT, "<body><Client>:0</Client></body>")
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    assert (sock, addr, chan.method) == (MAIN, CLOUD, "DHPOST")
+    fields = chan.fields
+    assert helpers.parse_identify(fields["Identify"]) == hs.identify
+    assert fields["IpEncrptV2"] == "true" and fields["version"] == "5.0.0"
+    key = helpers.device_key("admin", "pw", None)
+    nonce = int(fields["Nonce"])
+    assert helpers.decrypt_local_addr(key, nonce, fields["LocalAddr"]) == "127.0.0.1:5555"
+    created = int(fields["CreateDate"])
+    assert fields["DevAuth"] == helpers.dev_auth(key, nonce, created, fields["LocalAddr"])
+    assert "RandSalt" not in fields  # empty <Info>: no salt of its own
+    cseqs = [req.cseq for _, _, req in seen.values()]
+    assert sorted(cseqs) == list(range(1, len(cseqs) + 1))
+
+
+def test_plain_channel_body_and_100_trying() -> None:
+    hs = make(retry=dh_p2p.Retry(initial=0.5))
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    assert chan.body.startswith("<body><Identify>")
+    assert chan.fields["IpEncrpt"] == "true" and chan.fields["LocalAddr"] == "127.0.0.1:5555"
+    hs.receive(MAIN, CLOUD, helpers.build_reply(100, "Trying", cseq=chan.cseq), 0.1)
+    hs.handle_timers(5.0)
+    assert not [d for d in hs.datagrams_to_send() if b"p2p-channel" in d[2]]
+    assert not hs.done
+
+
+def _agent_session() -> ptcp.Session:
+    return ptcp.Session(now=0.0, heartbeat_interval=None)
+
+
+def _pump(hs: Handshake, agent: ptcp.Session, now: float) -> list:
+    """Move PTCP datagrams between the handshake and a ptcp.Session playing the agent."""
+    events = []
+    for _ in range(10):
+        moved = False
+        for _sock, addr, data in hs.datagrams_to_send():
+            if data[:4] == b"PTCP" and addr == AGENT:
+                agent.receive_datagram(data, now)
+                moved = True
+        for ev in agent.events():
+            events.append(ev)
+            if isinstance(ev, ptcp.CommandReceived) and ev.body_type == 0x17:
+                agent.send_command(0x18, b"SIGN1234", now)
+            if isinstance(ev, ptcp.CommandReceived) and ev.body_type == 0x19:
+                assert ev.payload == b"SIGN1234"
+                agent.send_command(0x1A, b"", now)
+        for data in agent.datagrams_to_send():
+            hs.receive(RELAY, AGENT, data, now)
+            moved = True
+        if not moved:
+            break
+    return events
+
+
+def test_relay_mode_completes_over_the_agent() -> None:
+    hs = make(mode="relay")
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    body = helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": "127.0.0.1:40001"})
+    answer(hs, sock, addr, chan, body=body)
+    ((sock, addr, rc),) = sent(hs)
+    assert (sock, addr, rc.path) == (RELAY, CLOUD, f"/device/{SN}/relay-channel")
+    assert rc.fields == {"agentAddr": "127.0.0.1:8803"}
+    answer(hs, sock, addr, rc)
+    hs.receive(MAIN, ("127.0.0.1", 9), b"HTTP/1.1 200 OK\r\nCSeq: 77\r\n\r\n", 0.0)  # stray
+    hs.receive(RELAY, AGENT, b"Server Nat Info!", 0.0)
+    agent = _agent_session()
+    events = _pump(hs, agent, 0.0)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "SynReceived"
+    commands = [e.body_type for e in events if isinstance(e, ptcp.CommandReceived)]
+    assert commands == [0x17, 0x19, 0x1B]
+    assert hs.result is not None
+    assert (hs.result.path, hs.result.sock, hs.result.peer) == ("relay", RELAY, AGENT)
+    assert hs.result.token == "tok1"
+
+
+def test_auto_falls_back_to_relay_when_punch_unanswered() -> None:
+    hs = make(mode="auto", punch_timeout=5.0)
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    body = helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": "127.0.0.1:40001"})
+    answer(hs, sock, addr, chan, body=body)
+    ((sock, addr, rc),) = sent(hs)
+    answer(hs, sock, addr, rc)
+    hs.receive(RELAY, AGENT, b"Server Nat Info!", 0.0)
+    agent = _agent_session()
+    # the sign arrives; punches go to both device addresses
+    for _sock, _addr, data in hs.datagrams_to_send():
+        agent.receive_datagram(data, 0.0)
+    for ev in agent.events():
+        if isinstance(ev, ptcp.CommandReceived):
+            agent.send_command(0x18, b"SIGN1234", 0.0)
+    for data in agent.datagrams_to_send():
+        hs.receive(RELAY, AGENT, data, 0.0)
+    punches = [(a, helpers.parse_punch(d)) for s, a, d in hs.datagrams_to_send() if s == MAIN]
+    assert {a for a, _ in punches} == {DEV_PUB, DEV_LAN}
+    for _, msg in punches:
+        assert msg.msg_type == helpers.STUN_BINDING_REQUEST
+        assert msg.attributes[helpers.ATTR_ICE_CONTROLLING] == hs.identify
+        assert msg.attributes[helpers.ATTR_ADDRESS] == DEV_PUB
+    now = 0.0
+    while hs.state == "punch":
+        now = hs.next_deadline()
+        hs.handle_timers(now)
+    assert now == pytest.approx(5.0)
+    events = _pump(hs, agent, now)
+    assert hs.result is not None and hs.result.path == "relay"
+    assert any(isinstance(e, ptcp.CommandReceived) and e.body_type == 0x19 for e in events)
+
+
+def test_direct_punch_answer_uses_device_transaction_and_local_addr() -> None:
+    hs = make(mode="direct")
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    body = helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": "127.0.0.1:40001"})
+    answer(hs, sock, addr, chan, body=body)
+    ((sock, addr, rc),) = sent(hs)
+    answer(hs, sock, addr, rc)
+    hs.receive(RELAY, AGENT, b"Server Nat Info!", 0.0)
+    agent = _agent_session()
+    for _sock, _addr, data in hs.datagrams_to_send():
+        agent.receive_datagram(data, 0.0)
+    agent.events()
+    agent.send_command(0x18, b"SIGN1234", 0.0)
+    for data in agent.datagrams_to_send():
+        hs.receive(RELAY, AGENT, data, 0.0)
+    hs.datagrams_to_send()
+    tid = bytes(range(12))
+    device_req = helpers.StunMessage(1, b"abcd", tid, {helpers.ATTR_ICE_CONTROLLED: hs.identify})
+    hs.receive(MAIN, DEV_PUB, device_req.to_wire(), 0.1)
+    out = hs.datagrams_to_send()
+    answer_msg = helpers.parse_punch(out[0][2])
+    assert out[0][:2] == (MAIN, DEV_PUB)
+    assert answer_msg.msg_type == helpers.STUN_BINDING_SUCCESS
+    assert answer_msg.transaction_id == tid
+    assert answer_msg.attributes[helpers.ATTR_ICE_CONTROLLED] == hs.identify
+    assert answer_msg.attributes[helpers.ATTR_ADDRESS] == DEV_LAN
+    device = ptcp.Session(now=0.1, heartbeat_interval=None)
+    for _sock, addr, data in out[1:]:
+        assert addr == DEV_PUB
+        device.receive_datagram(data, 0.1)
+    evs = device.events()
+    assert isinstance(evs[0], ptcp.SynReceived)
+    assert evs[1] == ptcp.CommandReceived(0x19, b"SIGN1234")
+    hs.receive(MAIN, DEV_PUB, device_req.to_wire(), 0.1)  # more punches are skipped
+    device.send_command(0x1A, b"", 0.1)
+    for data in device.datagrams_to_send():
+        hs.receive(MAIN, DEV_PUB, data, 0.1)
+    for _sock, _addr, data in hs.datagrams_to_send():
+        device.receive_datagram(data, 0.1)
+    assert ptcp.CommandReceived(0x1B, b"") in device.events()
+    for data in device.datagrams_to_send():
+        hs.receive(MAIN, DEV_PUB, data, 0.1)
+    assert hs.result is not None
+    assert (hs.result.path, hs.result.sock, hs.result.peer) == ("direct", MAIN, DEV_PUB)
+
+
+@pytest.mark.parametrize("creds", [False, True])
+def test_403_names_the_fix(creds: bool) -> None:
+    hs = make(**({"username": "admin", "password": "bad"} if creds else {}))
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    answer(hs, sock, addr, chan, 403, "DevPwd_InvalidDigest")
+    assert hs.error is not None and hs.error.kind == "auth"
+    if creds:
+        assert "refused the credentials" in str(hs.error)
+    else:
+        assert "-u USER and --password PASS" in str(hs.error)
+
+
+def test_auth_reply_localaddr_is_decrypted() -> None:
+    hs = make(mode="direct", username="admin", password="pw")
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    key = helpers.device_key("admin", "pw")
+    enc = helpers.encrypt_local_addr(key, 99, "127.0.0.1:40001")
+    body = helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": enc, "Nonce": 99})
+    answer(hs, sock, addr, chan, body=body)
+    assert hs.device_local == DEV_LAN
+    ((sock, addr, rc),) = sent(hs)
+    fields = rc.fields
+    assert fields["Nonce"] == "99"  # relay-channel signs with the device's reply nonce
+    assert fields["DevAuth"] == helpers.dev_auth(key, 99, int(fields["CreateDate"]), "")
+
+
+_junk = st.one_of(
+    st.binary(max_size=120),
+    st.sampled_from(
+        [
+            b"PTCP" + bytes(20),
+            b"PTCP" + bytes(19),
+            b"HTTP/1.1 200 OK\r\nCSeq: 1\r\n\r\n<body><US>x</US></body>",
+            b"HTTP/1.1 100 Trying\r\n\r\n",
+            b"Server Nat Info!",
+            helpers.build_punch_request(bytes(8), ("1.2.3.4", 5)).to_wire(),
+        ]
+    ),
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from([MAIN, P2PSRV, RELAY]), _junk), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_hostile_datagrams_never_crash_the_handshake(items) -> None:
+    hs = make(mode="direct")
+    drive_to_channel(hs)
+    for sock, data in items:
+        hs.receive(sock, ("127.0.0.1", 9), data, 0.5)
+        hs.handle_timers(0.6)
+        hs.datagrams_to_send()
+    assert hs.error is None or isinstance(hs.error, dh_p2p.HandshakeError)
+
+
+# --- CLI helpers ------------------------------------------------------------
+
+
+def test_parse_forward() -> None:
+    assert dh_p2p.parse_forward("1554:554") == dh_p2p.Forward("127.0.0.1", 1554, 554)
+    assert dh_p2p.parse_forward("0.0.0.0:80:80") == dh_p2p.Forward("0.0.0.0", 80, 80)
+    for bad in ("554", "a:554", "1:2:3:4", "70000:554", "1554:0"):
+        with pytest.raises(ValueError):
+            dh_p2p.parse_forward(bad)
+
+
+def test_parse_cloud() -> None:
+    assert dh_p2p.parse_cloud("example.com") == ("example.com", 8800)
+    assert dh_p2p.parse_cloud("127.0.0.1:9") == ("127.0.0.1", 9)
+    with pytest.raises(ValueError):
+        dh_p2p.parse_cloud("host:x")
+
+
+def test_rtsp_url_and_channel_titles() -> None:
+    assert (
+        dh_p2p.rtsp_url("127.0.0.1", 554, "ad min", None, 2, 1)
+        == "rtsp://ad%20min:@127.0.0.1/cam/realmonitor?channel=2&subtype=1"
+    )
+    assert dh_p2p.rtsp_url("127.0.0.1", 1554, None, None).startswith("rtsp://127.0.0.1:1554/")
+    text = "table.ChannelTitle[0].Name=Front\r\ntable.ChannelTitle[1].Name=Back\r\njunk\r\n"
+    assert dh_p2p.parse_channel_titles(text) == {1: "Front", 2: "Back"}
+
+
+def test_help_mentions_env_and_exit_codes(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        dh_p2p.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "DH_P2P_PASSWORD" in out and "--relay" in out and "Exit codes" in out
