@@ -1168,54 +1168,50 @@ class KeeperPool:
         host: str,
         dcp_port: int,
         timeout: float,
-        on_lost: Callable[[tuple[str, str]], None],
+        on_lost: Callable[[svtool.TokenKeeper], None],
     ) -> None:
         self.host = host
         self.dcp_port = dcp_port
         self.timeout = timeout
         self.on_lost = on_lost
-        self._keepers: dict[tuple[str, str], tuple[object, int]] = {}
+        self._current: dict[tuple[str, str], svtool.TokenKeeper] = {}
+        self._refs: dict[svtool.TokenKeeper, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, creds: tuple[str, str]) -> str:
-        """The token for ``creds``, logging in if needed (AuthenticationError, SVError, OSError)."""
-        with self._lock:
-            entry = self._keepers.get(creds)
-            if entry is not None and entry[0].alive:
-                self._keepers[creds] = (entry[0], entry[1] + 1)
-                return entry[0].token
-            if entry is not None:
-                entry[0].close()
-            keeper = svtool.TokenKeeper(
-                self.host,
-                self.dcp_port,
-                creds[0],
-                creds[1],
-                timeout=self.timeout,
-                on_lost=lambda _exc, c=creds: self._lost(c),
-            )
-            token = keeper.start()
-            self._keepers[creds] = (keeper, 1)
-            return token
+    def acquire(self, creds: tuple[str, str]) -> svtool.TokenKeeper:
+        """A live keeper for ``creds``, logging in if needed.
 
-    def _lost(self, creds: tuple[str, str]) -> None:
-        self.on_lost(creds)
-
-    def release(self, creds: tuple[str, str]) -> None:
+        Raises svtool.AuthenticationError, svtool.SVError or OSError.
+        """
         with self._lock:
-            entry = self._keepers.get(creds)
-            if entry is None:
+            keeper = self._current.get(creds)
+            if keeper is None or not keeper.alive:
+                keeper = svtool.TokenKeeper(
+                    self.host, self.dcp_port, creds[0], creds[1], timeout=self.timeout
+                )
+                keeper.on_lost = lambda _exc, k=keeper: self.on_lost(k)
+                keeper.start()
+                self._current[creds] = keeper
+            self._refs[keeper] = self._refs.get(keeper, 0) + 1
+            return keeper
+
+    def release(self, keeper: svtool.TokenKeeper, creds: tuple[str, str]) -> None:
+        """Drop one user of ``keeper``; the last one logs out."""
+        with self._lock:
+            count = self._refs.get(keeper, 0) - 1
+            if count > 0:
+                self._refs[keeper] = count
                 return
-            if entry[1] > 1:
-                self._keepers[creds] = (entry[0], entry[1] - 1)
-                return
-            del self._keepers[creds]
-        entry[0].close()
+            self._refs.pop(keeper, None)
+            if self._current.get(creds) is keeper:
+                del self._current[creds]
+        keeper.close()
 
     def close(self) -> None:
         with self._lock:
-            keepers = [k for k, _ in self._keepers.values()]
-            self._keepers.clear()
+            keepers = list(self._refs)
+            self._refs.clear()
+            self._current.clear()
         for keeper in keepers:
             keeper.close()
 
@@ -1240,7 +1236,7 @@ class Channel:
         self.idle_since: float | None = None
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
-        self._token = False
+        self.keeper: svtool.TokenKeeper | None = None
         self._thread: threading.Thread | None = None
 
     # ---- opening the DVR session (blocking, in the first client's thread)
@@ -1273,12 +1269,12 @@ class Channel:
     def _open(self) -> None:
         srv = self.server
         try:
-            token = srv.keepers.acquire(self.creds)
+            self.keeper = srv.keepers.acquire(self.creds)
         except svtool.AuthenticationError as exc:
             raise UpstreamError("DVR login refused", status=401) from exc
         except (svtool.SVError, OSError) as exc:
             raise UpstreamError(f"DCP login failed: {exc}") from exc
-        self._token = True
+        token = self.keeper.token or ""
         try:
             ctrl = socket.create_connection((srv.remote_host, srv.remote_port), srv.timeout)
             self._socks.append(ctrl)
@@ -1462,6 +1458,8 @@ class Channel:
             if self.failed is None:
                 self.failed = reason
             viewers = list(self.holders | self.active | self.waiting)
+            for viewer in self.waiting:
+                viewer.play_started.set()  # its connection is closed below, nothing to reply
             self.holders.clear()
             self.active.clear()
             self.waiting.clear()
@@ -1471,9 +1469,9 @@ class Channel:
             _shutdown(sock)
             sock.close()
         self._socks = []
-        if self._token:
-            self._token = False
-            self.server.keepers.release(self.creds)
+        keeper, self.keeper = self.keeper, None
+        if keeper is not None:
+            self.server.keepers.release(keeper, self.creds)
         if self.opened:
             log.info("channel %d: DVR session closed (%s)", self.channel, reason)
         for viewer in viewers if disconnect else ():
@@ -1635,9 +1633,9 @@ class ProxyServer:
             if self._channels.get(key) is channel:
                 del self._channels[key]
 
-    def _keeper_lost(self, creds: tuple[str, str]) -> None:
+    def _keeper_lost(self, keeper: svtool.TokenKeeper) -> None:
         with self._lock:
-            channels = [c for (k, _), c in self._channels.items() if k == creds]
+            channels = [c for c in self._channels.values() if c.keeper is keeper]
         for channel in channels:
             channel.fail("the DVR dropped the DCP connection")
 

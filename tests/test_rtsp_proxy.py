@@ -92,7 +92,7 @@ def test_keyframes_over_64k_decode(proxied, h264_big, mode, client, transport) -
 @pytest.mark.real_peer
 @pytest.mark.parametrize("mode", MODES)
 def test_four_clients_share_one_dvr_session(proxied, mode: str) -> None:
-    dvr, _, address = proxied(mode)
+    dvr, _, address = proxied(mode, "--linger", "0.5")
     url = f"rtsp://{address}/live.001"
     clients = [("ffprobe", "tcp"), ("ffprobe", "udp"), ("gst", "tcp"), ("ffmpeg", "udp")]
     with ThreadPoolExecutor(len(clients)) as pool:
@@ -101,6 +101,9 @@ def test_four_clients_share_one_dvr_session(proxied, mode: str) -> None:
         assert_decoded(result)
     assert_clean(dvr, sessions=1)
     assert dvr.dcp.logins == 1
+    # the last viewer gone, the DVR session and the DCP login end
+    wait_until(lambda: dvr.active_sessions == 0, what="the DVR session to end")
+    wait_until(lambda: dvr.dcp.open_connections == 0, what="the DCP login to end")
 
 
 @pytest.mark.real_peer
