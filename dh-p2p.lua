@@ -371,7 +371,7 @@ local function track_sequence(tvb, pinfo, conv)
     local sent = tvb(4, 4):uint()
     local st = senders[key]
     d = { gen = 0 }
-    if blen >= 4 and tvb(HEADER_LEN, 4):uint() == SYN_BODY then
+    if blen >= 1 and tvb(HEADER_LEN, 1):uint() == TYPE_SYN then
         -- A new session from this sender starts its counters again.
         st = { next = (sent + blen) % 4294967296, gen = st and st.gen + 1 or 0 }
         senders[key] = st
@@ -608,7 +608,6 @@ local function dissect_ptcp(tvb, pinfo, tree)
     subtree:add(f.pid, tvb(12, 4))
     subtree:add(f.lmid, tvb(16, 4))
     subtree:add(f.rmid, tvb(20, 4))
-    -- Realm data handed to RTSP or HTTP leaves their name in the Protocol column.
     local seq = track_sequence(tvb, pinfo, conversation_key(pinfo))
     if seq.retrans then
         subtree:add(f.retransmission, true):set_generated()
@@ -617,6 +616,7 @@ local function dissect_ptcp(tvb, pinfo, tree)
         subtree:add_proto_expert_info(e.gap, string.format(
             "%d body bytes missing before this packet (not captured)", seq.gap))
     end
+    -- Realm data handed to RTSP or HTTP leaves their name in the Protocol column.
     local info, sub_info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN, seq)
     set_info(pinfo, sub_info and (info .. ": " .. sub_info) or info)
     subtree:append_text(", " .. info:gsub("^PTCP ", ""))
@@ -628,7 +628,7 @@ end
 ------------------------------------------------------------------------------------
 
 local function heur_ptcp(tvb, pinfo, tree)
-    if tvb:len() < 4 or tvb(0, 4):string() ~= "PTCP" then return false end
+    if tvb:len() < 4 or tvb(0, 4):raw() ~= "PTCP" then return false end
     dissect_ptcp(tvb, pinfo, tree)
     return true
 end

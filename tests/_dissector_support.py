@@ -343,6 +343,7 @@ def build_session(vec: dict) -> Session:
     tunnel(cli, dev, bind_body(realm, 554)[:10], "short_bind")
     tunnel(cli, dev, b"\x30\x00\x00\x00", "unknown_type")
     tunnel(cli, dev, b"\x10\x00", "short_body")
+    s.add(CLIENT_2, DEVICE, ptcp_header(0, 0, 0x0002FFFF, 0, 0) + b"\x00\x03\x01\x01", "bad_syn")
 
     # Stray datagrams elsewhere that must not be claimed.
     s.add(STRAY_A, STRAY_B, b"hello, this is not a tunnel packet", "stray")

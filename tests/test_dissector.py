@@ -253,9 +253,12 @@ def test_expert_filters(capture: Path, session: Session) -> None:
     m = session.marks
     got = {
         name: [int(r[0]) for r in fields(capture, name, "frame.number")]
-        for name in ("ptcp.short", "ptcp.bad_length", "ptcp.short_body", "ptcp.unknown_type")
+        for name in (
+            "ptcp.short", "ptcp.bad_length", "ptcp.short_body", "ptcp.unknown_type", "ptcp.bad_syn"
+        )
     }
     assert got == {
+        "ptcp.bad_syn": [m["bad_syn"]],
         "ptcp.short": [m["short_header"]],
         "ptcp.bad_length": [m["bad_length"]],
         "ptcp.short_body": [m["short_bind"], m["short_body"]],
