@@ -967,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
         forwards = [parse_forward(f) for f in args.port]
     except ValueError as exc:
         parser.error(str(exc))
+    args.user = args.user or None  # an empty environment variable means "not given"
+    args.password = args.password or None
     if (args.user is None) != (args.password is None):
         parser.error("give both -u/--user and --password (or neither)")
     if args.channels and not any(f.remote == 80 for f in forwards):
