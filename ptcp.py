@@ -792,11 +792,16 @@ class Session:
         inflight = self._inflight
         acked = 0
         sample_at = None
+        retransmitted = False
         while inflight and ((ack - inflight[0].end) & MASK32) < HALF32:
             seg = inflight.popleft()
             acked += len(seg.body)
             if seg.tries == 1:
                 sample_at = seg.sent_at
+            else:
+                retransmitted = True
+        if retransmitted:
+            sample_at = None  # Karn: this ack may answer a retransmission
         self._snd_una = ack
         if not acked:
             return  # acknowledges part of a packet: wait for the rest
@@ -804,6 +809,9 @@ class Session:
         self._buffered -= acked
         if sample_at is not None:
             self._rtt_sample(now - sample_at)
+        elif self._srtt is not None:
+            # new data got through: drop the timer backoff (as Linux does)
+            self._rto = min(self.max_rto, max(self.min_rto, self._srtt + 4 * self._rttvar))
         self._dupacks = 0
         if self._recover is not None:
             if seq_lt(ack, self._recover) and inflight:
@@ -824,7 +832,14 @@ class Session:
     def _dupack(self, now: float) -> None:
         self._dupacks += 1
         if self._recover is None:
-            if self._dupacks == 3:
+            if self._dupacks < 3 and self._pending:
+                # RFC 3042 limited transmit: new data to earn the third duplicate ack
+                seg = self._pending.popleft()
+                self._transmit(seg, now)
+                self._inflight.append(seg)
+                self._inflight_bytes += len(seg.body)
+                self._tx_nxt = seg.end
+            elif self._dupacks == 3:
                 self.stats.fast_retransmits += 1
                 self._ssthresh = max(self._inflight_bytes // 2, 2 * self._mss)
                 self._cwnd = self._ssthresh + 3 * self._mss
@@ -881,6 +896,10 @@ class Session:
             self._rto_deadline = now + self._rto
         if self._next_heartbeat is not None and now >= self._next_heartbeat:
             self.send_heartbeat(now)
+            if self._pending:
+                # the heartbeat waits behind a full window: an empty packet shows
+                # the peer we are alive meanwhile (empty packets are never answered)
+                self._ack()
         if self._realm_deadline:
             for realm, t in list(self._realm_deadline.items()):
                 if now >= t:

@@ -11,6 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptcp import (
     MASK32,
@@ -536,3 +538,95 @@ def test_command_payload_vector_via_session():
     assert raw[24:] == bytes.fromhex(VECTORS["sign_request_body_hex"])
     p = decode_packet(raw)
     assert p.body == Command(0x17, b"") and p.pid == 0xFFFF
+
+
+def test_three_duplicate_acks_trigger_fast_retransmit_before_the_timer():
+    a, b = Session(now=0.0, heartbeat_interval=None), Session(now=0.0, heartbeat_interval=None)
+    realm = connect_pair(a, b)
+    a.send(realm, bytes(1280 * 6), 1.0)
+    out = a.datagrams_to_send()
+    assert len(out) == 6
+    lost = decode_packet(out[1])
+    for d in out[:1] + out[2:]:
+        b.receive_datagram(d, 1.01)
+    acks = b.datagrams_to_send()
+    assert [decode_packet(d).recv for d in acks[1:]] == [lost.sent] * 4  # duplicates
+    for d in acks:
+        a.receive_datagram(d, 1.02)
+    (re,) = decoded(a)
+    assert re.sent == lost.sent and re.body == lost.body
+    assert a.stats.fast_retransmits == 1 and a.stats.timeouts == 0
+    b.receive_datagram(encode_packet(re), 1.03)
+    got = b"".join(e.data for e in b.events() if isinstance(e, DataReceived))
+    assert got == bytes(1280 * 6)
+
+
+def test_out_of_order_buffer_is_bounded():
+    a = Session(now=0.0, heartbeat_interval=None)
+    b = Session(now=0.0, heartbeat_interval=None, max_out_of_order=3, max_ahead=6 * 1292)
+    realm = connect_pair(a, b)
+    a._cwnd = 1 << 20  # let everything out at once for this test
+    a.send(realm, bytes(range(256)) * 50, 1.0)
+    out = a.datagrams_to_send()
+    assert len(out) == 10
+    for d in out[1:]:
+        b.receive_datagram(d, 1.0)
+    assert len(b._ooo) == 3 and b.stats.dropped_ahead == 6
+    b.receive_datagram(out[0], 1.0)
+    assert b.recv == decode_packet(out[4]).sent  # 0 and the 3 held ones delivered
+    # the sender recovers the dropped ones by itself
+    _, got, _ = run_bulk(a, b, realm, Link(seed=4, loss=0, dup=0), 0, seed=0, t0=2.0)
+    assert got[1] == bytes(range(256)) * 50
+    assert b.recv == a.sent and a.unacked_bytes == 0
+
+
+def test_ack_beyond_what_was_sent_acknowledges_everything():
+    s = Session(now=0.0, heartbeat_interval=None)
+    s.send_syn(0.0)
+    s.send_command(0x17, b"", 0.0)
+    s.datagrams_to_send()
+    s.receive_datagram(pkt(0, 16 + 16, 0, 1), 0.1)  # a public tool counted a duplicate
+    assert s.unacked_bytes == 0 and s.stats.ack_beyond == 1
+    assert s.next_deadline() == pytest.approx(60.1)  # no retransmission timer left
+
+
+def test_old_acks_and_old_lmids_are_harmless():
+    a, b = Session(now=0.0), Session(now=0.0)
+    realm = connect_pair(a, b)
+    rmid = a.rmid
+    # stale: acknowledges nothing new and carries an older lmid
+    a.receive_datagram(pkt(b.sent, 0, (rmid - 5) & MASK32, 0), 0.0)
+    assert a.rmid == rmid and a.unacked_bytes == 0
+    a.send(realm, b"abc", 0.0)
+    shuttle(a, b, 0.0)
+    assert DataReceived(realm, b"abc") in b.events()
+
+
+def test_dead_session_refuses_new_work():
+    s = Session(now=0.0, dead_after=1.0)
+    s.handle_timers(1.0)
+    assert s.dead
+    with pytest.raises(PTCPError):
+        s.open_realm(554, 1.0)
+    s.receive_datagram(pkt(0, 0, 0, 0, Heartbeat()), 2.0)
+    assert s.events() == [PeerDead(1.0)] and s.datagrams_to_send() == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    loss=st.floats(0, 0.25),
+    dup=st.floats(0, 0.2),
+    reorder=st.floats(0, 0.5),
+    size=st.integers(0, 100_000),
+    max_data=st.integers(32, 1400),
+    start=st.integers(0, MASK32),
+)
+def test_any_link_any_start_delivers_byte_exact(seed, loss, dup, reorder, size, max_data, start):
+    opts = {"max_data": max_data, "window_bytes": 64 * 1024 + max_data}
+    a = Session(now=0.0, initial_sent=start, initial_recv=start ^ 0x5555, **opts)
+    b = Session(now=0.0, initial_sent=start ^ 0x5555, initial_recv=start, **opts)
+    realm = connect_pair(a, b)
+    link = Link(seed=seed, loss=loss, dup=dup, reorder=reorder)
+    src, got, _ = run_bulk(a, b, realm, link, size, seed=seed)
+    assert got[1] == src[0] and got[0] == src[1]
