@@ -1080,7 +1080,9 @@ class PTCPTunnel:
         self.sock = sock
         self.peer = peer
         self.clock = clock
-        self.session = session or Session(now=clock(), **session_options)  # type: ignore[arg-type]
+        self.session = (
+            session if session is not None else Session(now=clock(), **session_options)  # type: ignore[arg-type]
+        )
         self.on_bind = on_bind
         self.on_event = on_event
         self.on_dead = on_dead
@@ -1196,7 +1198,8 @@ class PTCPTunnel:
             self._bridges[realm] = bridge
             self._flush()
             self._wake_locked()
-        bridge.opened.wait()
+        if not bridge.opened.wait(timeout + 5.0):  # the Session's own timer should fire first
+            bridge.set_opened("timeout")
         if bridge.open_result != "connected":
             bridge.abort()
             raise PTCPError(f"bind to port {remote_port} failed: {bridge.open_result or 'closed'}")

@@ -259,3 +259,28 @@ def test_client_that_stops_reading_is_disconnected_others_finish(spawn, echo):
         assert conn.stop() == 0 and serve.stop() == 0
     finally:
         bulk.close()
+
+
+def test_cli_help_and_usage_errors():
+    import subprocess
+
+    ok = subprocess.run([sys.executable, PTCP, "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "serve" in ok.stdout and "connect" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, PTCP, "serve", "--map", "nonsense"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "PORT=HOST:PORT" in bad.stderr
+
+
+def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn):
+    import json
+
+    vectors = json.loads((REPO.parent / "shared" / "vectors.json").read_text())["ptcp"]
+    with udp_socket() as silent:
+        silent.settimeout(20)
+        port = silent.getsockname()[1]
+        proc = spawn([sys.executable, PTCP, "connect", f"--peer=127.0.0.1:{port}", "--timeout=1"])
+        first, _addr = silent.recvfrom(2048)
+        assert first == bytes.fromhex(vectors["syn_hex"])
+        assert proc.wait(timeout=20) == 3
+    assert "no SYN" in proc.output
