@@ -1359,6 +1359,8 @@ class Channel:
         finally:
             sel.close()
         self.fail(reason)
+        for sock in self._socks:
+            sock.close()
 
     def _fan_out(self, frame: SamsungFrame) -> None:
         media = self.media.on_frame(frame)
@@ -1452,9 +1454,10 @@ class Channel:
     # ---- ending
     def fail(self, reason: str, disconnect: bool = True) -> None:
         """End the DVR session; every client of this channel is disconnected."""
-        if self._stop.is_set():
-            return
         with self.lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
             if self.failed is None:
                 self.failed = reason
             viewers = list(self.holders | self.active | self.waiting)
@@ -1463,12 +1466,12 @@ class Channel:
             self.holders.clear()
             self.active.clear()
             self.waiting.clear()
-        self._stop.set()
         self.server.forget(self)
+        pump = self._thread
         for sock in self._socks:
-            _shutdown(sock)
-            sock.close()
-        self._socks = []
+            _shutdown(sock)  # wakes the pump, which closes them itself
+            if pump is None or pump is threading.current_thread():
+                sock.close()
         keeper, self.keeper = self.keeper, None
         if keeper is not None:
             self.server.keepers.release(keeper, self.creds)
