@@ -520,64 +520,68 @@ class Emulator:
     # -- loop ----------------------------------------------------------------
 
     def _run(self) -> None:
-        by_fd = {s.fileno(): name for name, s in self.socks.items()}
-        next_stray = time.monotonic() + 0.5
+        names = {s: name for name, s in self.socks.items()}
+        self._next_stray = time.monotonic() + 0.5
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                due = []
-                while self._timers and self._timers[0][0] <= now:
-                    due.append(heapq.heappop(self._timers)[2])
-                timeout = min(0.05, max(0.0, self._timers[0][0] - now)) if self._timers else 0.05
-            for fn in due:
-                fn()
-            tcp: dict[int, tuple[PeerSession, socket.socket]] = {}
-            writers: dict[int, tuple[PeerSession, int]] = {}
-            for session in self.sessions.values():
-                for realm, conn in list(session.realms.items()):
-                    if session.window_open():
-                        tcp[conn.sock.fileno()] = (session, conn.sock)
-                    if conn.out:
-                        writers[conn.sock.fileno()] = (session, realm)
-            rlist = [*self.socks.values(), self._wake_r, *(c for _, c in tcp.values())]
-            wlist = [session.realms[realm].sock for session, realm in writers.values()]
             try:
-                ready, writable, _ = select.select(rlist, wlist, [], timeout)
-            except (OSError, ValueError):
+                self._iteration(names)
+            except Exception as exc:  # an emulator bug must show up, not hang the test
+                log.exception("emulator error")
+                self.violation(f"emulator loop error: {exc!r}")
+
+    def _iteration(self, names: dict[socket.socket, str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = []
+            while self._timers and self._timers[0][0] <= now:
+                due.append(heapq.heappop(self._timers)[2])
+            timeout = min(0.05, max(0.0, self._timers[0][0] - now)) if self._timers else 0.05
+        for fn in due:
+            fn()
+        tcp: dict[socket.socket, PeerSession] = {}
+        writers: dict[socket.socket, tuple[PeerSession, int]] = {}
+        for session in self.sessions.values():
+            for realm, conn in list(session.realms.items()):
+                if session.window_open():
+                    tcp[conn.sock] = session
+                if conn.out:
+                    writers[conn.sock] = (session, realm)
+        rlist = [*self.socks.values(), self._wake_r, *tcp]
+        wlist = list(writers)
+        try:
+            ready, writable, _ = select.select(rlist, wlist, [], timeout)
+        except (OSError, ValueError):
+            return
+        for sock in writable:
+            session, realm = writers[sock]
+            conn = session.realms.get(realm)
+            if conn is not None and not conn.flush():
+                session._close_realm(realm, notify=True)
+        for sock in ready:
+            if sock is self._wake_r:
+                self._wake_r.recv(4096)
                 continue
-            for sock in writable:
-                session, realm = writers[sock.fileno()]
-                conn = session.realms.get(realm)
-                if conn is not None and not conn.flush():
-                    session._close_realm(realm, notify=True)
-            for sock in ready:
-                if sock is self._wake_r:
-                    self._wake_r.recv(4096)
-                    continue
-                name = by_fd.get(sock.fileno())
-                if name is None:
-                    session, conn = tcp[sock.fileno()]
-                    session.pump_tcp(conn)
-                    continue
-                for _ in range(64):
-                    try:
-                        data, addr = sock.recvfrom(65536)
-                    except (BlockingIOError, ConnectionRefusedError):
-                        break
-                    except OSError:
-                        break
-                    try:
-                        self._datagram(name, sock, data, addr)
-                    except Exception as exc:  # an emulator bug must not kill the loop
-                        log.exception("emulator error")
-                        self.violation(f"emulator crashed on a datagram to {name}: {exc!r}")
-            now = time.monotonic()
-            for session in list(self.sessions.values()):
-                session.tick(now)
-            self._flush_held()
-            if self.stray and now >= next_stray:
-                next_stray = now + 0.5
-                self._send_stray()
+            name = names.get(sock)
+            if name is None:
+                tcp[sock].pump_tcp(sock)  # a no-op when the realm closed meanwhile
+                continue
+            for _ in range(64):
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except OSError:  # drained (BlockingIOError) or an ICMP error
+                    break
+                try:
+                    self._datagram(name, sock, data, addr)
+                except Exception as exc:  # an emulator bug must not kill the loop
+                    log.exception("emulator error")
+                    self.violation(f"emulator crashed on a datagram to {name}: {exc!r}")
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            session.tick(now)
+        self._flush_held()
+        if self.stray and now >= self._next_stray:
+            self._next_stray = now + 0.5
+            self._send_stray()
 
     # -- device datagram impairments -----------------------------------------
 
