@@ -175,6 +175,7 @@ class EmulatedDVR:
         self.plays = 0
         self.frames_sent = 0
         self.dead = False
+        self.tokens_seen: set[str] = set()  # so tests can check that no log shows one
         self._violations: list[str] = []
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
@@ -358,6 +359,9 @@ class EmulatedDVR:
             return None
         token = values.get("Authorization", "")
         token_ok = self.dcp is not None and self.dcp.is_token_valid(token)
+        if token_ok:
+            with self._lock:
+                self.tokens_seen.add(token)
         channel = int(match.group(1))
         if method == "DESCRIBE":
             extra = [n for n in names if n.lower() not in DESCRIBE_ALLOWED]

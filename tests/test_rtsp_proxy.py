@@ -310,7 +310,11 @@ def test_client_credentials_with_ffprobe(proxied) -> None:
 
 
 def test_dvr_reboot_ends_sessions_and_proxy_recovers(proxied) -> None:
-    dvr, proc, address = proxied("tcp", "--username", "admin", "--password", "4321", env={})
+    password = "Pw-9zq!x"
+    users = {"admin": password}
+    dvr, proc, address = proxied(
+        "tcp", "-v", "--username", "admin", env={"SV_PASS": password}, users=users
+    )
     raw = RawRTSP(address)
     try:
         raw.play_tcp()
@@ -326,9 +330,13 @@ def test_dvr_reboot_ends_sessions_and_proxy_recovers(proxied) -> None:
         again.play_tcp()
         for _ in range(50):
             again.read_interleaved()
+    assert proc.popen.poll() is None
     assert dvr.dcp.logins == 2
     assert_clean(dvr, sessions=2)
-    assert "4321" not in proc.output
+    # debug logging (-vv) shows neither the password nor a token
+    assert len(dvr.tokens_seen) == 2
+    for secret in (password, *dvr.tokens_seen):
+        assert secret not in proc.output
 
 
 def test_unreachable_dvr_gives_503_and_proxy_keeps_running(spawn, start_proxy) -> None:  # noqa: F811
@@ -377,3 +385,20 @@ def test_parse_hostport() -> None:
     with pytest.raises(ValueError):
         rtsp_proxy.parse_hostport("h:99999", "", 554)
 
+
+
+def test_library_use_in_process(dvr_factory, h264_small) -> None:  # noqa: F811
+    dvr = dvr_factory("udp", h264=h264_small)
+    server = rtsp_proxy.ProxyServer(
+        ("127.0.0.1", 0), (dvr.host, dvr.rtsp_port), username="admin", password="4321", linger=0
+    )
+    with server:
+        address = "{}:{}".format(*server.address)
+        with RawRTSP(address) as raw:
+            info = raw.play_tcp(url=f"rtsp://{address}/live.007")
+            assert info["rtp-info"].startswith(f"url=rtsp://{address}/live.007;seq=")
+            for _ in range(20):
+                raw.read_interleaved()
+            assert server.channel_count == 1
+        wait_until(lambda: server.channel_count == 0, what="the channel to close")
+    assert_clean(dvr)

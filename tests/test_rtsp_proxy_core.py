@@ -430,3 +430,55 @@ def test_channel_media_late_joiner_packets() -> None:
     inter = bare.interleaved(2)
     assert inter[:2] == b"$\x02" and inter is bare.interleaved(2)
     assert int.from_bytes(inter[2:4], "big") == len(bare.packets[0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(["DESCRIBE", "SETUP", "PLAY"]))
+def test_dvr_reply_parser_only_raises_its_error(data: bytes, method: str) -> None:
+    dvr = rp.DVRConnection("h", 554, 0, "T")
+    dvr.session = "S"
+    dvr.pending = method
+    try:
+        dvr.receive_data(data)
+        dvr.receive_data(b"\r\n\r\n")
+    except rp.DVRError:
+        pass
+
+
+_METHODS = ["OPTIONS", "DESCRIBE", "SETUP", "PLAY", "PAUSE", "TEARDOWN", "GET_PARAMETER", "X"]
+_HEADERS = st.sampled_from(
+    [
+        "Session: 1",
+        "Transport: RTP/AVP;unicast;client_port=1-2",
+        "Transport: RTP/AVP/TCP;interleaved=300-301",
+        "Transport: x;;;=",
+        "Authorization: Basic !!",
+        "Authorization: Basic YTpi",
+        "Session: ;;",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(_METHODS),
+            st.sampled_from(["rtsp://h/live.000", "rtsp://h/x", "*", "rtsp://h/live.999"]),
+            st.lists(_HEADERS, max_size=3),
+        ),
+        max_size=8,
+    ),
+    st.booleans(),
+)
+def test_client_protocol_always_answers(steps, required: bool) -> None:
+    proto = rp.ClientProtocol(credentials_required=required)
+    for cseq, (method, url, headers) in enumerate(steps, 1):
+        text = "\n".join([f"{method} {url} RTSP/1.0", f"CSeq: {cseq}", *headers])
+        action = proto.handle(_req(text))
+        if isinstance(action, rp.Reply):
+            assert f"CSeq: {cseq}\r\n".encode() in action.data
+        elif isinstance(action, rp.NeedSetup):
+            proto.setup_reply(action.request, action.channel, action.transport, 1, (2, 3))
+        elif isinstance(action, rp.NeedDescribe):
+            assert required == (action.credentials is not None)
