@@ -661,6 +661,8 @@ def parse_channel_titles(text: str) -> dict[int, str]:
 class Client:
     """Runs handshakes and tunnels; listeners stay open across reconnects."""
 
+    fallback_port = 1554  # for the default 554 forward when binding 554 is not permitted
+
     def __init__(self, args: argparse.Namespace, cloud: tuple[str, int]) -> None:
         self.args = args
         self.cloud = cloud
@@ -747,9 +749,10 @@ class Client:
             except PermissionError:
                 if fwd.explicit:
                     raise
-                fallback = Forward(fwd.bind, 1554, fwd.remote, False)
+                fallback = Forward(fwd.bind, self.fallback_port, fwd.remote, False)
                 print(
-                    f"notice: port {fwd.local} is not permitted; listening on 1554 instead",
+                    f"notice: port {fwd.local} is not permitted; "
+                    f"listening on {fallback.local} instead",
                     file=sys.stderr,
                     flush=True,
                 )

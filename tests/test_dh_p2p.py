@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -359,3 +360,27 @@ def test_help_mentions_env_and_exit_codes(capsys) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "DH_P2P_PASSWORD" in out and "--relay" in out and "Exit codes" in out
+
+
+def test_default_forward_falls_back_when_554_is_not_permitted(monkeypatch, capsys) -> None:
+    from conftest import free_port
+
+    real = socket.create_server
+
+    def fake(address, *args, **kw):
+        if address[1] == 554:
+            raise PermissionError(13, "Permission denied")
+        return real(address, *args, **kw)
+
+    monkeypatch.setattr(socket, "create_server", fake)
+    client = dh_p2p.Client(dh_p2p.build_parser().parse_args(["SN"]), CLOUD)
+    client.fallback_port = free_port()
+    try:
+        client.open_listeners([dh_p2p.Forward("127.0.0.1", 554, 554, explicit=False)])
+        ((_lst, fwd),) = client.listeners
+        assert (fwd.local, fwd.remote) == (client.fallback_port, 554)
+        assert f"listening on {client.fallback_port} instead" in capsys.readouterr().err
+        with pytest.raises(PermissionError):  # an explicit -p 554:554 is not silently moved
+            client.open_listeners([dh_p2p.Forward("127.0.0.1", 554, 554)])
+    finally:
+        client.shutdown()

@@ -263,3 +263,13 @@ def test_channels_lists_titles_and_urls(spawn, emulator, services) -> None:
     assert any("ChannelTitle" in p for p in services["http"].paths)
     assert "admin123" not in out
     assert emu.violations == []
+
+
+def test_cloud_credentials_from_environment(spawn, emulator) -> None:
+    emu = emulator()
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"{free_port()}:{ECHO_PORT}")
+    proc = spawn(argv + ["--retries", "0"], env={"DH_P2P_CLOUD_KEY": "not-the-key"})
+    assert proc.wait(30) == 5
+    assert "cloud refused /probe/p2psrv (401)" in proc.output
+    assert any("bad WSSE" in v for v in emu.violations)
+    assert "not-the-key" not in proc.output
