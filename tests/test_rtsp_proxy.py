@@ -309,7 +309,8 @@ def test_client_credentials_with_ffprobe(proxied) -> None:
     assert_clean(dvr)
 
 
-def test_dvr_reboot_ends_sessions_and_proxy_recovers(proxied) -> None:
+@pytest.mark.parametrize("event", ["reboot", "dcp-drop"])
+def test_dvr_reboot_ends_sessions_and_proxy_recovers(proxied, event: str) -> None:
     password = "Pw-9zq!x"
     users = {"admin": password}
     dvr, proc, address = proxied(
@@ -319,7 +320,10 @@ def test_dvr_reboot_ends_sessions_and_proxy_recovers(proxied) -> None:
     try:
         raw.play_tcp()
         raw.read_interleaved()
-        dvr.reboot()
+        if event == "reboot":
+            dvr.reboot()
+        else:
+            dvr.dcp.drop_connections()  # the token dies with its DCP connection
         with pytest.raises((ConnectionError, OSError)):
             while True:
                 raw._fill()
