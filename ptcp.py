@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import os
 import random
-import select
 import socket
 import struct
 import sys
@@ -1099,9 +1097,9 @@ class PTCPTunnel:
         self._threads: list[threading.Thread] = []
         self._stop = False
         self._sleep_until = float("inf")
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._timer = threading.Condition(self._lock)
+        self._space_waiters = 0
+        self._dispatching = threading.Lock()  # keeps event order across the two threads
         sock.settimeout(None)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
@@ -1109,6 +1107,9 @@ class PTCPTunnel:
             except OSError:
                 pass
         self._io_thread = threading.Thread(target=self._io_loop, name="ptcp-io", daemon=True)
+        self._timer_thread = threading.Thread(
+            target=self._timer_loop, name="ptcp-timer", daemon=True
+        )
 
     # -- lifecycle --------------------------------------------------------
 
@@ -1119,6 +1120,7 @@ class PTCPTunnel:
             events = self.session.events()
         self._dispatch(events)
         self._io_thread.start()
+        self._timer_thread.start()
         return self
 
     def __enter__(self) -> PTCPTunnel:
@@ -1138,6 +1140,7 @@ class PTCPTunnel:
             self._flush()
             self._wake_locked()
             limit = now + timeout
+            self._space_waiters += 1
             while (
                 self._io_thread.is_alive()
                 and self.session.unacked_bytes
@@ -1145,13 +1148,19 @@ class PTCPTunnel:
                 and self.clock() < limit
             ):
                 self._space.wait(max(0.0, limit - self.clock()))
+            self._space_waiters -= 1
             self._stop = True
             self._space.notify_all()
+            self._timer.notify_all()
             bridges = list(self._bridges.values())
             self._bridges.clear()
-        self._wake()
+        me = threading.current_thread()  # close() may run from an on_event/on_dead callback
         if self._io_thread.is_alive():
-            self._io_thread.join()
+            self._wake_receiver()
+            if self._io_thread is not me:
+                self._io_thread.join()
+        if self._timer_thread.is_alive() and self._timer_thread is not me:
+            self._timer_thread.join()
         for lst in self._listeners:
             _shutdown_close(lst)
         for bridge in bridges:
@@ -1161,8 +1170,6 @@ class PTCPTunnel:
                 t.join(timeout)
         if self.own_socket:
             self.sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
         self.closed.set()
 
     def send_syn(self) -> None:
@@ -1279,7 +1286,9 @@ class PTCPTunnel:
                 self._flush()
                 if pos >= n:
                     break
+                self._space_waiters += 1
                 self._space.wait()
+                self._space_waiters -= 1
             self._wake_locked()
         return True
 
@@ -1309,71 +1318,103 @@ class PTCPTunnel:
         self.stats.datagrams_out += len(out)
 
     def _wake_locked(self) -> None:
+        """(lock held) Wake the timer thread if the Session now has an earlier deadline."""
         deadline = self.session.next_deadline()
         if deadline is not None and deadline < self._sleep_until:
-            self._wake()
+            self._timer.notify()
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+    def _timer_loop(self) -> None:
+        session = self.session
+        while True:
+            with self._timer:
+                while True:
+                    if self._stop:
+                        return
+                    deadline = session.next_deadline()
+                    now = self.clock()
+                    if deadline is not None and now >= deadline:
+                        break
+                    self._sleep_until = float("inf") if deadline is None else deadline
+                    self._timer.wait(None if deadline is None else deadline - now)
+                self._sleep_until = float("-inf")  # busy: nobody needs to wake us
+            with self._dispatching:
+                with self._lock:
+                    session.handle_timers(self.clock())
+                    self._flush()
+                    events = session.events()
+                    if self._space_waiters:
+                        self._space.notify_all()
+                if events:
+                    self._dispatch(events)
 
     def _io_loop(self) -> None:
         sock, session, stats = self.sock, self.session, self.stats
-        peer = self.peer
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
         recvfrom, dontwait = sock.recvfrom, socket.MSG_DONTWAIT
-        peer_ok = {peer}
+        peer_ok = {self.peer}
         try:
-            peer_ok.add((socket.gethostbyname(peer[0]), peer[1]))
+            peer_ok.add((socket.gethostbyname(self.peer[0]), self.peer[1]))
         except OSError:
             pass
-        while not self._stop:
-            with self._lock:
-                deadline = session.next_deadline()
-                self._sleep_until = float("inf") if deadline is None else deadline
-            if deadline is None:
-                timeout_ms = None
-            else:
-                timeout_ms = max(0, int((deadline - self.clock()) * 1000) + 1)
-            for fd, _ev in poller.poll(timeout_ms):
-                if fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except OSError:
-                        pass
-            if self._stop:
-                break
+        while True:
             batch = []
-            for _ in range(_RECV_BATCH):
+            try:
+                data, addr = recvfrom(65536)  # blocks; close() wakes it
+            except OSError:  # e.g. ICMP port unreachable reported on the socket
+                addr = None
+                if not self._stop:
+                    stats.send_errors += 1
+            if self._stop:
+                return
+            if addr in peer_ok:
+                batch.append(data)
+            elif addr is not None:
+                stats.stray += 1
+            for _ in range(_RECV_BATCH - 1):  # take what else is already there
                 try:
                     data, addr = recvfrom(65536, dontwait)
                 except BlockingIOError:
                     break
-                except OSError:  # e.g. ICMP port unreachable reported on the socket
+                except OSError:
                     stats.send_errors += 1
                     continue
                 if addr in peer_ok:
                     batch.append(data)
                 else:
                     stats.stray += 1
+            if not batch:
+                continue
             stats.datagrams_in += len(batch)
-            with self._space:
-                now = self.clock()
-                for data in batch:
-                    try:
-                        session.receive_datagram(data, now)
-                    except PTCPError:
-                        stats.stray += 1
-                session.handle_timers(now)
-                self._flush()
-                events = session.events()
-                self._space.notify_all()
-            if events:
-                self._dispatch(events)
+            with self._dispatching:
+                with self._lock:
+                    now = self.clock()
+                    for data in batch:
+                        try:
+                            session.receive_datagram(data, now)
+                        except PTCPError:
+                            stats.stray += 1
+                    self._flush()
+                    events = session.events()
+                    if self._space_waiters:
+                        self._space.notify_all()
+                    self._wake_locked()
+                if events:
+                    self._dispatch(events)
+
+    def _wake_receiver(self) -> None:
+        """Unblock the I/O thread's recvfrom (after _stop is set)."""
+        try:
+            connected = self.sock.getpeername() is not None
+        except OSError:
+            connected = False
+        if self.own_socket or connected:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)  # wakes readers even when it reports ENOTCONN
+            except OSError:
+                pass
+            return
+        host, port = self.sock.getsockname()[:2]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as poke:
+            poke.sendto(b"", ("127.0.0.1" if host == "0.0.0.0" else host, port))
 
     def _dispatch(self, events: list[Event]) -> None:
         bridges = self._bridges
