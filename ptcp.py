@@ -374,7 +374,17 @@ class Session:
     Every method that may produce output takes ``now`` (a monotonic time in
     seconds); collect the output with :meth:`datagrams_to_send` and
     :meth:`events`, and call :meth:`handle_timers` at :meth:`next_deadline`.
-    ``sent``/``recv``/``lmid`` may start anywhere (the counters wrap modulo 2^32).
+
+    Every non-empty body (SYN, bind, status, heartbeat, command, data) is one
+    stretch ``[sent, sent + len(body))`` of a byte stream per direction: the
+    receiver delivers in offset order, holds early packets (at most
+    ``max_out_of_order`` packets, ``max_ahead`` bytes ahead) and acknowledges
+    contiguous bytes only; the sender keeps unacknowledged bodies (at most
+    ``window_bytes``, that is what :meth:`send` accepts), limits what is in
+    flight with a NewReno congestion window, and retransmits after an RFC 6298
+    timeout (``min_rto``..``max_rto``) or three duplicate acks.  ``initial_*``
+    let the counters start anywhere; they wrap modulo 2^32.  ``rng`` draws realm
+    ids.  ``open_timeout`` bounds the wait for CONN (and for the DISC answer).
     """
 
     def __init__(
@@ -618,11 +628,11 @@ class Session:
         """Queue realm bytes in bodies of at most max_data; returns how many the window took."""
         if self._realms.get(realm) != OPEN or self._dead:
             raise PTCPError(f"realm {realm:#x} is not open")
-        take = min(len(data), self.window_bytes - self._buffered)
-        if take <= 0:
-            return 0
-        view = memoryview(data)
         step = self.max_data
+        take = min(len(data), self.window_bytes - self._buffered)
+        if take <= 0 or (take < step and take < len(data)):
+            return 0  # wait for room for a full body rather than send slivers
+        view = memoryview(data)
         pack = _REALM_HEAD.pack
         segs = self._pending
         off = self._next_off

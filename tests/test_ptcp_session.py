@@ -630,3 +630,12 @@ def test_any_link_any_start_delivers_byte_exact(seed, loss, dup, reorder, size, 
     link = Link(seed=seed, loss=loss, dup=dup, reorder=reorder)
     src, got, _ = run_bulk(a, b, realm, link, size, seed=seed)
     assert got[1] == src[0] and got[0] == src[1]
+
+
+def test_send_waits_for_room_for_a_full_body():
+    a, b = Session(now=0.0, window_bytes=10 * 1292 + 100), Session(now=0.0)
+    realm = connect_pair(a, b)
+    assert a.send(realm, bytes(10 * 1280), 0.0) == 10 * 1280
+    assert a.send_space == 100
+    assert a.send(realm, bytes(5000), 0.0) == 0  # no sliver bodies
+    assert a.send(realm, bytes(50), 0.0) == 50  # but a small write that fits goes
