@@ -158,14 +158,10 @@ def build_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + payload
 
 
-@dataclass
-class Request:
-    """A parsed DHGET/DHPOST request (used by emulators and for logging)."""
+class _Headers:
+    """Header lookup shared by requests and replies."""
 
-    method: str
-    path: str
     headers: list[tuple[str, str]]
-    body: str = ""
 
     def header(self, name: str) -> str | None:
         """First value of header ``name`` (case-insensitive), or None."""
@@ -179,9 +175,19 @@ class Request:
     def cseq(self) -> int | None:
         """The CSeq as an integer, or None when absent or malformed."""
         value = self.header("CSeq")
-        if value is None or not value.isdigit():
+        if value is None or not value.isdigit() or not value.isascii():
             return None
         return int(value)
+
+
+@dataclass
+class Request(_Headers):
+    """A parsed DHGET/DHPOST request (used by emulators and for logging)."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: str = ""
 
     @property
     def fields(self) -> dict[str, str]:
@@ -273,7 +279,7 @@ def parse_request(data: bytes) -> Request:
 
 
 @dataclass
-class Reply:
+class Reply(_Headers):
     """A parsed cloud/device reply: status, headers, body and its XML fields."""
 
     code: int
@@ -281,22 +287,6 @@ class Reply:
     headers: list[tuple[str, str]]
     body: str = ""
     fields: dict[str, str] = field(default_factory=dict)
-
-    def header(self, name: str) -> str | None:
-        """First value of header ``name`` (case-insensitive), or None."""
-        low = name.lower()
-        for key, value in self.headers:
-            if key.lower() == low:
-                return value
-        return None
-
-    @property
-    def cseq(self) -> int | None:
-        """The CSeq as an integer, or None when absent or malformed."""
-        value = self.header("CSeq")
-        if value is None or not value.isdigit() or not value.isascii():
-            return None
-        return int(value)
 
     @property
     def provisional(self) -> bool:

@@ -102,12 +102,10 @@ class DigestHTTPServer:
         self.httpd.server_close()
 
 
-class PatternServer:
-    """Sends ``size`` bytes of a seeded pseudo-random stream to each client, then closes."""
+class TcpService:
+    """A loopback TCP server running ``serve(conn)`` on a thread per connection."""
 
-    def __init__(self, size: int, seed: int = 7) -> None:
-        self.size = size
-        self.data = pattern(size, seed)
+    def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -118,17 +116,39 @@ class PatternServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _run(self, conn: socket.socket) -> None:
         with conn:
             try:
-                conn.sendall(self.data)
+                self.serve(conn)
             except OSError:
                 pass
 
+    def serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         self.sock.close()
+
+
+class EchoServer(TcpService):
+    """Echoes every byte back (both directions of the tunnel at once)."""
+
+    def serve(self, conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+class PatternServer(TcpService):
+    """Sends ``size`` bytes of a seeded pseudo-random stream to each client, then closes."""
+
+    def __init__(self, size: int, seed: int = 7) -> None:
+        self.data = pattern(size, seed)
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        conn.sendall(self.data)
 
 
 def pattern(size: int, seed: int = 7) -> bytes:

@@ -943,44 +943,6 @@ class Emulator:
         return any(e["sign"] == sign for e in self.relay_tokens.values() if e["sign"])
 
 
-# ---------------------------------------------------------------------------
-# Local TCP services the device's binds connect to
-# ---------------------------------------------------------------------------
-
-
-class EchoServer:
-    """A TCP echo server (bulk transfers through the tunnel)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    conn.sendall(data)
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the emulator until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

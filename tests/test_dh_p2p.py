@@ -190,8 +190,11 @@ def test_relay_mode_completes_over_the_agent() -> None:
     assert hs.result.token == "tok1"
 
 
-def test_auto_falls_back_to_relay_when_punch_unanswered() -> None:
-    hs = make(mode="auto", punch_timeout=5.0)
+def drive_to_punch(hs: Handshake) -> ptcp.Session:
+    """Signalling, relay-channel and the agent's sign; returns the agent's session.
+
+    Afterwards the handshake has queued its first punches (not yet collected).
+    """
     seen = drive_to_channel(hs)
     sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
     body = helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": "127.0.0.1:40001"})
@@ -200,14 +203,18 @@ def test_auto_falls_back_to_relay_when_punch_unanswered() -> None:
     answer(hs, sock, addr, rc)
     hs.receive(RELAY, AGENT, b"Server Nat Info!", 0.0)
     agent = _agent_session()
-    # the sign arrives; punches go to both device addresses
     for _sock, _addr, data in hs.datagrams_to_send():
         agent.receive_datagram(data, 0.0)
-    for ev in agent.events():
-        if isinstance(ev, ptcp.CommandReceived):
-            agent.send_command(0x18, b"SIGN1234", 0.0)
+    agent.events()
+    agent.send_command(0x18, b"SIGN1234", 0.0)
     for data in agent.datagrams_to_send():
         hs.receive(RELAY, AGENT, data, 0.0)
+    return agent
+
+
+def test_auto_falls_back_to_relay_when_punch_unanswered() -> None:
+    hs = make(mode="auto", punch_timeout=5.0)
+    agent = drive_to_punch(hs)
     punches = [(a, helpers.parse_punch(d)) for s, a, d in hs.datagrams_to_send() if s == MAIN]
     assert {a for a, _ in punches} == {DEV_PUB, DEV_LAN}
     for _, msg in punches:
@@ -226,20 +233,7 @@ def test_auto_falls_back_to_relay_when_punch_unanswered() -> None:
 
 def test_direct_punch_answer_uses_device_transaction_and_local_addr() -> None:
     hs = make(mode="direct")
-    seen = drive_to_channel(hs)
-    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
-    body = helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": "127.0.0.1:40001"})
-    answer(hs, sock, addr, chan, body=body)
-    ((sock, addr, rc),) = sent(hs)
-    answer(hs, sock, addr, rc)
-    hs.receive(RELAY, AGENT, b"Server Nat Info!", 0.0)
-    agent = _agent_session()
-    for _sock, _addr, data in hs.datagrams_to_send():
-        agent.receive_datagram(data, 0.0)
-    agent.events()
-    agent.send_command(0x18, b"SIGN1234", 0.0)
-    for data in agent.datagrams_to_send():
-        hs.receive(RELAY, AGENT, data, 0.0)
+    drive_to_punch(hs)
     hs.datagrams_to_send()
     tid = bytes(range(12))
     device_req = helpers.StunMessage(1, b"abcd", tid, {helpers.ATTR_ICE_CONTROLLED: hs.identify})

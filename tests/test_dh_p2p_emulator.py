@@ -8,9 +8,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from _p2p_support import EchoServer
 
 import helpers
-from p2p_emulator import EchoServer, Emulator
+from p2p_emulator import Emulator
 
 HDR = struct.Struct("!4sIIIII")
 

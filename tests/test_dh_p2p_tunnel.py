@@ -14,6 +14,7 @@ import pytest
 from _p2p_support import (
     CHANNEL_TITLES,
     DigestHTTPServer,
+    EchoServer,
     PatternServer,
     dh_p2p_argv,
     pattern,
@@ -21,7 +22,7 @@ from _p2p_support import (
 )
 
 from conftest import free_port
-from p2p_emulator import EchoServer, Emulator
+from p2p_emulator import Emulator
 
 ECHO_PORT = 9000  # device-side port numbers the emulator maps to local services
 BULK_PORT = 9001
