@@ -285,11 +285,13 @@ local f = {
     realm_bind = ProtoField.framenum("ptcp.realm.bind_frame", "Realm bound in frame"),
     reassembled = ProtoField.framenum("ptcp.reassembled_in", "Continued, reassembled in frame"),
     retransmission = ProtoField.bool("ptcp.retransmission", "Retransmission"),
+    held_in = ProtoField.framenum("ptcp.ooo.dissected_in", "Out of order: dissected in frame"),
+    held_from = ProtoField.framenum("ptcp.ooo.body_of", "Held body of frame, in order now"),
 }
 ptcp.fields = {
     f.magic, f.sent, f.recv, f.pid, f.lmid, f.rmid, f.body, f.ptype, f.length, f.syn, f.realm,
     f.reserved, f.bind_port, f.bind_ip, f.status, f.data, f.sign, f.realm_port, f.realm_bind,
-    f.reassembled, f.retransmission,
+    f.reassembled, f.retransmission, f.held_in, f.held_from,
 }
 
 local e = {
@@ -312,17 +314,22 @@ e.retransmitted = ProtoExpert.new("ptcp.retransmitted",
     expert.group.SEQUENCE, expert.severity.NOTE)
 e.gap = ProtoExpert.new("ptcp.gap", "Body bytes missing before this packet (not captured)",
     expert.group.SEQUENCE, expert.severity.WARN)
+e.out_of_order = ProtoExpert.new("ptcp.out_of_order",
+    "Out of order: body bytes missing before this packet",
+    expert.group.SEQUENCE, expert.severity.NOTE)
 ptcp.experts = {
     e.short, e.short_body, e.bad_length, e.bad_syn, e.unknown_type, e.unknown_realm,
-    e.retransmitted, e.gap,
+    e.retransmitted, e.gap, e.out_of_order,
 }
 
 -- State learnt on the first pass, in capture order:
 --   binds[conv][realm] = { port = n, frame = n }   (from bind packets)
---   streams[conv|realm|sender] = { pending = bytes, need = n, waiting = {frames} }
---   frames[frame number] = what was decided for that frame (reused on later passes)
---   senders[conv|sender] = { next = sent value expected next, gen = n }
---   seqs[frame number] = { retrans = bool, gap = n, gen = n } from the sent counters
+--   streams[conv|realm|sender|gen] = { pending = bytes, need = n, waiting = {slots} }
+--   frames[slot] = what was decided for one piece of realm data (reused on later
+--                  passes); slot = "frame:0" for a packet's own data, "frame:aN" and
+--                  "frame:bN" for held bodies dissected in that frame
+--   senders[conv|sender] = { next = sent value expected next, gen = n, held = {} }
+--   seqs[frame number] = { in_order, retrans, held, gap, gen, before, after }
 local binds, streams, frames, senders, seqs = {}, {}, {}, {}, {}
 
 ptcp.prefs.realm_ports = Pref.string("Realm port dissectors", DEFAULT_REALM_PORTS,
@@ -358,10 +365,42 @@ local function hex32(n)
     return string.format("0x%08x", n)
 end
 
--- Place a packet in its sender's body byte stream by its sent counter. A body that
--- starts before the bytes already seen is a retransmission (the device resends
--- unacknowledged data); one that starts after them follows a gap (datagrams the capture
--- missed), after which partial realm messages are dropped (a new generation).
+-- Bodies held back waiting for missing bytes: at most this many per sender, for at most
+-- this long (capture time). The emulated device resends lost data within milliseconds;
+-- a real device never resends, so after this the stream resumes past the hole.
+local HOLD_PACKETS = 256
+local HOLD_SECONDS = 1.0
+local MOD32 = 4294967296
+
+-- Move held bodies that now continue the stream from `st.held` to `list`, and drop
+-- held bodies that a resend with other boundaries has overtaken.
+local function drain(st, list, number)
+    while true do
+        local h = st.held[st.next]
+        if not h then break end
+        st.held[st.next] = nil
+        st.nheld = st.nheld - 1
+        h.seq.drained_in = number
+        list[#list + 1] = h
+        st.next = (st.next + #h.body) % MOD32
+    end
+    for offset, h in pairs(st.held) do
+        if diff32(offset, st.next) < 0 then
+            st.held[offset] = nil
+            st.nheld = st.nheld - 1
+            h.seq.superseded = true
+        end
+    end
+end
+
+-- Place a packet in its sender's body byte stream by its sent counter (first pass only;
+-- the result is kept per frame). In order: dissected now, followed by any held bodies
+-- it makes contiguous (seq.after). Ahead of the stream (bytes missing before it): held
+-- until the missing bytes come (seq.held), then dissected in that later frame. Behind
+-- the stream: a retransmission, never dissected twice (seq.retrans). When held bodies
+-- wait too long, the stream resumes at the earliest of them past a gap (seq.gap), a
+-- new generation in which partial realm messages start afresh; those bodies are then
+-- dissected before this packet's own (seq.before).
 local function track_sequence(tvb, pinfo, conv)
     local number = pinfo.number
     local d = seqs[number]
@@ -369,40 +408,63 @@ local function track_sequence(tvb, pinfo, conv)
     local key = conv .. "|" .. endpoint(pinfo.src, pinfo.src_port)
     local blen = tvb:len() - HEADER_LEN
     local sent = tvb(4, 4):uint()
+    local now = pinfo.abs_ts
     local st = senders[key]
-    d = { gen = 0 }
+    d = { gen = 0, before = {}, after = {} }
+    seqs[number] = d
+    local function restart(gen)
+        st = { next = (sent + blen) % MOD32, gen = gen, held = {}, nheld = 0, since = now }
+        senders[key] = st
+        d.gen, d.in_order = gen, true
+        return d
+    end
     if blen >= 1 and tvb(HEADER_LEN, 1):uint() == TYPE_SYN then
         -- A new session from this sender starts its counters again.
-        st = { next = (sent + blen) % 4294967296, gen = st and st.gen + 1 or 0 }
-        senders[key] = st
-    elseif not st then
-        st = { next = (sent + blen) % 4294967296, gen = 0 }
-        senders[key] = st
-    elseif blen > 0 then
-        local ahead = diff32(sent, st.next)
-        if ahead < 0 then
-            d.retrans = true
-        else
-            if ahead > 0 then
-                d.gap = ahead
-                st.gen = st.gen + 1
-            end
-            st.next = (sent + blen) % 4294967296
-        end
+        return restart(st and st.gen + 1 or 0)
     end
+    if not st then return restart(0) end
     d.gen = st.gen
-    seqs[number] = d
+    if blen == 0 then return d end
+    local ahead = diff32(sent, st.next)
+    if ahead > 0 and st.nheld > 0
+        and (st.nheld >= HOLD_PACKETS or now - st.since > HOLD_SECONDS) then
+        -- The missing bytes never came: resume at the earliest body held or this one.
+        local first = sent
+        for offset in pairs(st.held) do
+            if diff32(offset, first) < 0 then first = offset end
+        end
+        d.gap = diff32(first, st.next)
+        st.gen = st.gen + 1
+        d.gen = st.gen
+        st.next = first
+        drain(st, d.before, number)
+        ahead = diff32(sent, st.next)
+    end
+    if ahead < 0 then
+        d.retrans = true
+    elseif ahead > 0 then
+        if st.nheld == 0 then st.since = now end
+        if not st.held[sent] then st.nheld = st.nheld + 1 end
+        st.held[sent] = { number = number, body = tvb:raw(HEADER_LEN), seq = d }
+        d.held = ahead
+    else
+        d.in_order = true
+        st.next = (sent + blen) % MOD32
+        drain(st, d.after, number)
+    end
     return d
 end
 
 -- Hand realm data to `sub`, joining it with the bytes an earlier packet left over
 -- when the sub-dissector asked for more (an RTSP reply or an interleaved RTP frame
--- split over several PTCP packets). Returns true when the data was handed over, false
--- when it is only a continuation and waits for more.
-local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subtree)
+-- split over several PTCP packets). `slot` names this piece of data within the frame.
+-- Returns true when the data was handed over (and whether its tail waits for more),
+-- false when it is only a continuation and waits for more.
+local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subtree, slot)
     local number = pinfo.number
-    local decided = frames[number]
-    if not decided then
+    local decided = frames[slot]
+    if not decided or decided.prefix == nil and not decided.wait then
+        local bound = decided and decided.bound
         local st = streams[stream_key]
         if not st then
             st = { pending = "", need = 0, waiting = {} }
@@ -420,7 +482,8 @@ local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subt
             st.pending, st.need = "", 0
             decided.stream = st
         end
-        frames[number] = decided
+        decided.bound = bound
+        frames[slot] = decided
     end
     if decided.wait then
         if decided.reassembled_in then
@@ -464,6 +527,50 @@ local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subt
         subtree:add(f.reassembled, decided.reassembled_in):set_generated()
     end
     return true, decided.partial
+end
+
+-- Realm data of one body: shown under `parent`, handed to the dissector of the port the
+-- realm was bound to (learnt from bind packets on the first pass), else raw data.
+-- Returns true when a sub-dissector got it, and whether a tail waits for more.
+local function dissect_realm_data(data_tvb, realm, pinfo, tree, parent, gen, slot, dissect)
+    local conv = conversation_key(pinfo)
+    local decided = frames[slot]
+    if not decided then
+        decided = { bound = binds[conv] and binds[conv][realm] }
+        frames[slot] = decided
+    end
+    local bound = decided.bound
+    local sub
+    if bound then
+        parent:add(f.realm_port, bound.port):set_generated()
+        parent:add(f.realm_bind, bound.frame):set_generated()
+        sub = PORT_DISSECTORS[bound.port]
+    else
+        parent:add_proto_expert_info(e.unknown_realm)
+    end
+    if not dissect or not sub then
+        if data_dissector then call_sub(data_dissector, data_tvb, pinfo, tree) end
+        return false
+    end
+    local key = conv .. "|" .. hex32(realm) .. "|" .. endpoint(pinfo.src, pinfo.src_port) ..
+        "|" .. tostring(gen)
+    local handed, partial = dissect_realm_stream(data_tvb, pinfo, tree, sub, key, parent, slot)
+    return handed, (not handed) or partial
+end
+
+-- A held body from an earlier frame, dissected in the frame that made it contiguous.
+local function dissect_held_body(h, pinfo, tree, subtree, gen, slot)
+    local body = h.body
+    local item = subtree:add(f.held_from, h.number)
+    item:set_generated()
+    if #body <= 12 or body:byte(1) ~= TYPE_DATA then return end
+    local declared = body:byte(2) * 65536 + body:byte(3) * 256 + body:byte(4)
+    if declared ~= #body - 12 then return end
+    local realm = ((body:byte(5) * 256 + body:byte(6)) * 256 + body:byte(7)) * 256 + body:byte(8)
+    local data_tvb = ByteArray.new(body:sub(13), true):tvb(
+        string.format("Realm data of frame %d", h.number))
+    item:append_text(string.format(", data realm %s %d bytes", hex32(realm), declared))
+    dissect_realm_data(data_tvb, realm, pinfo, tree, item, gen, slot, true)
 end
 
 local function add_realm(body_tree, tvb, off)
@@ -522,43 +629,16 @@ local function dissect_body(tvb, pinfo, tree, subtree, off, seq)
         if data_len == 0 then return info end
         local data_tvb = tvb(off + 12, data_len):tvb()
         body_tree:add(f.data, tvb(off + 12, data_len))
-        local conv = conversation_key(pinfo)
-        local decided = frames[pinfo.number]
-        local bound
-        if pinfo.visited or decided then
-            bound = decided and decided.bound
-        else
-            bound = binds[conv] and binds[conv][realm]
-        end
-        local sub
-        if bound then
-            body_tree:add(f.realm_port, bound.port):set_generated()
-            body_tree:add(f.realm_bind, bound.frame):set_generated()
-            sub = PORT_DISSECTORS[bound.port]
-        else
-            body_tree:add_proto_expert_info(e.unknown_realm)
-        end
         if seq.retrans then
             info = info .. " (retransmission)"
-            sub = nil
+        elseif seq.held then
+            info = info .. " (out of order)"
         end
-        if declared ~= data_len or not sub then
-            if not frames[pinfo.number] then frames[pinfo.number] = { bound = bound } end
-            if data_dissector then call_sub(data_dissector, data_tvb, pinfo, tree) end
-            return info
-        end
-        local key = conv .. "|" .. hex32(realm) .. "|" .. endpoint(pinfo.src, pinfo.src_port) ..
-            "|" .. tostring(seq.gen)
-        pinfo.cols.info:clear_fence()
-        pinfo.cols.info:clear()
-        local handed, partial = dissect_realm_stream(data_tvb, pinfo, tree, sub, key, body_tree)
-        frames[pinfo.number].bound = bound
-        if not handed then return info .. " (continued in a later packet)" end
-        if partial then info = info .. " (continued in a later packet)" end
-        -- "(info)" is what a column reads as when tshark is not filling columns.
-        local sub_info = tostring(pinfo.cols.info)
-        if sub_info == "" or sub_info == "(info)" then sub_info = nil end
-        return info, sub_info
+        local dissect = seq.in_order and declared == data_len
+        local _, waits = dissect_realm_data(data_tvb, realm, pinfo, tree, body_tree, seq.gen,
+            pinfo.number .. ":0", dissect)
+        if waits then info = info .. " (continued in a later packet)" end
+        return info
     elseif btype == TYPE_BIND then
         if not need(20) then return "PTCP malformed: bind body too short" end
         local realm = add_realm(body_tree, tvb, off + 4)
@@ -612,13 +692,46 @@ local function dissect_ptcp(tvb, pinfo, tree)
     if seq.retrans then
         subtree:add(f.retransmission, true):set_generated()
         subtree:add_proto_expert_info(e.retransmitted)
-    elseif seq.gap then
+    end
+    if seq.gap then
         subtree:add_proto_expert_info(e.gap, string.format(
             "%d body bytes missing before this packet (not captured)", seq.gap))
     end
+    if seq.held then
+        subtree:add_proto_expert_info(e.out_of_order, string.format(
+            "Out of order: %d body bytes missing before this packet", seq.held))
+        if seq.drained_in then
+            subtree:add(f.held_in, seq.drained_in):set_generated()
+        end
+    end
+    -- Sub-dissectors fill the Info column; what they write follows our sentence.
+    pinfo.cols.info:clear_fence()
+    pinfo.cols.info:clear()
+    -- "(info)" is what a column reads as when tshark is not filling columns.
+    local function sub_info()
+        local text = tostring(pinfo.cols.info)
+        if text == "" or text == "(info)" then return nil end
+        return text
+    end
+    local function held_bodies(list, tag)
+        for i, h in ipairs(list) do
+            if sub_info() then
+                pinfo.cols.info:append(", ")
+                pinfo.cols.info:fence()
+            end
+            dissect_held_body(h, pinfo, tree, subtree, seq.gen, pinfo.number .. tag .. i)
+        end
+    end
+    held_bodies(seq.before, ":b")
     -- Realm data handed to RTSP or HTTP leaves their name in the Protocol column.
-    local info, sub_info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN, seq)
-    set_info(pinfo, sub_info and (info .. ": " .. sub_info) or info)
+    local info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN, seq)
+    held_bodies(seq.after, ":a")
+    local held = #seq.before + #seq.after
+    if held > 0 then
+        info = info .. string.format(" (+%d held bod%s)", held, held == 1 and "y" or "ies")
+    end
+    local sub_text = sub_info()
+    set_info(pinfo, sub_text and (info .. ": " .. sub_text) or info)
     subtree:append_text(", " .. info:gsub("^PTCP ", ""))
     return len
 end

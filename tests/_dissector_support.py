@@ -136,9 +136,14 @@ class Session:
     marks: dict[str, int] = field(default_factory=dict)
     tunnel_ports: set[int] = field(default_factory=set)
 
-    def add(self, src: Addr, dst: Addr, payload: bytes, mark: str = "") -> int:
-        ts = 1767323045.0 + 0.01 * len(self.datagrams)
-        self.datagrams.append(Datagram(ts, src, dst, payload))
+    clock: float = 1767323045.0
+
+    def add(
+        self, src: Addr, dst: Addr, payload: bytes, mark: str = "", pause: float = 0.0
+    ) -> int:
+        """Append a datagram 10 ms (plus ``pause`` seconds) after the previous one."""
+        self.clock += 0.01 + pause
+        self.datagrams.append(Datagram(self.clock, src, dst, payload))
         number = len(self.datagrams)
         if mark:
             self.marks[mark] = number
@@ -166,7 +171,7 @@ DESCRIBE_REPLY = (
     f"RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Base: {RTSP_URL}/\r\nContent-Type: application/sdp\r\n"
     f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
 ).encode()
-RTP_SEQS = [1000, 1001, 1002, 1010]
+RTP_SEQS = [1000, 1001, 1002, 1009, 1010, 1019, 1020]
 
 
 def signalling_request(method: str, path: str, cseq: int, body: str = "") -> bytes:
@@ -259,9 +264,11 @@ def build_session(vec: dict) -> Session:
     s.add(DEVICE, CLIENT, dev.packet(b"", cli), "")
     s.add(DEVICE, CLIENT, dev.packet(bytes.fromhex(p["conn_status_body_hex"]), cli), "conn")
 
-    def tunnel(sender: PtcpSide, peer: PtcpSide, body: bytes, mark: str = "") -> int:
+    def tunnel(
+        sender: PtcpSide, peer: PtcpSide, body: bytes, mark: str = "", pause: float = 0.0
+    ) -> int:
         src, dst = (CLIENT, DEVICE) if sender is cli else (DEVICE, CLIENT)
-        return s.add(src, dst, sender.packet(body, peer), mark)
+        return s.add(src, dst, sender.packet(body, peer), mark, pause)
 
     # RTSP through the realm: OPTIONS is the data vector's body.
     tunnel(cli, dev, bytes.fromhex(p["data_body_hex"]), "options")
@@ -307,14 +314,19 @@ def build_session(vec: dict) -> Session:
     tunnel(dev, cli, data_body(realm, second[:1280]), "rtp_split_1")
     tunnel(dev, cli, data_body(realm, second[1280:] + third), "rtp_split_2")
     tunnel(cli, dev, b"", "")
-    # A packet the capture missed (never written), then a whole RTP frame: after the
-    # gap the dissector starts afresh and still decodes the frame.
-    dev.packet(data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[2] + 1, 700))[:300]), cli)
-    tunnel(dev, cli, data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[3], 80))), "after_gap")
+    # A datagram lost before the capture, so the next one arrives out of order and is
+    # held; the device resends the lost one, which dissects both in order.
+    lost = dev.packet(data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[3], 60))), cli)
+    tunnel(dev, cli, data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[4], 70))), "held")
+    s.add(DEVICE, CLIENT, lost, "fill")
+    # A datagram lost for good (devices need not resend): the next one is held until
+    # the device's next packet, over a second later, gives up on the hole.
+    dev.packet(data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[5], 700))[:300]), cli)
+    tunnel(dev, cli, data_body(realm, interleaved(0, rtp_packet(RTP_SEQS[6], 80))), "after_gap")
 
     # Heartbeats both ways.
     tunnel(cli, dev, HEARTBEAT_BODY, "heartbeat")
-    tunnel(dev, cli, HEARTBEAT_BODY, "heartbeat_dev")
+    tunnel(dev, cli, HEARTBEAT_BODY, "heartbeat_dev", pause=1.5)
 
     # A second realm bound to HTTP (80), a third to the private protocol (37777).
     tunnel(cli, dev, bind_body(REALM_HTTP, 80), "bind80")

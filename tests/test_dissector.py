@@ -27,7 +27,9 @@ from _dissector_support import (
     Session,
     build_session,
     fields,
+    interleaved,
     load_vectors,
+    rtp_packet,
     tshark,
 )
 
@@ -298,7 +300,10 @@ def test_interleaved_rtp_in_realm_data(two_pass: bool, capture: Path, session: S
     assert got == {
         m["play_reply"]: [str(RTP_SEQS[0])],
         m["rtp_split_2"]: [str(RTP_SEQS[1]), str(RTP_SEQS[2])],
-        m["after_gap"]: [str(RTP_SEQS[3])],
+        # The held packet is dissected in order, after the resent one that fills the hole.
+        m["fill"]: [str(RTP_SEQS[3]), str(RTP_SEQS[4])],
+        # The packet after a hole that never fills: dissected when the wait ends.
+        m["heartbeat_dev"]: [str(RTP_SEQS[6])],
     }
     assert all(r[2].split(",")[0] == "0xcafebabe" for r in rows)
 
@@ -311,10 +316,23 @@ def test_retransmission_and_gap_from_sent_counters(capture: Path, session: Sessi
     assert [int(r[0]) for r in fields(capture, "ptcp.retransmitted", "frame.number")] == [
         m["describe_again"]
     ]
+    held = fields(capture, "ptcp.out_of_order", "frame.number", "ptcp.ooo.dissected_in",
+                  two_pass=True)
+    assert held == [
+        [str(m["held"]), str(m["fill"])],
+        [str(m["after_gap"]), str(m["heartbeat_dev"])],
+    ]
+    bodies = fields(capture, "ptcp.ooo.body_of", "frame.number", "ptcp.ooo.body_of")
+    assert bodies == [[str(m["fill"]), str(m["held"])],
+                      [str(m["heartbeat_dev"]), str(m["after_gap"])]]
     gap = fields(capture, "ptcp.gap", "frame.number", "_ws.expert.message")
-    assert [int(r[0]) for r in gap] == [m["after_gap"]]
+    assert [int(r[0]) for r in gap] == [m["heartbeat_dev"]]
     lost = 12 + 300  # the data body the capture never saw: 12-byte data header + 300 bytes
-    assert gap[0][1] == f"{lost} body bytes missing before this packet (not captured)"
+    assert f"{lost} body bytes missing before this packet (not captured)" in gap[0][1]
+    info = {int(r[0]): r[1] for r in fields(capture, None, "frame.number", "_ws.col.Info")}
+    assert info[m["held"]].endswith("bytes (out of order)")
+    n = len(interleaved(0, rtp_packet(RTP_SEQS[3], 60)))
+    assert info[m["fill"]].startswith(f"PTCP data realm 0x1a2b3c4d {n} bytes (+1 held body): ")
 
 
 def test_http_realm_and_raw_realms(capture: Path, session: Session) -> None:
@@ -602,4 +620,9 @@ def test_impaired_tunnel_capture(spawn, emulator, tmp_path: Path) -> None:
     assert fields(cap, "ptcp.retransmission && (rtsp || rtp)", "frame.number") == []
     methods = [r[0] for r in fields(cap, "rtsp.request", "rtsp.method")]
     assert methods[:4] == ["OPTIONS", "DESCRIBE", "SETUP", "PLAY"], methods
-    assert len(fields(cap, "rtp", "rtp.seq")) >= 50
+    # Held bodies are dissected in order once the resent data fills the hole: the video
+    # reads as continuous as on a clean link.
+    seqs = [int(s) for r in fields(cap, "rtp", "rtp.seq") for s in r[0].split(",")]
+    assert len(seqs) >= 100
+    assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:], strict=False)), seqs
+    assert fields(cap, "ptcp.out_of_order", "frame.number")
