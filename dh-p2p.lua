@@ -308,15 +308,15 @@ local e = {
     unknown_realm = ProtoExpert.new("ptcp.unknown_realm",
         "Realm not bound in this capture: shown as raw data",
         expert.group.SEQUENCE, expert.severity.NOTE),
+    retransmitted = ProtoExpert.new("ptcp.retransmitted",
+        "Body bytes already sent by an earlier packet (retransmission)",
+        expert.group.SEQUENCE, expert.severity.NOTE),
+    gap = ProtoExpert.new("ptcp.gap", "Body bytes missing before this packet (not captured)",
+        expert.group.SEQUENCE, expert.severity.WARN),
+    out_of_order = ProtoExpert.new("ptcp.out_of_order",
+        "Out of order: body bytes missing before this packet",
+        expert.group.SEQUENCE, expert.severity.NOTE),
 }
-e.retransmitted = ProtoExpert.new("ptcp.retransmitted",
-    "Body bytes already sent by an earlier packet (retransmission)",
-    expert.group.SEQUENCE, expert.severity.NOTE)
-e.gap = ProtoExpert.new("ptcp.gap", "Body bytes missing before this packet (not captured)",
-    expert.group.SEQUENCE, expert.severity.WARN)
-e.out_of_order = ProtoExpert.new("ptcp.out_of_order",
-    "Out of order: body bytes missing before this packet",
-    expert.group.SEQUENCE, expert.severity.NOTE)
 ptcp.experts = {
     e.short, e.short_body, e.bad_length, e.bad_syn, e.unknown_type, e.unknown_realm,
     e.retransmitted, e.gap, e.out_of_order,
@@ -457,14 +457,13 @@ end
 
 -- Hand realm data to `sub`, joining it with the bytes an earlier packet left over
 -- when the sub-dissector asked for more (an RTSP reply or an interleaved RTP frame
--- split over several PTCP packets). `slot` names this piece of data within the frame.
+-- split over several PTCP packets). `decided` is the record of this piece of data
+-- (frames[slot]): filled on the first pass, replayed on later ones.
 -- Returns true when the data was handed over (and whether its tail waits for more),
 -- false when it is only a continuation and waits for more.
-local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subtree, slot)
+local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subtree, decided)
     local number = pinfo.number
-    local decided = frames[slot]
-    if not decided or decided.prefix == nil and not decided.wait then
-        local bound = decided and decided.bound
+    if decided.prefix == nil and not decided.wait then
         local st = streams[stream_key]
         if not st then
             st = { pending = "", need = 0, waiting = {} }
@@ -473,17 +472,15 @@ local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subt
         local chunk = data_tvb:raw()
         if st.need > 0 and #st.pending + #chunk < st.need then
             st.pending = st.pending .. chunk
-            decided = { wait = true }
+            decided.wait = true
             st.waiting[#st.waiting + 1] = decided
         else
-            decided = { prefix = st.pending }
+            decided.prefix = st.pending
             for _, w in ipairs(st.waiting) do w.reassembled_in = number end
             st.waiting = {}
             st.pending, st.need = "", 0
             decided.stream = st
         end
-        decided.bound = bound
-        frames[slot] = decided
     end
     if decided.wait then
         if decided.reassembled_in then
@@ -554,7 +551,8 @@ local function dissect_realm_data(data_tvb, realm, pinfo, tree, parent, gen, slo
     end
     local key = conv .. "|" .. hex32(realm) .. "|" .. endpoint(pinfo.src, pinfo.src_port) ..
         "|" .. tostring(gen)
-    local handed, partial = dissect_realm_stream(data_tvb, pinfo, tree, sub, key, parent, slot)
+    local handed, partial = dissect_realm_stream(data_tvb, pinfo, tree, sub, key, parent,
+        decided)
     return handed, (not handed) or partial
 end
 
