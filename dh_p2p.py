@@ -187,7 +187,7 @@ class Handshake:
             sock, addr, data, self._cseq, now, now + self.retry.initial, self.retry.initial, path
         )
         self._out.append((sock, addr, data))
-        log.debug("-> %s %s", key, path)
+        log.debug("-> %s", key)  # not the path: relay paths carry the token
 
     def _match(self, sock: str, reply: helpers.Reply) -> str | None:
         candidates = [k for k, p in self._pending.items() if p.sock == sock]
@@ -635,7 +635,10 @@ def rtsp_url(host: str, port: int, user: str | None, password: str | None, chann
     """The Dahua RTSP URL through the tunnel (PROTOCOLS 2.6)."""
     auth = ""
     if user:
-        auth = quote(user, safe="") + (":" + quote(password or "", safe="")) + "@"
+        auth = quote(user, safe="")
+        if password is not None:
+            auth += ":" + quote(password, safe="")
+        auth += "@"
     hostport = host if port == 554 else f"{host}:{port}"
     return f"rtsp://{auth}{hostport}/cam/realmonitor?channel={channel}&subtype={sub}"
 
@@ -808,7 +811,9 @@ class Client:
                         "offline": EXIT_OFFLINE,
                         "unreachable": EXIT_UNREACHABLE,
                     }.get(exc.kind, EXIT_ERROR)
-                log.warning("handshake failed (%s); retrying in %.0f s", exc, backoff)
+                # before the first success only the final error line is shown by default
+                level = logging.WARNING if self.ready_printed else logging.INFO
+                log.log(level, "handshake failed (%s); retrying in %.0f s", exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -854,7 +859,8 @@ class Client:
         for _lst, fwd in self.listeners:
             lines.append(f"forwarding {fwd.bind}:{fwd.local} -> device port {fwd.remote}")
             if fwd.remote == 554:
-                url = rtsp_url(fwd.bind, fwd.local, self.args.user, None)
+                host = "127.0.0.1" if fwd.bind in ("0.0.0.0", "") else fwd.bind
+                url = rtsp_url(host, fwd.local, self.args.user, None)
                 lines.append(f"RTSP: {url}")
         for line in lines:
             print(line, flush=True)

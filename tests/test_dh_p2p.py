@@ -341,9 +341,10 @@ def test_parse_cloud() -> None:
 def test_rtsp_url_and_channel_titles() -> None:
     assert (
         dh_p2p.rtsp_url("127.0.0.1", 554, "ad min", None, 2, 1)
-        == "rtsp://ad%20min:@127.0.0.1/cam/realmonitor?channel=2&subtype=1"
+        == "rtsp://ad%20min@127.0.0.1/cam/realmonitor?channel=2&subtype=1"
     )
     assert dh_p2p.rtsp_url("127.0.0.1", 1554, None, None).startswith("rtsp://127.0.0.1:1554/")
+    assert dh_p2p.rtsp_url("h", 554, "u", "p@ss").startswith("rtsp://u:p%40ss@h/")
     text = "table.ChannelTitle[0].Name=Front\r\ntable.ChannelTitle[1].Name=Back\r\njunk\r\n"
     assert dh_p2p.parse_channel_titles(text) == {1: "Front", 2: "Back"}
 
