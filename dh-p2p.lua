@@ -7,8 +7,12 @@
 --           the STUN dissector
 --   ptcp    the PTCP tunnel: header, every body type, and realm data handed to RTSP
 --           (interleaved RTP included) or HTTP according to the port each realm was
---           bound to
--- Format: PROTOCOLS.md section 2 of this project.
+--           bound to (preference ptcp.realm_ports), reassembled when a message spans
+--           packets; the sent counters flag retransmissions, out-of-order bodies
+--           (dissected once the hole fills) and gaps
+-- Format: PROTOCOLS.md section 2 of this project. Filter examples: ptcp, ptcp.type ==
+-- "data", ptcp.realm == 0x1a2b3c4d, ptcp.bind.port == 554, rtsp.request && ptcp,
+-- ptcp.type == 0x100 (acks: empty bodies), _ws.expert && ptcp.
 --
 -- Load it with:  wireshark -X lua_script:dh-p2p.lua capture.pcap
 --           or:  tshark -X lua_script:dh-p2p.lua -o udp.try_heuristic_first:TRUE -r capture.pcap
