@@ -167,3 +167,75 @@ def read_all(port: int, timeout: float = 120.0) -> tuple[int, str]:
             h.update(memoryview(buf)[:k])
             n += k
     return n, h.hexdigest()
+
+
+class LossyRelay:
+    """A UDP middlebox on loopback: A <-> relay <-> B, dropping, duplicating and reordering.
+
+    A sends to ``addr_for_a``, B to ``addr_for_b``.  Every datagram is lost with
+    probability ``loss``, sent twice with ``dup``, and held back behind the next
+    one with ``reorder``.  Counters: ``forwarded``, ``dropped``.
+    """
+
+    def __init__(
+        self,
+        a_addr: tuple[str, int],
+        b_addr: tuple[str, int],
+        *,
+        loss: float = 0.05,
+        dup: float = 0.01,
+        reorder: float = 0.02,
+        seed: int = 1,
+    ) -> None:
+        import selectors
+
+        self.rng = random.Random(seed)
+        self.loss, self.dup, self.reorder = loss, dup, reorder
+        self.face_a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.face_b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for s in (self.face_a, self.face_b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.bind(("127.0.0.1", 0))
+        self.addr_for_a = self.face_a.getsockname()
+        self.addr_for_b = self.face_b.getsockname()
+        # datagrams from A leave through face_b towards B, and the other way round
+        self.routes = {self.face_a: (self.face_b, b_addr), self.face_b: (self.face_a, a_addr)}
+        self.held: dict[socket.socket, bytes | None] = {self.face_a: None, self.face_b: None}
+        self.forwarded = self.dropped = 0
+        self.sel = selectors.DefaultSelector()
+        for s in (self.face_a, self.face_b):
+            self.sel.register(s, selectors.EVENT_READ)
+        self.stop_r, self.stop_w = socket.socketpair()
+        self.sel.register(self.stop_r, selectors.EVENT_READ)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        rnd = self.rng.random
+        while True:
+            for key, _ in self.sel.select():
+                src = key.fileobj
+                if src is self.stop_r:
+                    return
+                data = src.recv(65536)
+                out, dst = self.routes[src]
+                if rnd() < self.loss:
+                    self.dropped += 1
+                    continue
+                if self.held[src] is None and rnd() < self.reorder:
+                    self.held[src] = data  # goes out after the next one
+                    continue
+                copies = 2 if rnd() < self.dup else 1
+                for _ in range(copies):
+                    out.sendto(data, dst)
+                held, self.held[src] = self.held[src], None
+                if held is not None:
+                    out.sendto(held, dst)
+                self.forwarded += 1
+
+    def close(self) -> None:
+        self.stop_w.send(b"x")
+        self.thread.join(10)
+        for s in (self.face_a, self.face_b, self.stop_r, self.stop_w):
+            s.close()
+        self.sel.close()

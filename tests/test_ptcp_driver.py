@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from _ptcp_support import BulkServer, EchoServer, digest_of, echo_roundtrip, read_all
+from _ptcp_support import (
+    BulkServer,
+    EchoServer,
+    LossyRelay,
+    digest_of,
+    echo_roundtrip,
+    read_all,
+)
 
 from ptcp import (
     PTCPError,
@@ -42,7 +49,7 @@ def udp_socket() -> socket.socket:
 class Pair:
     """A client tunnel and a device tunnel in this process, joined over loopback UDP."""
 
-    def __init__(self, ports: dict[int, int], **options) -> None:
+    def __init__(self, ports: dict[int, int], relay: dict | None = None, **options) -> None:
         self.device_events: list = []
         self.event_seen = threading.Condition()
         a_sock, b_sock = udp_socket(), udp_socket()
@@ -62,10 +69,13 @@ class Pair:
             target = ports.get(port)
             return None if target is None else socket.create_connection(("127.0.0.1", target))
 
-        self.device = PTCPTunnel(
-            b_sock, a_sock.getsockname(), b, on_bind=on_bind, on_event=self._device_event
-        )
-        self.client = PTCPTunnel(a_sock, b_sock.getsockname(), a)
+        a_peer, b_peer = b_sock.getsockname(), a_sock.getsockname()
+        self.relay = None
+        if relay is not None:
+            self.relay = LossyRelay(a_sock.getsockname(), b_sock.getsockname(), **relay)
+            a_peer, b_peer = self.relay.addr_for_a, self.relay.addr_for_b
+        self.device = PTCPTunnel(b_sock, b_peer, b, on_bind=on_bind, on_event=self._device_event)
+        self.client = PTCPTunnel(a_sock, a_peer, a)
         self.client_sock, self.device_sock = a_sock, b_sock
         self.device.start()
         self.client.start()
@@ -85,14 +95,16 @@ class Pair:
     def close(self) -> None:
         self.client.close()
         self.device.close()
+        if self.relay is not None:
+            self.relay.close()
 
 
 @pytest.fixture
 def pair_factory():
     made: list[Pair] = []
 
-    def make(ports: dict[int, int], **options) -> Pair:
-        p = Pair(ports, **options)
+    def make(ports: dict[int, int], relay: dict | None = None, **options) -> Pair:
+        p = Pair(ports, relay, **options)
         made.append(p)
         return p
 
@@ -105,18 +117,33 @@ def pair_factory():
 
 def test_in_process_echo_and_stray_datagrams(pair_factory, echo):
     pair = pair_factory({7: echo.port})
-    local, remote_port = pair.client.listen(7)
-    assert local == "127.0.0.1"
+    host, port = pair.client.listen(7)
+    assert host == "127.0.0.1"
     # signalling text and an inverted STUN punch from the peer's own socket
     pair.device_sock.sendto(b"HTTP/1.1 200 OK\r\nCSeq: 3\r\n\r\n", pair.client_sock.getsockname())
     pair.device_sock.sendto(bytes(b ^ 0xFF for b in bytes(20)), pair.client_sock.getsockname())
     # and a datagram from a stranger
     with udp_socket() as stranger:
         stranger.sendto(b"PTCP" + bytes(20), pair.client_sock.getsockname())
-    sent, got = echo_roundtrip(remote_port, seed=1, total=3 * MB)
+    sent, got = echo_roundtrip(port, seed=1, total=3 * MB)
     assert sent == got
     assert pair.client.stats.stray == 3
     assert not pair.client.dead.is_set()
+
+
+@pytest.mark.timeout(120)
+def test_real_time_retransmission_through_a_lossy_relay(pair_factory, echo):
+    pair = pair_factory({7: echo.port}, relay={"loss": 0.05, "dup": 0.01, "reorder": 0.05})
+    _host, port = pair.client.listen(7)
+    results = run_threads(
+        {f"echo{i}": (lambda i=i: echo_roundtrip(port, seed=i, total=2 * MB)) for i in range(3)},
+        timeout=100,
+    )
+    for sent, got in results.values():
+        assert sent == got
+    assert pair.relay.dropped > 0
+    stats = (pair.client.session.stats, pair.device.session.stats)
+    assert all(s.retransmits > 0 and s.out_of_order > 0 for s in stats), stats
 
 
 def test_refused_bind_raises_and_closes_the_client(pair_factory):
