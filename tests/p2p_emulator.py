@@ -504,6 +504,8 @@ class Emulator:
                 session.drop()
             self.sessions.clear()
             self.channels.clear()
+            for entry in self.relay_tokens.values():
+                entry["dead"] = True
             self.online = False
             self.schedule(offline_for, lambda: setattr(self, "online", True))
 
@@ -911,9 +913,12 @@ class Emulator:
         session = self.sessions.get((port, addr))
         if session is None:
             if name == "agent":
-                if not any(e["client"] == addr for e in self.relay_tokens.values()):
+                entry = next((e for e in self.relay_tokens.values() if e["client"] == addr), None)
+                if entry is None:
                     self.violation("agent: PTCP from a socket without a relay token")
                     return
+                if entry.get("dead"):
+                    return  # its device rebooted: the agent ignores the old client
             else:
                 if self.relay_only:
                     return  # NAT: never reaches the device

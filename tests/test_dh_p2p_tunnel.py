@@ -192,9 +192,10 @@ def test_stray_datagrams_are_tolerated(spawn, emulator) -> None:
     assert emu.violations == []
 
 
-def test_device_reboot_reconnects(spawn, emulator) -> None:
+@pytest.mark.parametrize("mode", ["--direct", "--relay"])
+def test_device_reboot_reconnects(spawn, emulator, mode: str) -> None:
     emu = emulator()
-    proc, ports = start(spawn, emu, "--direct", "--peer-timeout", "3")
+    proc, ports = start(spawn, emu, mode, "--peer-timeout", "3")
     echo_roundtrip(ports[ECHO_PORT], 10_000)
     with socket.create_connection(("127.0.0.1", ports[ECHO_PORT]), timeout=30) as old:
         old.sendall(b"x")
@@ -204,7 +205,16 @@ def test_device_reboot_reconnects(spawn, emulator) -> None:
         assert old.recv(10) == b""  # the realm died with the old session
     echo_roundtrip(ports[ECHO_PORT], 100_000)
     assert proc.popen.poll() is None
+    if mode == "--relay":
+        assert emu.unbound, "the dead relay session must be unbound"
     assert emu.violations == []
+
+
+def test_sigterm_during_handshake_exits_zero(spawn) -> None:
+    port = free_port("udp")  # nothing answers: the handshake keeps retrying
+    argv = dh_p2p_argv(port, "SN", "-p", f"{free_port()}:{ECHO_PORT}", "-vv")
+    proc = spawn(argv, ready=r"-> probe")
+    assert proc.stop(signal.SIGTERM) == 0
 
 
 def test_unknown_serial_clear_message(spawn, emulator) -> None:
