@@ -1011,7 +1011,7 @@ class ClientProtocol:
         return self.reply(
             request,
             200,
-            [("Content-Base", base_url + "/"), ("Content-Type", "application/sdp")],
+            [("Content-Base", base_url), ("Content-Type", "application/sdp")],
             sdp,
         )
 
@@ -1688,6 +1688,7 @@ class ProxyServer:
     def _handle(self, viewer: Viewer, request: RTSPRequest, held: dict[int, Channel]) -> bool:
         proto = viewer.proto
         assert proto is not None
+        log.debug("client %s:%d: %s %s", *viewer.addr, request.method, strip_userinfo(request.url))
         action = proto.handle(request)
         if isinstance(action, Reply):
             viewer.outbox.put(action.data)

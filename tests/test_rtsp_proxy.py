@@ -303,10 +303,13 @@ def test_basic_credentials_from_clients(proxied) -> None:
 
 @pytest.mark.real_peer
 def test_client_credentials_with_ffprobe(proxied) -> None:
-    dvr, _, address = proxied("udp", env={})
-    result = play(f"rtsp://admin:4321@{address}/live.000", "ffprobe", "udp", seconds=3)
+    password = "Zq-77-secret"
+    dvr, proc, _ = proxied("udp", "-v", env={}, users={"admin": password})
+    address = proc.wait_line(r"listening rtsp://([\d.]+:\d+)/").group(1)
+    result = play(f"rtsp://admin:{password}@{address}/live.000", "ffprobe", "udp", seconds=3)
     assert_decoded(result, 40)
     assert_clean(dvr)
+    assert "DESCRIBE rtsp://" in proc.output and password not in proc.output
 
 
 @pytest.mark.parametrize("event", ["reboot", "dcp-drop"])
