@@ -1116,9 +1116,11 @@ class PTCPTunnel:
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
             except OSError:
                 pass
-        self._io_thread = threading.Thread(target=self._io_loop, name="ptcp-io", daemon=True)
+        self._io_thread = threading.Thread(
+            target=self._guarded, args=(self._io_loop,), name="ptcp-io", daemon=True
+        )
         self._timer_thread = threading.Thread(
-            target=self._timer_loop, name="ptcp-timer", daemon=True
+            target=self._guarded, args=(self._timer_loop,), name="ptcp-timer", daemon=True
         )
 
     # -- lifecycle --------------------------------------------------------
@@ -1262,6 +1264,8 @@ class PTCPTunnel:
                 sock = self.on_bind(port, ip)
             except OSError as exc:
                 log.info("bind to %s:%d refused: %s", ip, port, exc)
+            except Exception:
+                log.exception("on_bind callback failed; refusing the bind")
         bridge = None
         with self._lock:
             now = self.clock()
@@ -1460,20 +1464,38 @@ class PTCPTunnel:
                 ).start()
             elif isinstance(ev, PeerDead):
                 log.warning("peer silent for %.0f s: tunnel dead", ev.silence)
-                self.dead.set()
-                with self._space:
-                    dead_bridges = list(bridges.values())
-                    bridges.clear()
-                    self._space.notify_all()
-                for bridge in dead_bridges:
-                    bridge.set_opened("peer dead")
-                    bridge.abort()
-                if self.on_dead is not None:
-                    self.on_dead()
-            if self.on_event is not None and not isinstance(ev, DataReceived):
-                self.on_event(ev)
+                self._die()
+            if self.on_event is not None:
+                try:
+                    self.on_event(ev)
+                except Exception:
+                    log.exception("on_event callback failed")
         if parts:
             self._deliver(cur, parts)
+
+    def _die(self) -> None:
+        """The session is over: end every realm's local side and tell on_dead."""
+        self.dead.set()
+        with self._space:
+            dead_bridges = list(self._bridges.values())
+            self._bridges.clear()
+            self._space.notify_all()
+        for bridge in dead_bridges:
+            bridge.set_opened("peer dead")
+            bridge.abort()
+        if self.on_dead is not None:
+            try:
+                self.on_dead()
+            except Exception:
+                log.exception("on_dead callback failed")
+
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """Run a thread's loop; an unexpected error ends the tunnel loudly, not silently."""
+        try:
+            loop()
+        except Exception:
+            log.exception("internal error in %s: tunnel closed", threading.current_thread().name)
+            self._die()
 
     def _deliver(self, realm: int | None, parts: list[bytes]) -> None:
         bridge = self._bridges.get(realm) if realm is not None else None

@@ -311,3 +311,19 @@ def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn):
         assert first == bytes.fromhex(vectors["syn_hex"])
         assert proc.wait(timeout=20) == 3
     assert "no SYN" in proc.output
+
+
+def test_internal_error_ends_the_tunnel_loudly(caplog):
+    class Broken(Session):
+        def receive_datagram(self, data, now):
+            raise RuntimeError("bug")
+
+    with udp_socket() as other:
+        sock = udp_socket()
+        tunnel = PTCPTunnel(sock, other.getsockname(), Broken(now=time.monotonic())).start()
+        try:
+            other.sendto(b"PTCP" + bytes(20), sock.getsockname())
+            assert tunnel.dead.wait(10)
+        finally:
+            tunnel.close(timeout=0)
+    assert "internal error" in caplog.text
