@@ -183,8 +183,9 @@ class Handshake:
         data = helpers.build_request(
             path, self._cseq, body=body, cloud_user=self.cloud_user, cloud_key=self.cloud_key
         )
+        what = path.replace(self.token, "{token}") if self.token else path  # keep it out of logs
         self._pending[key] = _Pending(
-            sock, addr, data, self._cseq, now, now + self.retry.initial, self.retry.initial, path
+            sock, addr, data, self._cseq, now, now + self.retry.initial, self.retry.initial, what
         )
         self._out.append((sock, addr, data))
         log.debug("-> %s", key)  # not the path: relay paths carry the token
@@ -193,7 +194,7 @@ class Handshake:
         candidates = [k for k, p in self._pending.items() if p.sock == sock]
         if reply.cseq is not None:
             candidates = [k for k in candidates if self._pending[k].cseq == reply.cseq]
-        return candidates[0] if len(candidates) >= 1 else None
+        return candidates[0] if candidates else None
 
     def _fail(self, message: str, kind: str) -> None:
         if self.error is None and self.result is None:
@@ -375,9 +376,10 @@ class Handshake:
             self.state = "relay_channel"
             auth = ""
             if self.key is not None and self.username is not None:
+                # PROTOCOLS 2.4: relay-channel signs an empty payload with the reply's nonce
                 nonce = self.device_nonce if self.device_nonce is not None else self.nonce
                 auth = helpers.dev_auth_xml(
-                    self.key, self.username, nonce or 0, int(time.time()), "", self.randsalt
+                    self.key, self.username, int(nonce or 0), int(time.time()), "", self.randsalt
                 )
             assert self.agent_addr is not None
             agent = f"{self.agent_addr[0]}:{self.agent_addr[1]}"
@@ -470,6 +472,7 @@ class Handshake:
 
     def _start_punch(self, now: float) -> None:
         self.state = "punch"
+        self._step_deadline = None  # the punch has its own silence limit
         self._punch_deadline = now + self.punch_timeout
         self._punch_interval = self.retry.initial
         self._send_punches(now)
