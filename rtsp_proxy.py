@@ -7,7 +7,7 @@ side port in a private fragment format and stamps it with a 1000 Hz clock.  This
 proxy talks to the DVR only in the narrow dialect it survives and offers a
 well-behaved RTSP/1.0 server (RFC 2326, RTP per RFC 6184) to clients:
 
-    rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554 --username admin --password 4321
+    SV_USER=admin SV_PASS=4321 rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554
     ffplay rtsp://127.0.0.1:8554/live.000
 
 All viewers of one channel share one DVR session (one token, one DVR RTSP
@@ -1144,11 +1144,13 @@ class Outbox:
 class Viewer:
     """One client connection as seen by the channels."""
 
-    def __init__(self, sock: socket.socket, addr: tuple[str, int], outbox: Outbox) -> None:
+    def __init__(
+        self, sock: socket.socket, addr: tuple[str, int], outbox: Outbox, proto: ClientProtocol
+    ) -> None:
         self.sock = sock
         self.addr = addr
         self.outbox = outbox
-        self.proto: ClientProtocol | None = None
+        self.proto = proto
         self.transport: ClientTransport | None = None
         self.play_request: RTSPRequest | None = None
         self.play_started = threading.Event()
@@ -1376,7 +1378,7 @@ class Channel:
                 self.waiting.discard(viewer)
                 with viewer.lock:
                     request, viewer.play_request = viewer.play_request, None
-                    if request is None or viewer.proto is None:
+                    if request is None:
                         continue
                     first = (media.first_seq - len(prefix)) & 0xFFFF
                     viewer.outbox.put(viewer.proto.play_reply(request, first, media.rtptime))
@@ -1647,8 +1649,8 @@ class ProxyServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
         outbox = Outbox(sock, self.client_buffer)
-        viewer = Viewer(sock, addr[:2], outbox)
-        viewer.proto = ClientProtocol(credentials_required=self._creds is None)
+        proto = ClientProtocol(credentials_required=self._creds is None)
+        viewer = Viewer(sock, addr[:2], outbox, proto)
         held: dict[int, Channel] = {}
         parser = RTSPRequestParser()
         with self._lock:
@@ -1687,7 +1689,6 @@ class ProxyServer:
 
     def _handle(self, viewer: Viewer, request: RTSPRequest, held: dict[int, Channel]) -> bool:
         proto = viewer.proto
-        assert proto is not None
         log.debug("client %s:%d: %s %s", *viewer.addr, request.method, strip_userinfo(request.url))
         action = proto.handle(request)
         if isinstance(action, Reply):
