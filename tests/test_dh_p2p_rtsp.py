@@ -102,8 +102,17 @@ def test_video_decodes_under_loss_and_reordering(spawn, emulator, rtsp_camera) -
 def test_new_client_plays_after_device_reboot(spawn, emulator, rtsp_camera) -> None:
     emu = emulator(rtsp_camera)
     proc, local = tunnel(spawn, emu, "--direct", "--peer-timeout", "3")
-    assert_played(play(url(local, rtsp_camera), "ffprobe", "tcp", seconds=3.0))
+    target = url(local, rtsp_camera)
+    assert_played(play(target, "ffprobe", "tcp", seconds=3.0))
+    # reboot while a client is streaming: that client loses its stream (not asserted)
+    watcher = threading.Thread(target=play, args=(target, "ffprobe", "tcp", 8.0), daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 20
+    while emu.open_realms() == 0:
+        assert time.monotonic() < deadline, "the streaming client never reached the device"
+        time.sleep(0.05)  # polling the device for the client's realm
     emu.reboot(offline_for=1.0)
     proc.wait_line(r"reconnected", timeout=40)
-    assert_played(play(url(local, rtsp_camera), "gst", "tcp", seconds=3.0))
+    assert_played(play(target, "gst", "tcp", seconds=3.0))
+    watcher.join(60)
     assert emu.violations == []
