@@ -1154,7 +1154,7 @@ class Viewer:
         self.transport: ClientTransport | None = None
         self.play_request: RTSPRequest | None = None
         self.play_started = threading.Event()
-        self.last_request = time.monotonic()
+        self.last_seen = time.monotonic()  # last request, or RTCP from a UDP viewer
         self.lock = threading.Lock()
 
     def disconnect(self) -> None:
@@ -1498,8 +1498,10 @@ class ProxyServer:
         linger: float = 5.0,
         client_buffer: int = 2 << 20,
         dvr_clock: int = 1000,
+        session_timeout: float = SESSION_TIMEOUT,
     ) -> None:
         self.remote_host, self.remote_port = remote
+        self.session_timeout = session_timeout  # UDP viewers silent 1.5 times this are dropped
         self.dcp_port = dcp_port if dcp_port is not None else remote[1] + 1
         self._creds = (username, password or "") if username is not None else None
         self.timeout = timeout
@@ -1509,6 +1511,7 @@ class ProxyServer:
         self.keepers = KeeperPool(self.remote_host, self.dcp_port, timeout, self._keeper_lost)
         self._channels: dict[tuple[tuple[str, str], int], Channel] = {}
         self._viewers: set[Viewer] = set()
+        self._udp_peers: dict[tuple[str, int], Viewer] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -1599,9 +1602,13 @@ class ProxyServer:
             while not self._stop.is_set():
                 for key, _ in sel.select(0.5):
                     try:
-                        key.fileobj.recv(65536, socket.MSG_DONTWAIT)  # RTCP reports, NAT punches
+                        # RTCP receiver reports and NAT punches: signs of life of a UDP viewer
+                        _, addr = key.fileobj.recvfrom(65536, socket.MSG_DONTWAIT)
                     except OSError:
-                        pass
+                        continue
+                    viewer = self._udp_peers.get(addr[:2])
+                    if viewer is not None:
+                        viewer.last_seen = time.monotonic()
         finally:
             sel.close()
 
@@ -1618,7 +1625,7 @@ class ProxyServer:
             for viewer in viewers:
                 transport = viewer.transport
                 if transport is not None and transport.kind == "udp":
-                    if now - viewer.last_request > SESSION_TIMEOUT * 1.5:
+                    if now - viewer.last_seen > self.session_timeout * 1.5:
                         log.info("client %s:%d: session timed out", *viewer.addr)
                         viewer.disconnect()
 
@@ -1673,10 +1680,11 @@ class ProxyServer:
                     break
                 for event in events:
                     if isinstance(event, RTSPRequest):
-                        viewer.last_request = time.monotonic()
+                        viewer.last_seen = time.monotonic()
                         if not self._handle(viewer, event, held):
                             break
         finally:
+            self._udp_peers_of(viewer, None)
             with self._lock:
                 self._viewers.discard(viewer)
             for channel in held.values():
@@ -1686,6 +1694,19 @@ class ProxyServer:
             _shutdown(sock)
             sock.close()
             log.debug("client %s:%d gone", *addr[:2])
+
+    def _udp_peers_of(self, viewer: Viewer, transport: ClientTransport | None) -> None:
+        """Set the viewer's transport and which UDP sources count as its signs of life."""
+        with self._lock:
+            old = viewer.transport
+            if old is not None and old.kind == "udp":
+                for port in old.client_port:
+                    if self._udp_peers.get((viewer.addr[0], port)) is viewer:
+                        del self._udp_peers[(viewer.addr[0], port)]
+            viewer.transport = transport
+            if transport is not None and transport.kind == "udp":
+                for port in transport.client_port:
+                    self._udp_peers[(viewer.addr[0], port)] = viewer
 
     def _handle(self, viewer: Viewer, request: RTSPRequest, held: dict[int, Channel]) -> bool:
         proto = viewer.proto
@@ -1727,7 +1748,7 @@ class ProxyServer:
                 )
                 viewer.outbox.put(proto.describe_reply(request, sdp, url))
                 return True
-            viewer.transport = action.transport
+            self._udp_peers_of(viewer, action.transport)
             reply = proto.setup_reply(
                 request, action.channel, action.transport, channel.media.ssrc, self.server_ports
             )
@@ -1738,7 +1759,7 @@ class ProxyServer:
             if channel is not None:
                 channel.release(viewer)
                 held.pop(channel.channel, None)
-            viewer.transport = None
+            self._udp_peers_of(viewer, None)
             viewer.outbox.put(proto.teardown_reply(request))
             return True
         if channel is None or channel.failed:

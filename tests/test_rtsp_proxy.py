@@ -409,3 +409,44 @@ def test_library_use_in_process(dvr_factory, h264_small) -> None:  # noqa: F811
             assert server.channel_count == 1
         wait_until(lambda: server.channel_count == 0, what="the channel to close")
     assert_clean(dvr)
+
+
+def test_silent_udp_viewer_times_out_rtcp_keeps_it(dvr_factory, h264_small) -> None:  # noqa: F811
+    dvr = dvr_factory("tcp", h264=h264_small)
+    server = rtsp_proxy.ProxyServer(
+        ("127.0.0.1", 0),
+        (dvr.host, dvr.rtsp_port),
+        username="admin",
+        password="4321",
+        session_timeout=1.0,
+    )
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with server, rtp, rtcp:
+        rtp.bind(("127.0.0.1", 0))
+        port = rtp.getsockname()[1]
+        rtcp.bind(("127.0.0.1", port + 1))
+        address = "{}:{}".format(*server.address)
+        with RawRTSP(address) as raw:
+            assert raw.request("DESCRIBE")[0] == 200
+            status, headers, _ = raw.request(
+                "SETUP", Transport=f"RTP/AVP;unicast;client_port={port}-{port + 1}"
+            )
+            assert status == 200
+            ports = headers["transport"].split("server_port=")[1].split(";")[0]
+            server_rtcp = int(ports.split("-")[1])
+            assert raw.request("PLAY", Session=headers["session"].split(";")[0])[0] == 200
+            rtp.settimeout(5)
+            assert rtp.recv(2048)[0] == 0x80
+            # RTCP receiver reports count as signs of life, for 3 timeouts and more
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                rtcp.sendto(b"\x81\xc9\x00\x01" + b"\x00" * 4, ("127.0.0.1", server_rtcp))
+                time.sleep(0.2)  # the client's report interval
+            assert raw.request("OPTIONS")[0] == 200  # still connected
+            # silence: the session expires and the proxy closes the connection
+            raw.sock.settimeout(10)
+            with pytest.raises((ConnectionError, OSError)):
+                while True:
+                    raw._fill()
+    assert_clean(dvr)
