@@ -151,6 +151,7 @@ class EmulatedDVR:
         fragment_size: int = 1200,
         host: str = "127.0.0.1",
         parameter_sets: str = "every",
+        garbage_after: int | None = None,
     ) -> None:
         if mode not in ("tcp", "udp"):
             raise ValueError("mode is tcp or udp")
@@ -163,6 +164,7 @@ class EmulatedDVR:
             frame_payload([n for n in au if n[0] & 0x1F not in (7, 8)]) for au in units
         ]
         self.parameter_sets = parameter_sets
+        self.garbage_after = garbage_after  # frames, then bytes that are no fragment
         if not self.frames:
             raise ValueError("no H.264 frames in the input")
         self.fps = fps
@@ -512,6 +514,8 @@ class EmulatedDVR:
                     return  # the token died with its DCP connection
                 ts = (ts0 + int(index * ticks)) & 0xFFFFFFFF
                 fragments = build_fragments(payload, seq, ts, ssrc, self.fragment_size)
+                if index == self.garbage_after:
+                    fragments.insert(0, b"\x00" * 32)  # out of step
                 seq = (seq + len(fragments)) & 0xFFFF
                 if session.mode == "tcp":
                     session.side_conn.sendall(b"".join(fragments))

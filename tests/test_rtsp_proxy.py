@@ -450,3 +450,26 @@ def test_silent_udp_viewer_times_out_rtcp_keeps_it(dvr_factory, h264_small) -> N
                 while True:
                     raw._fill()
     assert_clean(dvr)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_side_port_out_of_step(proxied, mode: str) -> None:
+    # TCP: the stream cannot be trusted any more, the session ends and the proxy serves on.
+    # UDP: the bad datagram and its frame are dropped, the stream goes on.
+    dvr, proc, address = proxied(mode, garbage_after=30)
+    with RawRTSP(address) as raw:
+        raw.play_tcp()
+        if mode == "tcp":
+            raw.sock.settimeout(10)
+            with pytest.raises((ConnectionError, OSError)):
+                while True:
+                    raw.read_interleaved()
+            with RawRTSP(address) as again:
+                again.play_tcp()
+                again.read_interleaved()
+            assert_clean(dvr, sessions=2)
+        else:
+            for _ in range(400):  # past frame 30 and more
+                raw.read_interleaved()
+            assert_clean(dvr, sessions=1)
+    assert proc.popen.poll() is None
