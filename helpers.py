@@ -21,7 +21,6 @@ import hmac
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import struct
@@ -652,7 +651,7 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Offline utilities: build a request, decode an Info blob, derive a device key."""
+    """Offline utilities: build a request, decode an Info blob, encrypt a LocalAddr."""
     parser = argparse.ArgumentParser(
         prog="helpers.py",
         description="Offline Dahua P2P signalling utilities (no network access).",
@@ -673,11 +672,15 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="decode an <Info> blob from /info/device")
     info.add_argument("blob")
 
-    key = sub.add_parser("device-key", help="print whether credentials give a key (not the key)")
-    key.add_argument("-u", "--user", default=os.environ.get("DH_P2P_USERNAME", "admin"))
-    key.add_argument("--randsalt", default=None)
-    key.add_argument("--local-addr", required=True, help="ip:port to encrypt")
-    key.add_argument("--nonce", type=int, default=None)
+    enc = sub.add_parser(
+        "encrypt-addr",
+        help="encrypt a LocalAddr as an auth-mode p2p-channel does "
+        "(password from DH_P2P_PASSWORD; the key itself is never printed)",
+    )
+    enc.add_argument("-u", "--user", default=os.environ.get("DH_P2P_USERNAME", "admin"))
+    enc.add_argument("--randsalt", default=None, help="the device's salt (default: the built-in)")
+    enc.add_argument("--nonce", type=int, default=None, help="default: random below 2**31")
+    enc.add_argument("local_addr", help="ip:port to encrypt")
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
@@ -696,12 +699,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"helpers.py: {exc}", file=sys.stderr)
             return 1
         return 0
-    # device-key: encrypt a LocalAddr with the password from the environment.
+    # encrypt-addr: the password comes from the environment, never the command line.
     password = os.environ.get("DH_P2P_PASSWORD")
-    if password is None:
+    if not password:
         print("helpers.py: set DH_P2P_PASSWORD to the device password", file=sys.stderr)
         return 2
-    nonce = args.nonce if args.nonce is not None else random.randrange(2**31)
+    nonce = args.nonce if args.nonce is not None else secrets.randbelow(2**31)
     dkey = device_key(args.user, password, args.randsalt)
     print(f"nonce={nonce} LocalAddr={encrypt_local_addr(dkey, nonce, args.local_addr)}")
     return 0

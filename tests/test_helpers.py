@@ -325,3 +325,15 @@ def test_cli_request_and_info() -> None:
     assert out.startswith(b"DHGET /probe/p2psrv HTTP/1.1\r\nCSeq: 1\r\n")
     assert helpers.main(["info", INFO["info_b64"]]) == 0
     assert helpers.main(["info", "@@"]) == 1
+
+
+def test_cli_encrypt_addr_uses_env_password(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DH_P2P_PASSWORD", AUTH["password"])
+    argv = ["encrypt-addr", "-u", "admin", "--nonce", "42", "--randsalt", AUTH["randsalt"]]
+    argv.append(AUTH["plain_addr"])
+    assert helpers.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"nonce=42 LocalAddr={AUTH['enc_addr_b64']}"
+    assert AUTH["key"] not in out and AUTH["password"] not in out
+    monkeypatch.delenv("DH_P2P_PASSWORD")
+    assert helpers.main(["encrypt-addr", AUTH["plain_addr"]]) == 2
