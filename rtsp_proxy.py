@@ -1585,9 +1585,11 @@ class ProxyServer:
         while not self._stop.is_set():
             try:
                 sock, addr = self.listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
+                log.warning("accept failed: %s", exc)
+                self._stop.wait(0.2)  # e.g. out of file descriptors: do not spin
                 continue
             thread = threading.Thread(
                 target=self._serve_client, args=(sock, addr), name="rtsp-client", daemon=True
