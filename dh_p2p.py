@@ -96,6 +96,7 @@ class Established:
     session: ptcp.Session
     token: str | None = None
     relay_addr: tuple[str, int] | None = None
+    relay_cseq: int = 1  # the next CSeq on the relay socket (for /relay/unbind)
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Handshake:
         self.state = "idle"
         self._out: list[tuple[str, tuple[str, int], bytes]] = []
         self._pending: dict[str, _Pending] = {}  # key: step name
-        self._cseq = 0
+        self._cseq: dict[str, int] = {}
         self.identify = bytes(self.rng.getrandbits(8) for _ in range(8))
         self.randsalt: str | None = None
         self.key: bytes | None = None
@@ -179,13 +180,13 @@ class Handshake:
     def _request(
         self, key: str, sock: str, addr: tuple[str, int], path: str, now: float, body=None
     ) -> None:
-        self._cseq += 1
+        cseq = self._cseq[sock] = self._cseq.get(sock, 0) + 1  # counted per socket
         data = helpers.build_request(
-            path, self._cseq, body=body, cloud_user=self.cloud_user, cloud_key=self.cloud_key
+            path, cseq, body=body, cloud_user=self.cloud_user, cloud_key=self.cloud_key
         )
         what = path.replace(self.token, "{token}") if self.token else path  # keep it out of logs
         self._pending[key] = _Pending(
-            sock, addr, data, self._cseq, now, now + self.retry.initial, self.retry.initial, what
+            sock, addr, data, cseq, now, now + self.retry.initial, self.retry.initial, what
         )
         self._out.append((sock, addr, data))
         log.debug("-> %s", key)  # not the path: relay paths carry the token
@@ -459,7 +460,15 @@ class Handshake:
         if session is not None and peer is not None and session.unacked_bytes == 0:
             self.state = "open"
             self._pending.clear()
-            self.result = Established(path, sock, peer, session, self.token, self.relay_addr)
+            self.result = Established(
+                path,
+                sock,
+                peer,
+                session,
+                self.token,
+                self.relay_addr,
+                self._cseq.get(RELAY, 0) + 1,
+            )
 
     # -- hole punch (PROTOCOLS 2.3) ------------------------------------------
 
@@ -849,7 +858,9 @@ class Client:
         if est.path == "relay" and est.token and est.relay_addr:
             try:
                 socks[RELAY].sendto(
-                    unbind_request(est.token, 1000, self.args.cloud_user, self.args.cloud_key),
+                    unbind_request(
+                        est.token, est.relay_cseq, self.args.cloud_user, self.args.cloud_key
+                    ),
                     est.relay_addr,
                 )
             except OSError:

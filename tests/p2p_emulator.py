@@ -424,7 +424,7 @@ class Emulator:
         self._lock = threading.Lock()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
-        self._cseq: dict[tuple[str, tuple[str, int]], int] = {}
+        self._cseq: dict[tuple[str, int], int] = {}  # last CSeq per client address
         self._replies: dict[tuple[str, tuple[str, int], int], bytes] = {}
         self.channels: dict[tuple[str, int], Channel] = {}
         self.relay_tokens: dict[str, dict] = {}
@@ -670,10 +670,13 @@ class Emulator:
         if cseq is None or str(cseq) != req.header("CSeq"):
             self.violation(f"{name}: bad CSeq {req.header('CSeq')!r}")
             return None
-        last = self._cseq.get((name, addr))
-        if last is not None and cseq < last:
-            self.violation(f"{name}: CSeq went back from {last} to {cseq}")
-        self._cseq[(name, addr)] = max(cseq, last or 0)
+        # CSeq counts the requests of one client socket, whichever server they go to;
+        # a retransmission repeats an earlier one.
+        last = self._cseq.get(addr, 0)
+        if cseq > last:
+            if cseq != last + 1:
+                self.violation(f"{name}: CSeq {cseq} after {last} from {addr} (must be +1)")
+            self._cseq[addr] = cseq
         return cseq
 
     def _addr_text(self, name: str) -> str:

@@ -123,8 +123,9 @@ def test_signalling_order_sockets_and_bodies() -> None:
     created = int(fields["CreateDate"])
     assert fields["DevAuth"] == helpers.dev_auth(key, nonce, created, fields["LocalAddr"])
     assert "RandSalt" not in fields  # empty <Info>: no salt of its own
-    cseqs = [req.cseq for _, _, req in seen.values()]
-    assert sorted(cseqs) == list(range(1, len(cseqs) + 1))
+    for name in (MAIN, P2PSRV, RELAY):  # CSeq counts each socket's requests
+        cseqs = sorted(req.cseq for sock, _, req in seen.values() if sock == name)
+        assert cseqs == list(range(1, len(cseqs) + 1))
 
 
 def test_plain_channel_body_and_100_trying() -> None:
@@ -188,6 +189,7 @@ def test_relay_mode_completes_over_the_agent() -> None:
     assert hs.result is not None
     assert (hs.result.path, hs.result.sock, hs.result.peer) == ("relay", RELAY, AGENT)
     assert hs.result.token == "tok1"
+    assert hs.result.relay_cseq == 4  # relay/agent, relay/start, relay-channel, then unbind
 
 
 def drive_to_punch(hs: Handshake) -> ptcp.Session:
