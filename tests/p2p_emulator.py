@@ -705,7 +705,9 @@ class Emulator:
             body = helpers.xml_body({"Address": self._addr_text("relay")})
             self._reply(sock, addr, "main", cseq, 200, "OK", body)
         elif path == f"/device/{sn}/p2p-channel" and req.method == "DHPOST":
-            self._sendto(sock, addr, helpers.build_reply(100, "Trying", cseq=cseq))
+            trying = helpers.build_reply(100, "Trying", cseq=cseq)
+            self._replies[("main", addr, cseq)] = trying  # a retransmission meanwhile gets 100
+            self._sendto(sock, addr, trying)
             code, reason, body = self._p2p_channel(req, addr)
             self.schedule(0.05, lambda: self._reply(sock, addr, "main", cseq, code, reason, body))
         elif path == f"/device/{sn}/relay-channel" and req.method == "DHPOST":
