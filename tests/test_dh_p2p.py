@@ -310,11 +310,17 @@ _junk = st.one_of(
 )
 
 
-@given(st.lists(st.tuples(st.sampled_from([MAIN, P2PSRV, RELAY]), _junk), max_size=12))
+@given(
+    st.sampled_from(["channel", "punch"]),
+    st.lists(st.tuples(st.sampled_from([MAIN, P2PSRV, RELAY]), _junk), max_size=12),
+)
 @settings(max_examples=200, deadline=None)
-def test_hostile_datagrams_never_crash_the_handshake(items) -> None:
+def test_hostile_datagrams_never_crash_the_handshake(stage, items) -> None:
     hs = make(mode="direct")
-    drive_to_channel(hs)
+    if stage == "channel":
+        drive_to_channel(hs)
+    else:
+        drive_to_punch(hs)
     for sock, data in items:
         hs.receive(sock, ("127.0.0.1", 9), data, 0.5)
         hs.handle_timers(0.6)
