@@ -6,13 +6,16 @@ The synthetic capture is built from vectors.json packets plus a plausible sessio
 
 from __future__ import annotations
 
+import http.server
 import os
 import random
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -627,3 +630,60 @@ def test_impaired_tunnel_capture(spawn, emulator, tmp_path: Path) -> None:
     seqs = [int(s) for r in fields(cap, "rtp", "rtp.seq") for s in r[0].split(",")]
     assert len(seqs) >= 100
     assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:], strict=False)), seqs
+
+
+class _DeviceHTTP(http.server.BaseHTTPRequestHandler):
+    """The device's HTTP API, as far as this test needs it (PROTOCOLS 2.6)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        body = b"type=IPC-HDW\r\n" if "getDeviceType" in self.path else b"Error\r\n"
+        self.send_response(200 if body.startswith(b"type") else 404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_real_tunnel_http_realm(spawn, tmp_path: Path) -> None:
+    """A realm bound to port 80 carries the device's HTTP API: decoded as HTTP."""
+    from p2p_emulator import Emulator
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DeviceHTTP)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with Emulator(port_map={80: server.server_address[:2]}) as emu:
+            cap = tmp_path / "http.pcapng"
+            capture = LoopbackCapture(spawn, emu, cap)
+            local = free_port()
+            tunnel = spawn(
+                [sys.executable, str(REPO / "dh_p2p.py"), "--cloud",
+                 f"127.0.0.1:{emu.cloud_port}", "-p", f"127.0.0.1:{local}:80", emu.serial],
+                ready=r"^ready: ", timeout=60,
+            )
+            url = f"http://127.0.0.1:{local}/cgi-bin/magicBox.cgi?action=getDeviceType"
+            with urllib.request.urlopen(url, timeout=20) as reply:
+                assert reply.read() == b"type=IPC-HDW\r\n"
+            deadline = time.monotonic() + 10
+            while emu.open_realms() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert tunnel.stop() == 0, tunnel.output
+            capture.finish()
+            assert emu.violations == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    binds = fields(cap, "ptcp.type == 0x11", "ptcp.realm", "ptcp.bind.port")
+    assert [r[1] for r in binds] == ["80"]
+    requests = fields(cap, "http.request && ptcp", "http.request.uri", "ptcp.realm",
+                      "ptcp.realm.port")
+    assert requests == [["/cgi-bin/magicBox.cgi?action=getDeviceType", binds[0][0], "80"]]
+    responses = fields(cap, "http.response && ptcp", "http.response.code", "ptcp.realm")
+    assert responses == [["200", binds[0][0]]]
+    res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=True)
+    assert res.returncode == 0 and res.lines == [], res.stdout + res.stderr
