@@ -58,6 +58,7 @@ MASK32 = 0xFFFFFFFF
 CHUNK = 1280
 WINDOW = 48  # packets in flight from the device
 PID_WINDOW = 64  # a new packet's pid must not repeat one of the last PID_WINDOW
+MIN_RTO = 0.05  # loopback round trips are far below a millisecond
 REALM_BUFFER = 1 << 20  # bytes queued for a slow local service before data is refused
 
 
@@ -115,7 +116,7 @@ class PeerSession:
         self.nonempty = 0
         self.acked = 0
         self.unacked: collections.deque[tuple[int, bytes, int]] = collections.deque()
-        self.rto = 0.2
+        self.rto = MIN_RTO
         self.retx_at: float | None = None
         self.recent_pids: collections.deque[int] = collections.deque(maxlen=PID_WINDOW)
         self.synced = False
@@ -159,8 +160,10 @@ class PeerSession:
 
     def tick(self, now: float) -> None:
         if self.retx_at is not None and now >= self.retx_at and self.unacked:
-            for offset, body, pid in list(self.unacked)[:WINDOW]:
-                self.emu.device_send(self.sock, self.addr, self._packet(offset, body, pid))
+            # The client keeps what arrives out of order, so resending the head is enough;
+            # partial acks then pull the next holes (see _ack).
+            self.recovering = True
+            self._resend_head()
             self.rto = min(self.rto * 2, 1.0)
             self.retx_at = now + self.rto
         if self.open and now >= self.next_heartbeat:
@@ -245,7 +248,7 @@ class PeerSession:
         self.acked = recv
         if progressed:
             self.dupacks = 0
-            self.rto = 0.2
+            self.rto = MIN_RTO
             self.retx_at = time.monotonic() + self.rto if self.unacked else None
             if self.recovering and self.unacked:
                 self._resend_head()  # partial ack: the next hole is at the head
@@ -420,6 +423,7 @@ class Emulator:
         self.binds: list[int] = []
         self.unbound: list[str] = []
         self.sessions_opened = 0
+        self.impaired = collections.Counter()  # sent, lost, reordered, duplicated
         self.online = True
         self._lock = threading.Lock()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -588,13 +592,18 @@ class Emulator:
     # -- device datagram impairments -----------------------------------------
 
     def device_send(self, sock: socket.socket, addr: tuple[str, int], data: bytes) -> None:
+        """Send a datagram of the device (or agent), lost/held back/doubled as configured."""
+        self.impaired["sent"] += 1
         if self.loss and self.rng.random() < self.loss:
+            self.impaired["lost"] += 1
             return
         if self.reorder and self.rng.random() < self.reorder:
-            self._held.append((sock, addr, data))
+            self.impaired["reordered"] += 1
+            self._held.append((sock, addr, data))  # goes out after the next ones
             return
         self._sendto(sock, addr, data)
         if self.duplicate and self.rng.random() < self.duplicate:
+            self.impaired["duplicated"] += 1
             self._sendto(sock, addr, data)
 
     def _flush_held(self) -> None:

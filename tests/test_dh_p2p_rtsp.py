@@ -96,6 +96,7 @@ def test_video_decodes_under_loss_and_reordering(spawn, emulator, rtsp_camera) -
     _proc, local = tunnel(spawn, emu, "--direct")
     for result in play_together(url(local, rtsp_camera), ["ffprobe", "gst"]):
         assert_played(result)
+    assert emu.impaired["lost"] and emu.impaired["reordered"], emu.impaired
     assert emu.violations == []
 
 

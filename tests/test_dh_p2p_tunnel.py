@@ -181,6 +181,10 @@ def test_bulk_20mb_with_loss_reorder_duplication(spawn, emulator) -> None:
     assert len(got) == BULK_SIZE
     assert hashlib.sha256(got).digest() == hashlib.sha256(pattern(BULK_SIZE)).digest()
     echo_roundtrip(ports[ECHO_PORT], 2_000_000)
+    sent = emu.impaired["sent"]
+    assert sent > BULK_SIZE // 1280  # the data really crossed the impaired path
+    for what in ("lost", "reordered", "duplicated"):
+        assert 0.01 * sent < emu.impaired[what] < 0.03 * sent, emu.impaired
     assert emu.violations == []
 
 
