@@ -385,6 +385,13 @@ class Session:
     timeout (``min_rto``..``max_rto``) or three duplicate acks.  ``initial_*``
     let the counters start anywhere; they wrap modulo 2^32.  ``rng`` draws realm
     ids.  ``open_timeout`` bounds the wait for CONN (and for the DISC answer).
+
+    PROTOCOLS 2.5 answers every non-empty packet with an empty one, and so does
+    this class by default.  ``delayed_ack=True`` (an extension for peers known to
+    cope, e.g. two instances of this module) answers in-order packets with one
+    acknowledgement per :meth:`datagrams_to_send` call, or none when a packet
+    going out carries it; out-of-order and duplicate packets are still answered
+    at once, so the sender's duplicate-ack detection keeps working.
     """
 
     def __init__(
@@ -404,6 +411,7 @@ class Session:
         initial_sent: int = 0,
         initial_recv: int = 0,
         initial_lmid: int = 0,
+        delayed_ack: bool = False,
         rng: random.Random | None = None,
     ) -> None:
         if not 1 <= max_data <= 0xFFFFFF:
@@ -419,6 +427,8 @@ class Session:
         self.open_timeout = open_timeout
         self.min_rto = min_rto
         self.max_rto = max_rto
+        self.delayed_ack = delayed_ack
+        self._ack_owed = False
         self.stats = SessionStats()
         self._rng = rng or random.SystemRandom()
         self._out: list[bytes] = []
@@ -521,6 +531,8 @@ class Session:
 
     def datagrams_to_send(self) -> list[bytes]:
         """Datagrams produced since the last call, in lmid order."""
+        if self._ack_owed:
+            self._ack()
         out, self._out = self._out, []
         return out
 
@@ -548,6 +560,7 @@ class Session:
             HEADER.pack(MAGIC, seg.offset, self._rcv_nxt, pid, self._lmid, self._rmid) + seg.body
         )
         self._lmid = (self._lmid + 1) & MASK32
+        self._ack_owed = False  # this packet carries the acknowledgement too
         seg.sent_at = now
         seg.tries += 1
         self.stats.packets_out += 1
@@ -557,6 +570,7 @@ class Session:
         self._out.append(
             HEADER.pack(MAGIC, self._tx_nxt, self._rcv_nxt, pid, self._lmid, self._rmid)
         )
+        self._ack_owed = False
         self._lmid = (self._lmid + 1) & MASK32
         self.stats.packets_out += 1
 
@@ -706,7 +720,12 @@ class Session:
             self._rcv_nxt = (off + n) & MASK32
             self._deliver(body, now)
             if self._ooo:
-                self._drain_ooo(now)
+                self._drain_ooo(now)  # a hole filled: acknowledge at once
+            elif self.delayed_ack:
+                self._ack_owed = True  # one ack for the whole batch, at datagrams_to_send()
+                if self._pending:
+                    self._push(now)
+                return
         elif delta < HALF32:
             self.stats.out_of_order += 1
             ooo = self._ooo
@@ -830,9 +849,9 @@ class Session:
                 self._recover = None
                 self._cwnd = self._ssthresh
         elif self._cwnd < self._ssthresh:
-            self._cwnd += min(acked, self._mss)
+            self._cwnd += acked  # byte counting: right for per-packet and stretch acks
         else:
-            self._cwnd += max(1, self._mss * self._mss // self._cwnd)
+            self._cwnd += max(1, self._mss * acked // self._cwnd)
         if self._cwnd > self.window_bytes:
             self._cwnd = self.window_bytes
         self._rto_deadline = now + self._rto if inflight else None
@@ -925,6 +944,7 @@ class Session:
 # ---------------------------------------------------------------------------
 
 _RECV_BATCH = 256
+_TURN = 64 * 1024  # bytes one realm may put into the shared window per turn
 _READ_CHUNK = 256 * 1024
 
 
@@ -933,6 +953,7 @@ class TunnelStats:
     """Counters kept by a PTCPTunnel."""
 
     datagrams_in: int = 0
+    batches: int = 0  # receive batches (datagrams_in / batches = datagrams per wake-up)
     datagrams_out: int = 0
     stray: int = 0  # datagrams that are not PTCP, or from another address
     send_errors: int = 0
@@ -951,6 +972,7 @@ class _Bridge:
         self.hard_limit = 4 * tunnel.queue_bytes
         self.stall_timeout = tunnel.stall_timeout
         self.progress = 0.0  # when the local socket last accepted bytes
+        self.waiting = False  # our reader waits for window room: the client may block on us
         self.cond = threading.Condition(threading.Lock())
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -981,6 +1003,10 @@ class _Bridge:
             if self.aborted:
                 return True
             size = self.queued + len(data)
+            if self.waiting:
+                # a client blocked writing to us (we are not taking its bytes)
+                # has not stopped reading by its own fault: no stall clock
+                self.progress = now
             if size > self.limit and (
                 size > self.hard_limit or now - self.progress > self.stall_timeout
             ):
@@ -1056,7 +1082,7 @@ class _Bridge:
                 n = 0
             if n == 0:
                 break
-            if not self.tunnel._send_realm(self.realm, view[:n]):
+            if not self.tunnel._send_realm(self, view[:n]):
                 return
         self.tunnel._local_closed(self, "local EOF")
 
@@ -1109,6 +1135,7 @@ class PTCPTunnel:
         self._sleep_until = float("inf")
         self._timer = threading.Condition(self._lock)
         self._space_waiters = 0
+        self._turns: collections.deque[_Bridge] = collections.deque()  # realms awaiting room
         self._dispatching = threading.Lock()  # keeps event order across the two threads
         sock.settimeout(None)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -1286,23 +1313,43 @@ class PTCPTunnel:
 
     # -- used by bridges --------------------------------------------------
 
-    def _send_realm(self, realm: int, view: memoryview) -> bool:
+    def _send_realm(self, bridge: _Bridge, view: memoryview) -> bool:
+        """Put local bytes into the Session, waiting for window room.
+
+        Realms waiting for room take turns of at most _TURN bytes (FIFO), so one
+        busy realm cannot starve the others of the shared window.
+        """
+        realm, session, turns = bridge.realm, self.session, self._turns
         pos, n = 0, len(view)
-        session = self.session
         with self._space:
-            while True:
-                if self._stop or session.realm_state(realm) != OPEN:
-                    return False
-                try:
-                    pos += session.send(realm, view[pos:], self.clock())
-                except PTCPError:
-                    return False
-                self._flush()
-                if pos >= n:
-                    break
-                self._space_waiters += 1
-                self._space.wait()
-                self._space_waiters -= 1
+            try:
+                while pos < n:
+                    if self._stop or session.realm_state(realm) != OPEN:
+                        return False
+                    took = 0
+                    if not turns or turns[0] is bridge:
+                        took = session.send(realm, view[pos : pos + _TURN], self.clock())
+                        pos += took
+                        self._flush()
+                        if turns and turns[0] is bridge:
+                            turns.popleft()  # turn used: to the back of the line
+                            self._space.notify_all()
+                            if pos < n and turns:
+                                turns.append(bridge)
+                    if pos < n and not took:
+                        if bridge not in turns:
+                            turns.append(bridge)
+                        bridge.waiting = True
+                        self._space_waiters += 1
+                        self._space.wait()
+                        self._space_waiters -= 1
+                        bridge.waiting = False
+            except PTCPError:
+                return False
+            finally:
+                if bridge in turns:
+                    turns.remove(bridge)
+                    self._space.notify_all()
             self._wake_locked()
         return True
 
@@ -1398,6 +1445,7 @@ class PTCPTunnel:
             if not batch:
                 continue
             stats.datagrams_in += len(batch)
+            stats.batches += 1
             with self._dispatching:
                 with self._lock:
                     now = self.clock()
@@ -1501,9 +1549,16 @@ class PTCPTunnel:
         bridge = self._bridges.get(realm) if realm is not None else None
         if bridge is None:
             return
-        if bridge.push(parts[0] if len(parts) == 1 else b"".join(parts), self.clock()):
+        now = self.clock()
+        if bridge.push(parts[0] if len(parts) == 1 else b"".join(parts), now):
             return
-        log.warning("realm %08x: local client is not reading, closing it", bridge.realm)
+        log.warning(
+            "realm %08x: local client is not reading (%d bytes queued, no progress for %.1f s),"
+            " closing it",
+            bridge.realm,
+            bridge.queued,
+            now - bridge.progress,
+        )
         with self._lock:
             self.stats.overflows += 1
             if self._bridges.get(bridge.realm) is bridge:
@@ -1568,6 +1623,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-data", type=int, default=DEFAULT_MAX_DATA, help="data bytes per body")
     p.add_argument("--window", type=int, default=1 << 20, help="send window, bytes")
     p.add_argument(
+        "--delayed-ack",
+        action="store_true",
+        help="one ack per received batch instead of one per packet (both ends must be ptcp.py)",
+    )
+    p.add_argument(
         "--queue",
         type=int,
         default=4 << 20,
@@ -1607,6 +1667,7 @@ def _session_options(args: argparse.Namespace) -> dict[str, object]:
         "dead_after": args.dead_after,
         "max_data": args.max_data,
         "window_bytes": args.window,
+        "delayed_ack": args.delayed_ack,
     }
 
 

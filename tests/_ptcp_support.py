@@ -121,17 +121,35 @@ class BulkServer(_Server):
         return f"done {sent}"
 
 
-def echo_roundtrip(port: int, seed: int, total: int, timeout: float = 120.0) -> tuple[str, str]:
-    """Send ``total`` bytes through an echo path; return (sent digest, received digest)."""
+def echo_roundtrip(
+    port: int, seed: int, total: int, timeout: float = 120.0, max_ahead: int = 2 << 20
+) -> tuple[str, str]:
+    """Send ``total`` bytes through an echo path; return (sent digest, received digest).
+
+    The writer stays at most ``max_ahead`` bytes ahead of the echo, like an
+    application that waits for answers (PTCP itself has no receive window).
+    """
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sent_h, got_h = hashlib.sha256(), hashlib.sha256()
     errors: list[BaseException] = []
+    progress = threading.Condition()
+    state = {"sent": 0, "got": 0, "done": False}
 
     def writer() -> None:
         try:
             for chunk in stream_chunks(seed, total):
+                with progress:
+                    if not progress.wait_for(
+                        lambda: state["done"] or state["sent"] - state["got"] <= max_ahead,
+                        timeout,
+                    ):
+                        raise TimeoutError("echo stopped coming back")
+                    if state["done"]:
+                        return
                 sent_h.update(chunk)
                 sock.sendall(chunk)
+                with progress:
+                    state["sent"] += len(chunk)
         except OSError as exc:
             errors.append(exc)
 
@@ -146,9 +164,15 @@ def echo_roundtrip(port: int, seed: int, total: int, timeout: float = 120.0) -> 
                 break
             got_h.update(memoryview(buf)[:n])
             got += n
+            with progress:
+                state["got"] = got
+                progress.notify_all()
     finally:
-        sock.close()
+        with progress:
+            state["done"] = True
+            progress.notify_all()
         t.join(timeout)
+        sock.close()
     if errors:
         raise errors[0]
     return sent_h.hexdigest(), got_h.hexdigest()

@@ -203,7 +203,7 @@ def start_tunnel(spawn, maps: dict[int, int], forwards: list[int], *extra: str):
     return serve, conn, local
 
 
-def run_threads(jobs: dict[str, callable], timeout: float) -> dict[str, object]:
+def run_threads(jobs: dict[str, callable], timeout: float, *procs) -> dict[str, object]:
     results: dict[str, object] = {}
 
     def wrap(name, fn):
@@ -217,9 +217,10 @@ def run_threads(jobs: dict[str, callable], timeout: float) -> dict[str, object]:
         t.start()
     for t in threads:
         t.join(timeout)
-    assert not any(t.is_alive() for t in threads), f"jobs still running after {timeout}s"
+    logs = "\n".join(p.output for p in procs)
+    assert not any(t.is_alive() for t in threads), f"jobs still running after {timeout}s\n{logs}"
     failed = {n: r for n, r in results.items() if isinstance(r, BaseException)}
-    assert not failed, failed
+    assert not failed, f"{failed}\n{logs}"
     return results
 
 
@@ -234,7 +235,9 @@ def test_hundred_megabytes_over_three_realms(spawn, echo):
                 "echo2": lambda: echo_roundtrip(local[7], seed=2, total=33 * MB),
                 "bulk": lambda: read_all(local[9]),
             },
-            timeout=200,
+            200,
+            conn,
+            serve,
         )
         for name in ("echo1", "echo2"):
             sent, got = results[name]
@@ -251,7 +254,11 @@ def test_client_that_stops_reading_is_disconnected_others_finish(spawn, echo):
     bulk = BulkServer(seed=5, total=None)  # endless
     try:
         serve, conn, local = start_tunnel(
-            spawn, {7: echo.port, 9: bulk.port}, [7, 9], "--queue=1048576", "--stall-timeout=2"
+            spawn,
+            {7: echo.port, 9: bulk.port},
+            [7, 9],
+            "-v",
+            "--stall-timeout=2",
         )
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -263,7 +270,9 @@ def test_client_that_stops_reading_is_disconnected_others_finish(spawn, echo):
                 "echo2": lambda: echo_roundtrip(local[7], seed=4, total=12 * MB),
                 "bulk_end": lambda: bulk.wait_ended(1, 60),
             },
-            timeout=200,
+            200,
+            conn,
+            serve,
         )
         for name in ("echo1", "echo2"):
             sent, got = results[name]

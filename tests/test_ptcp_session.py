@@ -639,3 +639,35 @@ def test_send_waits_for_room_for_a_full_body():
     assert a.send_space == 100
     assert a.send(realm, bytes(5000), 0.0) == 0  # no sliver bodies
     assert a.send(realm, bytes(50), 0.0) == 50  # but a small write that fits goes
+
+
+def test_delayed_ack_answers_a_batch_once_but_gaps_at_once():
+    a = Session(now=0.0, heartbeat_interval=None)
+    b = Session(now=0.0, heartbeat_interval=None, delayed_ack=True)
+    realm = connect_pair(a, b)
+    a._cwnd = 1 << 20
+    a.send(realm, bytes(1280 * 8), 1.0)
+    out = a.datagrams_to_send()
+    for d in out[:4]:
+        b.receive_datagram(d, 1.0)
+    (ack,) = decoded(b)  # one acknowledgement for four packets
+    assert ack.body is None and ack.recv == decode_packet(out[4]).sent
+    b.receive_datagram(out[6], 1.0)  # a gap: answered at once
+    b.receive_datagram(out[5], 1.0)
+    gap = decode_packet(out[4]).sent
+    assert [p.recv for p in decode_out(b._out)] == [gap, gap]  # queued before any flush
+    b.receive_datagram(out[4], 1.0)  # fills the gap: answered at once too
+    b.receive_datagram(out[7], 1.0)  # in order again: waits for the flush
+    assert [p.recv for p in decoded(b)] == [gap, gap, decode_packet(out[7]).sent, a.sent]
+
+
+def decode_out(raws: list[bytes]) -> list[Packet]:
+    return [decode_packet(r) for r in raws]
+
+
+def test_delayed_ack_sessions_over_a_lossy_link():
+    a = Session(now=0.0, delayed_ack=True)
+    b = Session(now=0.0, delayed_ack=True)
+    realm = connect_pair(a, b)
+    src, got, _ = run_bulk(a, b, realm, Link(seed=9), 3 * 1024 * 1024, seed=9)
+    assert got[1] == src[0] and got[0] == src[1]
