@@ -96,17 +96,19 @@ def wait_line(proc: subprocess.Popen, pattern: str) -> re.Match:
     raise RuntimeError(f"no line {pattern!r}")
 
 
-def tunnel_bench(total: int, pings: int) -> dict[str, float]:
+def tunnel_bench(total: int, pings: int, extra: list[str]) -> dict[str, float]:
     bulk = BulkServer(seed=1, total=total)
     sink = Sink()
     echo = EchoServer()
     py = sys.executable
     maps = [f"--map=9=127.0.0.1:{bulk.port}", f"--map=10=127.0.0.1:{sink.port}"]
     maps.append(f"--map=7=127.0.0.1:{echo.port}")
-    serve, m = start([py, str(REPO / "ptcp.py"), "serve", *maps], r"udp 127\.0\.0\.1:(\d+)")
+    serve, m = start(
+        [py, str(REPO / "ptcp.py"), *extra, "serve", *maps], r"udp 127\.0\.0\.1:(\d+)"
+    )
     fw = ["--forward=0:9", "--forward=0:10", "--forward=0:7"]
     conn, _ = start(
-        [py, str(REPO / "ptcp.py"), "connect", f"--peer=127.0.0.1:{m.group(1)}", *fw],
+        [py, str(REPO / "ptcp.py"), *extra, "connect", f"--peer=127.0.0.1:{m.group(1)}", *fw],
         r"udp 127",
     )
     local = {}
@@ -219,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mb", type=int, default=200, help="megabytes per throughput run")
     p.add_argument("--pings", type=int, default=2000, help="latency samples")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument(
+        "--delayed-ack",
+        action="store_true",
+        help="run the tunnel with --delayed-ack (not the PROTOCOLS 2.5 default)",
+    )
     p.add_argument("--raw-rx", type=float, help=argparse.SUPPRESS)
     p.add_argument("--raw-tx", nargs=2, type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -229,10 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         raw_sender(int(args.raw_tx[0]), args.raw_tx[1])
         return 0
     raw = raw_bench()
-    res = tunnel_bench(args.mb * MB, args.pings)
+    res = tunnel_bench(args.mb * MB, args.pings, ["--delayed-ack"] if args.delayed_ack else [])
     res["raw_udp_MBps"] = raw
     res["download_share_of_raw"] = res["download_MBps"] / raw
     res["upload_share_of_raw"] = res["upload_MBps"] / raw
+    mode = "one ack per batch (--delayed-ack)" if args.delayed_ack else "one ack per packet"
+    print(f"acks: {mode}")
     print(f"raw loopback UDP ({DATAGRAM}-byte datagrams, Python): {raw:8.1f} MB/s")
     for way in ("download", "upload"):
         print(

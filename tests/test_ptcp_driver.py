@@ -225,10 +225,12 @@ def run_threads(jobs: dict[str, callable], timeout: float, *procs) -> dict[str, 
 
 
 @pytest.mark.timeout(240)
-def test_hundred_megabytes_over_three_realms(spawn, echo):
+@pytest.mark.parametrize("acks", ["per-packet", "delayed"])
+def test_hundred_megabytes_over_three_realms(spawn, echo, acks):
     bulk = BulkServer(seed=99, total=34 * MB)
+    extra = ["--delayed-ack"] if acks == "delayed" else []
     try:
-        serve, conn, local = start_tunnel(spawn, {7: echo.port, 9: bulk.port}, [7, 9])
+        serve, conn, local = start_tunnel(spawn, {7: echo.port, 9: bulk.port}, [7, 9], *extra)
         results = run_threads(
             {
                 "echo1": lambda: echo_roundtrip(local[7], seed=1, total=33 * MB),
@@ -336,3 +338,21 @@ def test_internal_error_ends_the_tunnel_loudly(caplog):
         finally:
             tunnel.close(timeout=0)
     assert "internal error" in caplog.text
+
+
+def test_local_queue_policy_on_a_fake_clock():
+    from types import SimpleNamespace
+
+    from ptcp import _Bridge
+
+    a, b = socket.socketpair()
+    with a, b:
+        t = [0.0]
+        tunnel = SimpleNamespace(queue_bytes=1000, stall_timeout=2.0, clock=lambda: t[0])
+        bridge = _Bridge(tunnel, 1, a)
+        assert bridge.push(b"x" * 900, 0.0)  # under the soft limit
+        assert bridge.push(b"x" * 900, 1.0)  # over it, but the queue started 1 s ago
+        assert not bridge.push(b"x" * 100, 2.5)  # over it and no progress for 2.5 s
+        bridge.waiting = True  # we hold the client's own writes back: not its fault
+        assert bridge.push(b"x" * 100, 9.0)
+        assert not bridge.push(b"x" * 3000, 9.0)  # the hard limit (4x) holds regardless
