@@ -1011,7 +1011,7 @@ class _Bridge:
                 size > self.hard_limit or now - self.progress > self.stall_timeout
             ):
                 return False
-            if not self.chunks:
+            if not self.queued:  # the stall clock starts with a non-empty queue
                 self.progress = now
             self.chunks.append(data)
             self.queued += len(data)
@@ -1090,10 +1090,21 @@ class _Bridge:
 class PTCPTunnel:
     """Threaded driver: one UDP socket and a Session; realms bridged to local TCP sockets.
 
-    One I/O thread receives datagrams and runs the Session's timers (its poll
-    timeout is the next deadline); each realm has a reader and a writer thread.
-    Client side: :meth:`forward` / :meth:`listen`.  Device side: ``on_bind(port,
+    Threads: a receiver (blocking recvfrom, then whatever else is queued, fed to
+    the Session under one lock), a timer (sleeps on a condition until the
+    Session's next deadline: retransmits, heartbeats, realm timeouts, dead peer),
+    and per realm a reader (local socket -> Session, waiting for window room in
+    turn with other realms) and a writer (bounded queue -> local socket).
+    Datagrams are sent while holding the Session lock, so lmid order is kept on
+    the wire.  Stray datagrams (not PTCP, or from another address) are counted
+    in ``stats.stray`` and ignored.
+
+    Client side: :meth:`listen` / :meth:`forward`.  Device side: ``on_bind(port,
     ip)`` returns a connected TCP socket (or None to refuse) for each bind.
+    ``on_event`` sees every Session event except data; ``on_dead`` is called
+    once the peer is declared dead.  The tunnel makes ``sock`` blocking; with
+    ``own_socket`` it also closes it.  Without ``session`` a new one is made
+    with ``session_options``.
     """
 
     def __init__(
