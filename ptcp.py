@@ -56,6 +56,9 @@ __all__ = [
     "HeartbeatReceived",
     "PeerDead",
     "PTCPTunnel",
+    "SessionStats",
+    "TunnelStats",
+    "DEFAULT_MAX_DATA",
     "main",
 ]
 
@@ -895,7 +898,7 @@ class Session:
         if self._dead:
             return None
         best = self._last_rx + self.dead_after
-        if self._rto_deadline is not None and self._rto_deadline < best:
+        if self._rto_deadline is not None and self._inflight and self._rto_deadline < best:
             best = self._rto_deadline
         if self._next_heartbeat is not None and self._next_heartbeat < best:
             best = self._next_heartbeat

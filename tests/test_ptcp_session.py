@@ -481,8 +481,10 @@ def run_bulk(a: Session, b: Session, realm: int, link: Link, size: int, seed: in
         while heap and heap[0][0] <= now:
             _, _, dst, d = heapq.heappop(heap)
             sides[dst].receive_datagram(d, now)
-        a.handle_timers(now)
-        b.handle_timers(now)
+        for s in sides:
+            s.handle_timers(now)
+            deadline = s.next_deadline()
+            assert deadline is None or deadline > now  # no timer left due: no busy loop
     return src, [b"".join(g) for g in got], now
 
 
