@@ -178,7 +178,9 @@ def test_close_sends_disc_for_every_realm(pair_factory, echo):
 
 def test_peer_going_silent_is_declared_dead(pair_factory, echo):
     pair = pair_factory({7: echo.port}, heartbeat_interval=0.2, dead_after=1.0)
-    assert not pair.device.dead.wait(0.5)  # heartbeats keep both alive meanwhile
+    # idle for twice dead_after: only the heartbeats keep both alive
+    assert not pair.device.dead.wait(2.0) and not pair.client.dead.is_set()
+    assert pair.device.session.stats.packets_in >= 5
     started = time.monotonic()
     pair.client.close(timeout=0)  # stops answering without telling anyone
     assert pair.device.dead.wait(10.0)
