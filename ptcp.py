@@ -344,14 +344,13 @@ OPENING, OPEN, CLOSING, PENDING = "opening", "open", "closing", "pending"
 class _Seg:
     """One non-empty packet in the send stream: [offset, offset + len(body))."""
 
-    __slots__ = ("offset", "body", "end", "sent_at", "tries", "syn")
+    __slots__ = ("offset", "body", "size", "end", "syn")
 
     def __init__(self, offset: int, body: bytes, syn: bool) -> None:
         self.offset = offset
         self.body = body
-        self.end = (offset + len(body)) & MASK32
-        self.sent_at = 0.0
-        self.tries = 0
+        self.size = len(body)
+        self.end = (offset + self.size) & MASK32
         self.syn = syn
 
 
@@ -459,6 +458,9 @@ class Session:
         self._rttvar = 0.0
         self._rto = initial_rto
         self._rto_deadline: float | None = None
+        self._backed_off = False
+        self._timed_end: int | None = None  # end offset of the packet being timed
+        self._timed_at = 0.0
         self._dupacks = 0
         self._recover: int | None = None  # recovery point while recovering
         self._last_rx = now
@@ -564,8 +566,6 @@ class Session:
         )
         self._lmid = (self._lmid + 1) & MASK32
         self._ack_owed = False  # this packet carries the acknowledgement too
-        seg.sent_at = now
-        seg.tries += 1
         self.stats.packets_out += 1
 
     def _ack(self) -> None:
@@ -581,15 +581,20 @@ class Session:
         """Move pending segments into flight while the congestion window allows."""
         pending = self._pending
         while pending and (
-            not self._inflight or self._inflight_bytes + len(pending[0].body) <= self._cwnd
+            not self._inflight or self._inflight_bytes + pending[0].size <= self._cwnd
         ):
-            seg = pending.popleft()
-            self._transmit(seg, now)
-            self._inflight.append(seg)
-            self._inflight_bytes += len(seg.body)
-            self._tx_nxt = seg.end
-            if self._rto_deadline is None:
-                self._rto_deadline = now + self._rto
+            self._send_new(pending.popleft(), now)
+
+    def _send_new(self, seg: _Seg, now: float) -> None:
+        self._transmit(seg, now)
+        self._inflight.append(seg)
+        self._inflight_bytes += seg.size
+        self._tx_nxt = seg.end
+        if self._timed_end is None:  # time one packet per round trip (RFC 6298)
+            self._timed_end = seg.end
+            self._timed_at = now
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rto
 
     def send_syn(self, now: float) -> None:
         """Queue a SYN (it occupies 4 bytes of the stream, PROTOCOLS 2.5)."""
@@ -821,27 +826,21 @@ class Session:
             ack = self._tx_nxt
         inflight = self._inflight
         acked = 0
-        sample_at = None
-        retransmitted = False
         while inflight and ((ack - inflight[0].end) & MASK32) < HALF32:
-            seg = inflight.popleft()
-            acked += len(seg.body)
-            if seg.tries == 1:
-                sample_at = seg.sent_at
-            else:
-                retransmitted = True
-        if retransmitted:
-            sample_at = None  # Karn: this ack may answer a retransmission
+            acked += inflight.popleft().size
         self._snd_una = ack
         if not acked:
             return  # acknowledges part of a packet: wait for the rest
         self._inflight_bytes -= acked
         self._buffered -= acked
-        if sample_at is not None:
-            self._rtt_sample(now - sample_at)
-        elif self._srtt is not None:
+        timed = self._timed_end
+        if timed is not None and ((ack - timed) & MASK32) < HALF32:
+            self._rtt_sample(now - self._timed_at)
+            self._timed_end = None
+        elif self._backed_off and self._srtt is not None:
             # new data got through: drop the timer backoff (as Linux does)
             self._rto = min(self.max_rto, max(self.min_rto, self._srtt + 4 * self._rttvar))
+            self._backed_off = False
         self._dupacks = 0
         if self._recover is not None:
             if seq_lt(ack, self._recover) and inflight:
@@ -864,11 +863,7 @@ class Session:
         if self._recover is None:
             if self._dupacks < 3 and self._pending:
                 # RFC 3042 limited transmit: new data to earn the third duplicate ack
-                seg = self._pending.popleft()
-                self._transmit(seg, now)
-                self._inflight.append(seg)
-                self._inflight_bytes += len(seg.body)
-                self._tx_nxt = seg.end
+                self._send_new(self._pending.popleft(), now)
             elif self._dupacks == 3:
                 self.stats.fast_retransmits += 1
                 self._ssthresh = max(self._inflight_bytes // 2, 2 * self._mss)
@@ -880,6 +875,7 @@ class Session:
 
     def _retransmit(self, seg: _Seg, now: float) -> None:
         self.stats.retransmits += 1
+        self._timed_end = None  # Karn: no round trip sample across a retransmission
         self._transmit(seg, now)  # a new lmid and pid each time (PROTOCOLS 2.5)
 
     def _rtt_sample(self, rtt: float) -> None:
@@ -890,6 +886,7 @@ class Session:
             self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
             self._srtt = 0.875 * self._srtt + 0.125 * rtt
         self._rto = min(self.max_rto, max(self.min_rto, self._srtt + 4 * self._rttvar))
+        self._backed_off = False
 
     # -- timers -----------------------------------------------------------
 
@@ -922,6 +919,7 @@ class Session:
             self._recover = self._tx_nxt
             self._dupacks = 0
             self._rto = min(self.max_rto, self._rto * 2)  # backoff
+            self._backed_off = True
             self._retransmit(self._inflight[0], now)
             self._rto_deadline = now + self._rto
         if self._next_heartbeat is not None and now >= self._next_heartbeat:
