@@ -969,6 +969,7 @@ class _Bridge:
         self.tunnel = tunnel
         self.realm = realm
         self.sock = sock
+        sock.settimeout(None)  # an idle realm is not an error; stalls are handled in push()
         self.limit = tunnel.queue_bytes
         self.hard_limit = 4 * tunnel.queue_bytes
         self.stall_timeout = tunnel.stall_timeout
@@ -1699,11 +1700,19 @@ def _wait_for_syn(sock: socket.socket) -> tuple[bytes, tuple[str, int]]:
         log.info("ignoring a datagram that is not a PTCP SYN from %s:%d", *addr)
 
 
-def _run_until(stop: threading.Event, tunnel: PTCPTunnel) -> int:
+def _on_signals(handler: Callable[..., None]) -> None:
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, handler)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_until(stop: threading.Event, tunnel: PTCPTunnel) -> int:
+    _on_signals(lambda *_: stop.set())
     stop.wait()
     dead = tunnel.dead.is_set()
     tunnel.close()
@@ -1719,6 +1728,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
+    _on_signals(_interrupt)  # until the tunnel runs, a signal just ends the wait
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.bind(args.bind)
@@ -1752,10 +1762,14 @@ def main(argv: list[str] | None = None) -> int:
             **_tunnel_options(args),
             **_session_options(args),
         )
-        with tunnel._lock:
-            tunnel.session.send_syn(time.monotonic())
         tunnel.start()
-        if not up.wait(args.timeout):
+        tunnel.send_syn()
+        try:
+            answered = up.wait(args.timeout)
+        except KeyboardInterrupt:
+            tunnel.close(timeout=0)
+            return 0
+        if not answered:
             log.error("no SYN from %s:%d within %.0f s", *args.peer, args.timeout)
             tunnel.close(timeout=0)
             return 3
@@ -1763,6 +1777,8 @@ def main(argv: list[str] | None = None) -> int:
             h, p = tunnel.listen(rport, lport, lhost)
             print(f"ptcp: forwarding {h}:{p} -> remote port {rport}", flush=True)
         return _run_until(stop, tunnel)
+    except KeyboardInterrupt:
+        return 0
     except OSError as exc:
         log.error("%s", exc)
         return 1

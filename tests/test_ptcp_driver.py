@@ -358,3 +358,35 @@ def test_local_queue_policy_on_a_fake_clock():
         bridge.waiting = True  # we hold the client's own writes back: not its fault
         assert bridge.push(b"x" * 100, 9.0)
         assert not bridge.push(b"x" * 3000, 9.0)  # the hard limit (4x) holds regardless
+
+
+def test_cli_stops_cleanly_before_any_peer(spawn):
+    serve = spawn([sys.executable, PTCP, "serve"], ready=r"ptcp: udp ")
+    assert serve.stop() == 0
+    with udp_socket() as silent:
+        port = silent.getsockname()[1]
+        conn = spawn([sys.executable, PTCP, "connect", f"--peer=127.0.0.1:{port}"])
+        silent.settimeout(20)
+        silent.recvfrom(2048)  # its SYN: it is waiting for ours now
+        assert conn.stop() == 0
+
+
+def test_idle_realm_outlives_socket_timeouts(pair_factory, echo):
+    def on_bind_with_timeout(port, _ip):
+        sock = socket.create_connection(("127.0.0.1", echo.port))
+        sock.settimeout(0.2)  # as socket.create_connection(..., timeout=...) leaves it
+        return sock
+
+    pair = pair_factory({})
+    pair.device.on_bind = on_bind_with_timeout
+    a, b = socket.socketpair()
+    a.settimeout(0.2)
+    with b:
+        pair.client.forward(a, 7)
+        b.sendall(b"one")
+        assert b.recv(3) == b"one"
+        # stay idle well past both sockets' timeouts (the point of the test)
+        threading.Event().wait(1.0)
+        b.sendall(b"two")
+        b.settimeout(10)
+        assert b.recv(3) == b"two"
