@@ -11,16 +11,30 @@ one deadlocks.  Ports: P (RTSP), P+1 (DCP, ``EmulatedDCP``), P+2 (side port).
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import re
 import secrets
+import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from dvr_emulator import EmulatedDCP
+# Run as a script (``python tests/dvr_rtsp_emulator.py``) the repository root is not on
+# sys.path, and dvr_emulator needs svtool from there.
+_REPO_DIR = str(Path(__file__).resolve().parents[1])
+if _REPO_DIR not in sys.path:
+    sys.path.insert(0, _REPO_DIR)
+
+from dvr_emulator import EmulatedDCP  # noqa: E402
 
 log = logging.getLogger("dvr_rtsp_emulator")
 
@@ -103,6 +117,31 @@ def dvr_describe_body(mode: str, channel: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
+# Test patterns for the DVR to stream: lavfi sources and extra x264 options.
+PATTERN_SMALL = ("testsrc2=size=640x360:rate=25", [])
+# Noise at a high quality makes every keyframe larger than 65,535 bytes.
+PATTERN_BIG = ("testsrc2=size=640x360:rate=25,noise=alls=40:allf=u", ["-crf", "14"])
+
+
+def encode_test_h264(
+    path: Path, big: bool = False, *, ffmpeg: str = "ffmpeg", seconds: float = 4.0
+) -> bytes:
+    """Write and return an Annex-B H.264 test pattern: 640x360, 25 fps, GOP 25, no B-frames.
+
+    ``big`` gives a noisy stream whose keyframes exceed 65,535 bytes.  Raises
+    ``subprocess.CalledProcessError`` if ffmpeg fails.
+    """
+    source, extra = PATTERN_BIG if big else PATTERN_SMALL
+    argv = [
+        ffmpeg, "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", source, "-t", str(seconds),
+        "-c:v", "libx264", "-profile:v", "main", "-bf", "0", "-pix_fmt", "yuv420p",
+        "-x264-params", "keyint=25:min-keyint=25:scenecut=0", *extra,
+        "-bsf:v", "h264_mp4toannexb", "-f", "h264", str(path),
+    ]  # fmt: skip
+    subprocess.run(argv, check=True, timeout=120)
+    return Path(path).read_bytes()
+
+
 def parse_request(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
     text = head.decode("latin-1")
     lines = text.split("\r\n")
@@ -152,6 +191,7 @@ class EmulatedDVR:
         host: str = "127.0.0.1",
         parameter_sets: str = "every",
         garbage_after: int | None = None,
+        port: int = 0,
     ) -> None:
         if mode not in ("tcp", "udp"):
             raise ValueError("mode is tcp or udp")
@@ -171,6 +211,7 @@ class EmulatedDVR:
         self.clock = clock
         self.fragment_size = fragment_size
         self.host = host
+        self.port = port  # 0: any free triple P, P+1, P+2
         self.rtsp_port = 0
         self.dcp: EmulatedDCP | None = None
         self.rtsp_sessions_started = 0
@@ -228,10 +269,14 @@ class EmulatedDVR:
 
     # ---- lifecycle
     def start(self) -> None:
-        for _ in range(50):
+        for _ in range(50 if self.port == 0 else 1):
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.host, 0))
+            try:
+                listener.bind((self.host, self.port))
+            except OSError:
+                listener.close()
+                continue
             port = listener.getsockname()[1]
             side_type = socket.SOCK_STREAM if self.mode == "tcp" else socket.SOCK_DGRAM
             side = socket.socket(socket.AF_INET, side_type)
@@ -249,6 +294,8 @@ class EmulatedDVR:
                 continue
             break
         else:
+            if self.port:
+                raise OSError(f"ports {self.port}..{self.port + 2} are not all free")
             raise OSError("no free port triple for the emulated DVR")
         listener.listen(32)
         if self.mode == "tcp":
@@ -541,3 +588,116 @@ class EmulatedDVR:
                 except OSError:
                     pass
                 session.side_conn.close()
+
+
+# ==========================================================================
+# Command line: an emulated DVR to try the proxy without hardware
+# ==========================================================================
+
+
+class _ViolationCounter(logging.Handler):
+    """Counts the violations the DVR and its DCP service log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "violation" in record.getMessage():
+            self.count += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve an emulated DVR on 127.0.0.1 until SIGINT/SIGTERM.
+
+    Exit codes: 0 stopped by a signal, 1 could not start (ports taken, ffmpeg
+    missing or failing, unreadable --h264 file), 2 usage error.
+    """
+    parser = argparse.ArgumentParser(
+        prog="dvr_rtsp_emulator.py",
+        description="Run an emulated Samsung SmartViewer DVR (RTSP on PORT, DCP on PORT+1, "
+        "side port on PORT+2) on 127.0.0.1, streaming an H.264 test pattern made with ffmpeg. "
+        "Every protocol violation a client commits is logged to stderr as it happens.",
+        epilog="Try the proxy without hardware: dvr_rtsp_emulator.py --port 10554, then "
+        "SV_USER=admin SV_PASS=4321 rtsp_proxy.py 127.0.0.1:8554 127.0.0.1:10554, then "
+        "ffprobe rtsp://127.0.0.1:8554/live.000",
+    )
+    parser.add_argument(
+        "--mode", choices=("tcp", "udp"), default="tcp", help="side-port transport (tcp)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="RTSP port; PORT+1 and PORT+2 must be free too "
+        "(default: any free triple)",
+    )  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument(
+        "--user", default=os.environ.get("SV_USER", "admin"), help="login (SV_USER, admin)"
+    )
+    parser.add_argument(
+        "--password",
+        default=os.environ.get("SV_PASS", "4321"),
+        help="password (better: environment SV_PASS; default 4321)",
+    )
+    parser.add_argument(
+        "--big-keyframes",
+        action="store_true",
+        help="stream a noisy pattern whose keyframes exceed 65,535 bytes",
+    )
+    parser.add_argument("--h264", type=Path, help="stream this Annex-B H.264 file instead")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="violations and errors only")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65533:
+        parser.error("--port must be 0..65533")
+
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Violations stay visible under -q (the DCP side logs them at INFO).
+    for name in ("dvr_emulator.dcp", "dvr_rtsp_emulator"):
+        logging.getLogger(name).setLevel(min(level, logging.INFO))
+    counter = _ViolationCounter()
+    logging.getLogger().addHandler(counter)
+
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    dvr: EmulatedDVR | None = None
+    try:
+        if args.h264 is not None:
+            h264 = args.h264.read_bytes()
+        else:
+            ffmpeg = shutil.which("ffmpeg")
+            if ffmpeg is None:
+                log.error("ffmpeg is needed to make the test pattern (or give --h264 FILE)")
+                return 1
+            with tempfile.TemporaryDirectory(prefix="dvr-emulator-") as tmp:
+                h264 = encode_test_h264(Path(tmp) / "pattern.h264", args.big_keyframes,
+                                        ffmpeg=ffmpeg)  # fmt: skip
+        dvr = EmulatedDVR(
+            args.mode, {args.user: args.password}, h264=h264, host=args.host, port=args.port
+        )
+        dvr.start()
+        if not stop.is_set():
+            print(
+                f"emulated DVR: rtsp://{dvr.host}:{dvr.rtsp_port}/ (DCP {dvr.dcp_port}, "
+                f"side port {dvr.side_port}, mode {args.mode}, "
+                f"login {args.user}/{args.password})",
+                flush=True,
+            )
+            stop.wait()
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        log.error("cannot start the emulated DVR: %s", exc)
+        return 1
+    finally:
+        if dvr is not None:
+            dvr.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logging.getLogger().removeHandler(counter)
+    log.info("stopped after %d frames, %d violations", dvr.frames_sent, counter.count)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
