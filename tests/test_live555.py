@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,27 @@ def test_live555_pulls_from_proxy(dvr_factory, start_proxy, h264_small, live555,
 
     result = play(served, "ffprobe", viewer, seconds=4)
     assert_decoded(result)
+    assert dvr.violations == []
+    assert dvr.rtsp_sessions_started == 1
+
+
+@pytest.mark.real_peer
+def test_live555_pauses_and_resumes_its_back_end(
+    dvr_factory, start_proxy, h264_small, live555  # noqa: F811
+) -> None:
+    """live555 PAUSEs our proxy when its last viewer leaves and PLAYs the same session
+    again for the next one; two viewers at once share it."""
+    dvr = dvr_factory("tcp", h264=h264_small)
+    proc, address = start_proxy(dvr, "-v", env=CREDS_ENV)  # -vv: requests are logged
+    served = live555(f"rtsp://{address}/live.000")
+
+    assert_decoded(play(served, "ffprobe", "udp", seconds=3), 40)
+    proc.wait_line(r": PAUSE rtsp://")
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda t: play(served, "ffprobe", t, seconds=3), ["tcp", "udp"]))
+    for result in both:
+        assert_decoded(result, 40)
+    assert len([line for line in proc.lines if ": PLAY rtsp://" in line]) >= 2
     assert dvr.violations == []
     assert dvr.rtsp_sessions_started == 1
 
