@@ -653,8 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Violations stay visible under -q (the DCP side logs them at INFO).
-    for name in ("dvr_emulator.dcp", "dvr_rtsp_emulator"):
-        logging.getLogger(name).setLevel(min(level, logging.INFO))
+    loggers = [logging.getLogger(name) for name in ("dvr_emulator.dcp", "dvr_rtsp_emulator")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(min(level, logging.INFO))
     counter = _ViolationCounter()
     logging.getLogger().addHandler(counter)
 
@@ -690,12 +692,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start the emulated DVR: %s", exc)
         return 1
     finally:
-        if dvr is not None:
-            dvr.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if dvr is not None:
+            dvr.stop()
+            if dvr.rtsp_port:
+                log.info("stopped after %d frames, %d violations", dvr.frames_sent, counter.count)
         logging.getLogger().removeHandler(counter)
-    log.info("stopped after %d frames, %d violations", dvr.frames_sent, counter.count)
+        for logger, old_level in zip(loggers, levels, strict=True):
+            logger.setLevel(old_level)
     return 0
 
 
