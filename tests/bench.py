@@ -1,0 +1,671 @@
+#!/usr/bin/env python3
+"""Benchmark the PTCP tunnel and the RTSP proxy on loopback (a script, not a test).
+
+Everything runs on 127.0.0.1 in one run, so the tunnel figures are shares of a
+limit measured on the same machine a moment before:
+
+* limit: raw UDP between two Python processes, datagrams of a full PTCP data
+  packet (1316 bytes), one sender and one receiver;
+* tunnel: ``ptcp.py serve`` (the far end, a bare PTCP peer) and ``ptcp.py
+  connect`` (the near end: PTCPTunnel, the driver dh_p2p uses) as two processes,
+  TCP services and clients in this process.  Download and upload MB/s, CPU
+  seconds per GB of each tunnel process (from /proc, not wall time), 64-byte
+  round trips (p50, p99), and aggregate download with 1, 8 and 32 realms at once;
+* proxy: ``rtsp_proxy.py`` as a process in front of the emulated DVR
+  (tests/dvr_rtsp_emulator.py) streaming a ~4 Mbit/s H.264 channel, with 1, 8
+  and 32 raw RTSP viewers in this process (half TCP interleaved, half UDP); the
+  proxy's CPU share of one core and the cost per viewer.
+
+Usage: .venv/bin/python tests/bench.py [--json FILE] [--mb 200] [--delayed-ack]
+Exit code 0 when every target holds, 1 when one does not, 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import selectors
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for _p in (str(REPO), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from _ptcp_support import EchoServer, _Server  # noqa: E402
+
+import ptcp  # noqa: E402
+
+MB = 1_000_000
+TICK = os.sysconf("SC_CLK_TCK")
+DATAGRAM = ptcp.HEADER_LEN + 12 + ptcp.DEFAULT_MAX_DATA  # a full PTCP data packet
+BLOCK = 1 << 18
+REALM_COUNTS = (1, 8, 32)
+VIEWER_COUNTS = (1, 8, 32)
+PROXY_BITRATE = 4_000_000  # bit/s of the emulated DVR channel
+
+# (figure, comparison, limit, description): the targets of issue 8
+TARGETS = [
+    ("download_share_of_raw", ">=", 0.35, "tunnel download >= 35% of raw UDP"),
+    ("upload_share_of_raw", ">=", 0.35, "tunnel upload >= 35% of raw UDP"),
+    ("download_near_cpu_s_per_GB", "<=", 7.0, "near side <= 7 CPU s/GB (download)"),
+    ("upload_near_cpu_s_per_GB", "<=", 7.0, "near side <= 7 CPU s/GB (upload)"),
+    ("rtt_p50_ms", "<=", 1.0, "round trip p50 <= 1 ms"),
+    ("rtt_p99_ms", "<=", 5.0, "round trip p99 <= 5 ms"),
+    ("realms_32_vs_1", ">=", 0.90, "32 realms >= 90% of one realm's throughput"),
+    ("realms_32_min_vs_fair", ">=", 0.5, "no realm starves (slowest >= 50% of fair share)"),
+    ("proxy_32_cpu_share", "<=", 0.25, "proxy, 32 viewers <= 25% of one core"),
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def start(argv: list[str], pattern: str, env: dict[str, str] | None = None):
+    """Start a process and wait for a stdout line matching pattern; (Popen, match)."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1, env=env
+    )
+    try:
+        return proc, wait_line(proc, pattern)
+    except BaseException:
+        stop(proc)
+        raise
+
+
+def wait_line(proc: subprocess.Popen, pattern: str) -> re.Match:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise RuntimeError(f"{proc.args[1]} ended before printing {pattern!r}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+# ---------------------------------------------------------------------------
+# Limit: raw Python UDP
+# ---------------------------------------------------------------------------
+
+
+def raw_receiver(seconds: float) -> None:
+    """Child process: count datagrams for ``seconds`` after the first; print bytes and time."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # as PTCPTunnel sets
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1], flush=True)
+    s.recv(65536)
+    got, t0 = 0, time.perf_counter()
+    s.settimeout(1.0)
+    while time.perf_counter() - t0 < seconds:
+        try:
+            got += len(s.recv(65536))
+        except TimeoutError:
+            break
+    print(got, time.perf_counter() - t0, flush=True)
+
+
+def raw_sender(port: int, seconds: float) -> None:
+    """Child process: send full-size datagrams as fast as Python can."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    d = bytes(DATAGRAM)
+    end = time.perf_counter() + seconds + 0.5
+    addr = ("127.0.0.1", port)
+    while time.perf_counter() < end:
+        for _ in range(1000):
+            s.sendto(d, addr)
+
+
+def raw_bench(seconds: float = 3.0) -> float:
+    py, me = sys.executable, str(Path(__file__).resolve())
+    rx = subprocess.Popen(
+        [py, me, "--raw-rx", str(seconds)], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    tx = None
+    try:
+        assert rx.stdout is not None
+        port = int(rx.stdout.readline())
+        tx = subprocess.Popen([py, me, "--raw-tx", str(port), str(seconds)])
+        got, dt = rx.stdout.readline().split()
+        tx.wait(seconds + 20)
+        return int(got) / float(dt) / MB
+    finally:
+        for p in (tx, rx):
+            if p is not None:
+                stop(p)
+
+
+# ---------------------------------------------------------------------------
+# Tunnel
+# ---------------------------------------------------------------------------
+
+
+class Flood(_Server):
+    """Sends the same random block to every client until the connection breaks."""
+
+    block = os.urandom(BLOCK)
+
+    def serve(self, conn: socket.socket) -> str:
+        sendall, block = conn.sendall, self.block
+        while True:
+            sendall(block)
+
+
+class Sink(_Server):
+    """Counts the bytes of every connection; ``done`` fires when ``expect`` arrived in one."""
+
+    def __init__(self) -> None:
+        self.expect = 0
+        self.done = threading.Event()
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> str:
+        got = 0
+        buf = bytearray(BLOCK)
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                return f"eof after {got}"
+            got += n
+            if got >= self.expect:
+                self.done.set()
+
+
+class Tunnel:
+    """The two tunnel processes; local ports forwarded to flood, sink and echo services."""
+
+    FLOOD, SINK, ECHO = 9, 10, 7
+
+    def __init__(self, extra: list[str]) -> None:
+        self.flood, self.sink, self.echo = Flood(), Sink(), EchoServer()
+        self.procs: list[subprocess.Popen] = []
+        py, script = sys.executable, str(REPO / "ptcp.py")
+        maps = [
+            f"--map={self.FLOOD}=127.0.0.1:{self.flood.port}",
+            f"--map={self.SINK}=127.0.0.1:{self.sink.port}",
+            f"--map={self.ECHO}=127.0.0.1:{self.echo.port}",
+        ]
+        try:
+            argv = [py, script, "-q", *extra, "serve", *maps]
+            self.far, m = start(argv, r"udp 127\.0\.0\.1:(\d+)")
+            self.procs.append(self.far)
+            fw = [f"--forward=0:{p}" for p in (self.FLOOD, self.SINK, self.ECHO)]
+            argv = [py, script, "-q", *extra, "connect", f"--peer=127.0.0.1:{m.group(1)}", *fw]
+            self.near, _ = start(argv, r"udp 127")
+            self.procs.append(self.near)
+            self.local: dict[int, int] = {}
+            for _ in fw:
+                fm = wait_line(self.near, r"127\.0\.0\.1:(\d+) -> remote port (\d+)")
+                self.local[int(fm.group(2))] = int(fm.group(1))
+        except BaseException:
+            self.close()
+            raise
+
+    def cpu(self) -> tuple[float, float]:
+        return cpu_seconds(self.near.pid), cpu_seconds(self.far.pid)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            stop(p)
+        for s in (self.flood, self.sink, self.echo):
+            s.close()
+
+    def download(self, total: int) -> dict[str, float]:
+        """Read ``total`` bytes from the far flood service through one realm."""
+        near0, far0 = self.cpu()
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", self.local[self.FLOOD])) as s:
+            buf = bytearray(BLOCK)
+            got = 0
+            while got < total:
+                n = s.recv_into(buf)
+                if not n:
+                    raise RuntimeError(f"download ended after {got} bytes")
+                got += n
+            dt = time.perf_counter() - t0
+            near1, far1 = self.cpu()
+        return _rates("download", got, dt, near1 - near0, far1 - far0)
+
+    def upload(self, total: int) -> dict[str, float]:
+        """Write ``total`` bytes through one realm to the far sink service."""
+        self.sink.expect, block = total, Flood.block
+        self.sink.done.clear()
+        near0, far0 = self.cpu()
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", self.local[self.SINK])) as s:
+            sent = 0
+            while sent < total:
+                n = min(len(block), total - sent)
+                s.sendall(block[:n])
+                sent += n
+            if not self.sink.done.wait(300):
+                raise RuntimeError("upload did not complete")
+            dt = time.perf_counter() - t0
+            near1, far1 = self.cpu()
+        return _rates("upload", total, dt, near1 - near0, far1 - far0)
+
+    def latency(self, pings: int) -> dict[str, float]:
+        """64-byte messages echoed by the far service, one at a time."""
+        with socket.create_connection(("127.0.0.1", self.local[self.ECHO])) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            msg = b"x" * 64
+            rtts = []
+            for _ in range(pings):
+                t = time.perf_counter()
+                s.sendall(msg)
+                got = 0
+                while got < len(msg):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise RuntimeError("echo connection closed")
+                    got += len(chunk)
+                rtts.append((time.perf_counter() - t) * 1000)
+        return {
+            "rtt_p50_ms": statistics.median(rtts),
+            "rtt_p99_ms": statistics.quantiles(rtts, n=100)[98],
+            "rtt_max_ms": max(rtts),
+        }
+
+    def realms(self, count: int, seconds: float) -> dict[str, float]:
+        """Download from ``count`` realms at once for ``seconds``; aggregate and slowest realm."""
+        socks = []
+        sel = selectors.DefaultSelector()
+        try:
+            for _ in range(count):
+                s = socket.create_connection(("127.0.0.1", self.local[self.FLOOD]))
+                s.setblocking(False)
+                socks.append(s)
+                sel.register(s, selectors.EVENT_READ, len(socks) - 1)
+            got = [0] * count
+            buf = bytearray(BLOCK)
+            # every realm must be open and flowing before the clock starts
+            deadline = time.monotonic() + 30
+            while min(got) == 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {sum(1 for g in got if g)} of {count} realms opened")
+                _drain(sel, buf, got, 0.5)
+            got = [0] * count
+            near0, _ = self.cpu()
+            t0 = time.perf_counter()
+            while (now := time.perf_counter()) - t0 < seconds:
+                _drain(sel, buf, got, t0 + seconds - now)
+            dt = time.perf_counter() - t0
+            near = self.cpu()[0] - near0
+        finally:
+            sel.close()
+            for s in socks:
+                s.close()
+        total = sum(got)
+        return {
+            f"realms_{count}_MBps": total / dt / MB,
+            f"realms_{count}_min_vs_fair": min(got) / (total / count) if total else 0.0,
+            f"realms_{count}_near_cpu_s_per_GB": near / (total / 1e9) if total else 0.0,
+        }
+
+
+def _drain(sel: selectors.BaseSelector, buf: bytearray, got: list[int], timeout: float) -> None:
+    for key, _ in sel.select(timeout):
+        try:
+            n = key.fileobj.recv_into(buf)  # type: ignore[union-attr]
+        except BlockingIOError:
+            continue
+        if not n:
+            raise RuntimeError(f"realm {key.data} closed during the run")
+        got[key.data] += n
+
+
+def _rates(way: str, size: int, dt: float, near: float, far: float) -> dict[str, float]:
+    return {
+        f"{way}_MBps": size / dt / MB,
+        f"{way}_near_cpu_s_per_GB": near / (size / 1e9),
+        f"{way}_far_cpu_s_per_GB": far / (size / 1e9),
+    }
+
+
+def tunnel_bench(args: argparse.Namespace) -> dict[str, float]:
+    tunnel = Tunnel(["--delayed-ack"] if args.delayed_ack else [])
+    out: dict[str, float] = {}
+    try:
+        out |= tunnel.download(args.mb * MB)
+        out |= tunnel.upload(args.mb * MB)
+        out |= tunnel.latency(args.pings)
+        for count in REALM_COUNTS:
+            out |= tunnel.realms(count, args.seconds)
+    finally:
+        tunnel.close()
+    out["realms_32_vs_1"] = out["realms_32_MBps"] / out["realms_1_MBps"]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Proxy fan-out
+# ---------------------------------------------------------------------------
+
+
+def encode_4mbit(path: Path, seconds: float = 8.0) -> bytes:
+    """A noisy 1280x720 25 fps test pattern at ~4 Mbit/s (CBR-ish), GOP 25, Annex B."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise RuntimeError("the proxy benchmark needs ffmpeg on PATH")
+    rate = str(PROXY_BITRATE)
+    argv = [
+        ffmpeg, "-nostdin", "-v", "error", "-y", "-f", "lavfi",
+        "-i", "testsrc2=size=1280x720:rate=25,noise=alls=12:allf=t", "-t", str(seconds),
+        "-c:v", "libx264", "-preset", "veryfast", "-profile:v", "main", "-bf", "0",
+        "-pix_fmt", "yuv420p", "-x264-params", "keyint=25:min-keyint=25:scenecut=0:nal-hrd=cbr",
+        "-b:v", rate, "-minrate", rate, "-maxrate", rate, "-bufsize", str(PROXY_BITRATE // 2),
+        "-bsf:v", "h264_mp4toannexb", "-f", "h264", str(path),
+    ]  # fmt: skip
+    subprocess.run(argv, check=True, timeout=300)
+    return path.read_bytes()
+
+
+class Viewer:
+    """A raw RTSP viewer: DESCRIBE, SETUP (TCP interleaved or UDP), PLAY, then count bytes."""
+
+    def __init__(self, address: tuple[str, int], udp: bool) -> None:
+        self.url = f"rtsp://{address[0]}:{address[1]}/live.000"
+        self.ctrl = socket.create_connection(address, timeout=15)
+        self.rtp: socket.socket | None = None
+        self.rtcp: socket.socket | None = None
+        self.cseq = 0
+        self.buf = b""
+        self.got = 0
+        try:
+            self._request("DESCRIBE", "Accept: application/sdp")
+            if udp:
+                self.rtp, self.rtcp = _rtp_pair()
+                port = self.rtp.getsockname()[1]
+                transport = f"RTP/AVP;unicast;client_port={port}-{port + 1}"
+            else:
+                transport = "RTP/AVP/TCP;unicast;interleaved=0-1"
+            headers = self._request("SETUP", f"Transport: {transport}")
+            session = headers["session"].split(";")[0]
+            self._request("PLAY", f"Session: {session}", "Range: npt=0-")
+        except BaseException:
+            self.close()
+            raise
+        self.got = len(self.buf)  # interleaved data that came with the PLAY reply
+        self.ctrl.setblocking(False)
+        self.data_socket = self.rtp if udp else self.ctrl
+
+    def _request(self, method: str, *headers: str) -> dict[str, str]:
+        self.cseq += 1
+        lines = [f"{method} {self.url} RTSP/1.0", f"CSeq: {self.cseq}", *headers]
+        self.ctrl.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self.buf:
+            chunk = self.ctrl.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"proxy closed the connection after {method}")
+            self.buf += chunk
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        if lines[0].split(" ")[1] != "200":
+            raise RuntimeError(f"{method}: {lines[0]}")
+        found = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            found[name.strip().lower()] = value.strip()
+        length = int(found.get("content-length", "0"))
+        while len(rest) < length:
+            chunk = self.ctrl.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"proxy closed the connection in the {method} body")
+            rest += chunk
+        self.buf = rest[length:]
+        return found
+
+    def close(self) -> None:
+        for s in (self.ctrl, self.rtp, self.rtcp):
+            if s is not None:
+                s.close()
+
+
+def _rtp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two UDP sockets on an even port and the next one (RTP, RTCP)."""
+    for _ in range(100):
+        rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rtp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        rtp.bind(("127.0.0.1", 0))
+        rtcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            rtcp.bind(("127.0.0.1", rtp.getsockname()[1] + 1))
+        except OSError:
+            rtp.close()
+            rtcp.close()
+            continue
+        rtp.setblocking(False)
+        return rtp, rtcp
+    raise RuntimeError("no free RTP/RTCP port pair")
+
+
+class ViewerPump:
+    """One thread reading every viewer's data socket and counting bytes (not the proxy's CPU)."""
+
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.viewers: list[Viewer] = []
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def add(self, viewer: Viewer) -> None:
+        with self.lock:
+            self.viewers.append(viewer)
+            self.sel.register(viewer.data_socket, selectors.EVENT_READ, viewer)
+
+    def _run(self) -> None:
+        buf = bytearray(BLOCK)
+        while self.running:
+            with self.lock:
+                events = self.sel.select(0.05) if self.viewers else []
+            if not self.viewers:
+                time.sleep(0.01)  # nothing registered yet: select() needs a socket
+                continue
+            for key, _ in events:
+                try:
+                    n = key.fileobj.recv_into(buf)  # type: ignore[union-attr]
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    n = 0
+                if n == 0 and key.fileobj.type == socket.SOCK_STREAM:  # type: ignore[union-attr]
+                    with self.lock:
+                        self.sel.unregister(key.fileobj)
+                    continue
+                key.data.got += n
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        for v in self.viewers:
+            v.close()
+        self.sel.close()
+
+
+def proxy_bench(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    from dvr_rtsp_emulator import EmulatedDVR
+
+    h264 = encode_4mbit(workdir / "4mbit.h264")
+    bitrate = len(h264) * 8 / 8.0  # 8 s of video
+    out: dict[str, float] = {"proxy_stream_Mbps": bitrate / 1e6}
+    dvr = EmulatedDVR("tcp", h264=h264)
+    dvr.start()
+    env = dict(os.environ, SV_USER="admin", SV_PASS=dvr.users["admin"])
+    proxy = pump = None
+    try:
+        proxy, m = start(
+            [sys.executable, str(REPO / "rtsp_proxy.py"), "127.0.0.1:0", dvr.address],
+            r"listening rtsp://([\d.]+):(\d+)/",
+            env=env,
+        )
+        address = (m.group(1), int(m.group(2)))
+        pump = ViewerPump()
+        for count in VIEWER_COUNTS:
+            while len(pump.viewers) < count:
+                pump.add(Viewer(address, udp=len(pump.viewers) % 2 == 1))
+            deadline = time.monotonic() + 20
+            while min(v.got for v in pump.viewers) == 0:  # every viewer is being served
+                if time.monotonic() > deadline:
+                    raise RuntimeError("a viewer got no data within 20 s")
+                time.sleep(0.05)
+            got0 = [v.got for v in pump.viewers]
+            cpu0, t0 = cpu_seconds(proxy.pid), time.perf_counter()
+            time.sleep(args.seconds)  # the measurement window (readiness was checked above)
+            share = (cpu_seconds(proxy.pid) - cpu0) / (time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            rates = [(v.got - g) * 8 / dt / 1e6 for v, g in zip(pump.viewers, got0, strict=True)]
+            out[f"proxy_{count}_cpu_share"] = share
+            out[f"proxy_{count}_per_viewer_cpu_share"] = share / count
+            out[f"proxy_{count}_slowest_viewer_Mbps"] = min(rates)
+        extra = out["proxy_32_cpu_share"] - out["proxy_1_cpu_share"]
+        out["proxy_marginal_viewer_cpu_share"] = extra / 31
+    finally:
+        if pump is not None:
+            pump.close()
+        if proxy is not None:
+            stop(proxy)
+        dvr.stop()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str | float]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = os.getloadavg()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_1min_before": round(load[0], 2),
+    }
+
+
+def check(res: dict[str, float]) -> list[tuple[str, float, str, bool]]:
+    rows = []
+    for key, op, limit, text in TARGETS:
+        value = res.get(key)
+        ok = value is not None and (value >= limit if op == ">=" else value <= limit)
+        rows.append((text, value, f"{op} {limit:g}", ok))
+    return rows
+
+
+def print_table(res: dict, info: dict) -> None:
+    print(f"machine: {info['cpu']}, {info['cores']} cores, Linux {info['kernel']}, "
+          f"Python {info['python']}; load {info['load_1min_before']} before, "
+          f"{info['load_1min_after']} after")  # fmt: skip
+    print(f"acks: {res['acks']}")
+    rows = [
+        ("raw UDP limit (1316-byte datagrams)", f"{res['raw_udp_MBps']:.0f} MB/s"),
+        ("tunnel download",
+         f"{res['download_MBps']:.0f} MB/s ({res['download_share_of_raw']:.0%})"),
+        ("  near / far CPU", f"{res['download_near_cpu_s_per_GB']:.1f} / "
+         f"{res['download_far_cpu_s_per_GB']:.1f} s/GB"),
+        ("tunnel upload", f"{res['upload_MBps']:.0f} MB/s ({res['upload_share_of_raw']:.0%})"),
+        ("  near / far CPU", f"{res['upload_near_cpu_s_per_GB']:.1f} / "
+         f"{res['upload_far_cpu_s_per_GB']:.1f} s/GB"),
+        ("round trip 64 B p50 / p99", f"{res['rtt_p50_ms']:.2f} / {res['rtt_p99_ms']:.2f} ms"),
+    ]  # fmt: skip
+    for n in REALM_COUNTS:
+        rows.append((f"{n} realms download", f"{res[f'realms_{n}_MBps']:.0f} MB/s, slowest "
+                     f"{res[f'realms_{n}_min_vs_fair']:.0%} of fair share"))  # fmt: skip
+    if "proxy_stream_Mbps" in res:
+        rows.append(("proxy channel bitrate", f"{res['proxy_stream_Mbps']:.2f} Mbit/s"))
+        for n in VIEWER_COUNTS:
+            rows.append((f"proxy, {n} viewers",
+                         f"{res[f'proxy_{n}_cpu_share']:.1%} of a core "
+                         f"({res[f'proxy_{n}_per_viewer_cpu_share']:.2%} per viewer), slowest "
+                         f"viewer {res[f'proxy_{n}_slowest_viewer_Mbps']:.2f} Mbit/s"))  # fmt: skip
+        extra = res["proxy_marginal_viewer_cpu_share"]
+        rows.append(("proxy, each extra viewer", f"{extra:.2%} of a core"))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print()
+    print("targets:")
+    for text, value, limit, ok in check(res):
+        shown = "n/a" if value is None else f"{value:.3g}"
+        print(f"  {'PASS' if ok else 'FAIL'}  {text} (got {shown}, need {limit})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Benchmark the PTCP tunnel and the RTSP proxy on loopback; print a table.",
+        epilog="Exit codes: 0 all targets hold, 1 a target failed, 2 usage.",
+    )
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    p.add_argument("--mb", type=int, default=200, help="megabytes per throughput run (200)")
+    p.add_argument("--pings", type=int, default=500, help="round trips for latency (500)")
+    p.add_argument("--seconds", type=float, default=4.0, help="window per realm/viewer run (4)")
+    p.add_argument(
+        "--delayed-ack",
+        action="store_true",
+        help="run the tunnel with --delayed-ack (not the PROTOCOLS 2.5 default)",
+    )
+    p.add_argument("--no-proxy", action="store_true", help="skip the proxy fan-out part")
+    p.add_argument("--raw-rx", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--raw-tx", nargs=2, type=float, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.raw_rx is not None:
+        raw_receiver(args.raw_rx)
+        return 0
+    if args.raw_tx is not None:
+        raw_sender(int(args.raw_tx[0]), args.raw_tx[1])
+        return 0
+    info = machine()
+    res: dict = {"acks": "one per batch (--delayed-ack)" if args.delayed_ack else "one per packet"}
+    res["raw_udp_MBps"] = raw_bench()
+    res |= tunnel_bench(args)
+    res["download_share_of_raw"] = res["download_MBps"] / res["raw_udp_MBps"]
+    res["upload_share_of_raw"] = res["upload_MBps"] / res["raw_udp_MBps"]
+    if not args.no_proxy:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            res |= proxy_bench(args, Path(tmp))
+    info["load_1min_after"] = round(os.getloadavg()[0], 2)
+    print_table(res, info)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "figures": res}, indent=2) + "\n")
+    return 0 if all(ok for *_, ok in check(res)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
