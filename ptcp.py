@@ -975,6 +975,7 @@ class _Bridge:
         self.stall_timeout = tunnel.stall_timeout
         self.progress = 0.0  # when the local socket last accepted bytes
         self.waiting = False  # our reader waits for window room: the client may block on us
+        self.room: threading.Condition | None = None  # on the tunnel lock: our turn for room
         self.cond = threading.Condition(threading.Lock())
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -1149,6 +1150,8 @@ class PTCPTunnel:
         self._timer = threading.Condition(self._lock)
         self._space_waiters = 0
         self._turns: collections.deque[_Bridge] = collections.deque()  # realms awaiting room
+        window, body = self.session.window_bytes, self.session.max_data + 12
+        self._wake_room = max(body, min(_TURN, window // 4))
         self._dispatching = threading.Lock()  # keeps event order across the two threads
         sock.settimeout(None)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -1202,7 +1205,7 @@ class PTCPTunnel:
                 self._space.wait(max(0.0, limit - self.clock()))
             self._space_waiters -= 1
             self._stop = True
-            self._space.notify_all()
+            self._wake_all_senders()
             self._timer.notify_all()
             bridges = list(self._bridges.values())
             self._bridges.clear()
@@ -1335,6 +1338,8 @@ class PTCPTunnel:
         realm, session, turns = bridge.realm, self.session, self._turns
         pos, n = 0, len(view)
         with self._space:
+            if bridge.room is None:
+                bridge.room = threading.Condition(self._lock)
             try:
                 while pos < n:
                     if self._stop or session.realm_state(realm) != OPEN:
@@ -1346,25 +1351,47 @@ class PTCPTunnel:
                         self._flush()
                         if turns and turns[0] is bridge:
                             turns.popleft()  # turn used: to the back of the line
-                            self._space.notify_all()
-                            if pos < n and turns:
-                                turns.append(bridge)
+                            if turns:
+                                turns[0].room.notify()
+                                if pos < n:
+                                    turns.append(bridge)
                     if pos < n and not took:
                         if bridge not in turns:
                             turns.append(bridge)
                         bridge.waiting = True
                         self._space_waiters += 1
-                        self._space.wait()
+                        bridge.room.wait()
                         self._space_waiters -= 1
                         bridge.waiting = False
             except PTCPError:
                 return False
             finally:
                 if bridge in turns:
+                    was_head = turns[0] is bridge
                     turns.remove(bridge)
-                    self._space.notify_all()
+                    if was_head and turns:
+                        turns[0].room.notify()
             self._wake_locked()
         return True
+
+    def _room_changed(self) -> None:
+        """(lock held) The window may have room: wake the realm whose turn it is, and close().
+
+        Only the head of the line can use the room, so waking every waiting
+        reader (32 realms: 32 threads per received batch) would be wasted work.
+        """
+        if self._turns:
+            session = self.session
+            # hysteresis: one wake-up per _TURN of room, not one per acknowledgement
+            if session.send_space >= self._wake_room or not session.unacked_bytes:
+                self._turns[0].room.notify()
+        self._space.notify_all()  # close() waiting for the last acks, if anyone
+
+    def _wake_all_senders(self) -> None:
+        """(lock held) Stopping or dead: every waiting reader must look again."""
+        for bridge in self._turns:
+            bridge.room.notify()
+        self._space.notify_all()
 
     def _local_closed(self, bridge: _Bridge, why: str) -> None:
         with self._lock:
@@ -1417,7 +1444,7 @@ class PTCPTunnel:
                     self._flush()
                     events = session.events()
                     if self._space_waiters:
-                        self._space.notify_all()
+                        self._room_changed()
                 if events:
                     self._dispatch(events)
 
@@ -1470,7 +1497,7 @@ class PTCPTunnel:
                     self._flush()
                     events = session.events()
                     if self._space_waiters:
-                        self._space.notify_all()
+                        self._room_changed()
                     self._wake_locked()
                 if events:
                     self._dispatch(events)
@@ -1540,7 +1567,7 @@ class PTCPTunnel:
         with self._space:
             dead_bridges = list(self._bridges.values())
             self._bridges.clear()
-            self._space.notify_all()
+            self._wake_all_senders()
         for bridge in dead_bridges:
             bridge.set_opened("peer dead")
             bridge.abort()
