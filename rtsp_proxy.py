@@ -1087,25 +1087,66 @@ def _shutdown(sock: socket.socket | None) -> None:
 
 
 class Outbox:
-    """Bounded queue of bytes for one client, drained by its own writer thread."""
+    """Bounded queue of bytes for one client, drained by its own writer thread.
 
-    def __init__(self, sock: socket.socket, limit: int) -> None:
+    A client is too slow (its media refused, so the channel drops it) when more
+    than ``limit`` bytes wait for it and its socket took nothing for
+    ``stall_timeout`` seconds, or when more than ``hard_limit`` bytes wait (four
+    times ``limit``, at least HARD_LIMIT_MIN).  The time rule is what tells a
+    stuck client from a healthy one that is merely behind after a burst: when the
+    DVR or this process pauses, the frames held up meanwhile arrive at once,
+    faster than any writer thread can hand them to the socket.
+    """
+
+    HARD_LIMIT_MIN = 16 << 20
+
+    WRITE_CHUNK = 64 * 1024  # bytes per send(): progress is seen while a big batch drains
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        limit: int,
+        stall_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sock = sock
         self.limit = limit
+        self.hard_limit = max(4 * limit, self.HARD_LIMIT_MIN)
+        self.stall_timeout = stall_timeout
+        self.clock = clock
         self._items: deque[bytes] = deque()
         self._size = 0
+        self._progress = clock()  # when the socket last took bytes (or the queue was empty)
         self._cond = threading.Condition()
         self.closed = False
         self._thread = threading.Thread(target=self._run, name="client-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def queued(self) -> int:
+        """Bytes not yet taken by the socket."""
+        with self._cond:
+            return self._size
+
+    def stalled_for(self) -> float:
+        """Seconds since the socket last took bytes (0 with an empty queue)."""
+        with self._cond:
+            return self.clock() - self._progress if self._size else 0.0
+
     def put(self, data: bytes, media: bool = False) -> bool:
-        """Queue bytes; media is refused (False) once the buffer is full."""
+        """Queue bytes; media is refused (False) once the client is too slow."""
         with self._cond:
             if self.closed:
                 return False
-            if media and self._size + len(data) > self.limit:
-                return False
+            if media:
+                now = self.clock()
+                size = self._size + len(data)
+                if not self._size:
+                    self._progress = now  # the stall clock starts with a non-empty queue
+                elif size > self.limit and (
+                    size > self.hard_limit or now - self._progress > self.stall_timeout
+                ):
+                    return False
             self._items.append(data)
             self._size += len(data)
             self._cond.notify()
@@ -1120,14 +1161,18 @@ class Outbox:
                     return
                 items = list(self._items)
                 self._items.clear()
+            view = memoryview(b"".join(items) if len(items) > 1 else items[0])
             try:
-                self.sock.sendall(b"".join(items) if len(items) > 1 else items[0])
+                while view:
+                    sent = self.sock.send(view[: self.WRITE_CHUNK])
+                    view = view[sent:]
+                    with self._cond:
+                        self._size -= sent
+                        self._progress = self.clock()
             except OSError:
                 self.close()
                 _shutdown(self.sock)
                 return
-            with self._cond:
-                self._size -= sum(len(i) for i in items)
 
     def close(self, flush: bool = False) -> None:
         """Stop accepting data; the writer sends what is queued when ``flush``."""
@@ -1392,7 +1437,13 @@ class Channel:
             for viewer in dropped:
                 self.active.discard(viewer)
         for viewer in dropped:
-            log.warning("channel %d: dropping slow client %s:%d", self.channel, *viewer.addr)
+            log.warning(
+                "channel %d: dropping slow client %s:%d (%d bytes queued, none taken for %.1f s)",
+                self.channel,
+                *viewer.addr,
+                viewer.outbox.queued,
+                viewer.outbox.stalled_for(),
+            )
             viewer.disconnect()
 
     def _deliver(self, viewer: Viewer, packets: list[bytes], media: MediaFrame | None) -> bool:
@@ -1497,6 +1548,7 @@ class ProxyServer:
         timeout: float = 10.0,
         linger: float = 5.0,
         client_buffer: int = 2 << 20,
+        client_stall: float = 5.0,
         dvr_clock: int = 1000,
         session_timeout: float = SESSION_TIMEOUT,
     ) -> None:
@@ -1507,6 +1559,7 @@ class ProxyServer:
         self.timeout = timeout
         self.linger = linger
         self.client_buffer = client_buffer
+        self.client_stall = client_stall  # seconds a client over client_buffer may take nothing
         self.dvr_clock = dvr_clock
         self.keepers = KeeperPool(self.remote_host, self.dcp_port, timeout, self._keeper_lost)
         self._channels: dict[tuple[tuple[str, str], int], Channel] = {}
@@ -1657,7 +1710,7 @@ class ProxyServer:
     def _serve_client(self, sock: socket.socket, addr: tuple[str, int]) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
-        outbox = Outbox(sock, self.client_buffer)
+        outbox = Outbox(sock, self.client_buffer, self.client_stall)
         proto = ClientProtocol(credentials_required=self._creds is None)
         viewer = Viewer(sock, addr[:2], outbox, proto)
         held: dict[int, Channel] = {}
@@ -1839,7 +1892,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "--client-buffer",
         type=int,
         default=2 << 20,
-        help="bytes queued per TCP client before it is dropped as too slow (2 MiB)",
+        help="bytes queued per TCP client beyond which it is dropped once it has taken "
+        "nothing for --client-stall seconds, or at once past 4 times this, at least 16 MiB "
+        "(2 MiB)",
+    )
+    parser.add_argument(
+        "--client-stall",
+        type=float,
+        default=5.0,
+        help="seconds a TCP client with a full --client-buffer may take nothing (5)",
     )
     parser.add_argument(
         "--dvr-clock", type=int, default=1000, help="the DVR's RTP clock rate, Hz (1000)"
@@ -1871,9 +1932,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.username is not None and password is None:
         print("rtsp_proxy.py: error: --username needs --password or SV_PASS", file=sys.stderr)
         return EXIT_USAGE
-    if args.timeout <= 0 or args.linger < 0 or args.client_buffer < 65536 or args.dvr_clock <= 0:
-        print("rtsp_proxy.py: error: bad --timeout, --linger, --client-buffer or --dvr-clock",
-              file=sys.stderr)
+    if (
+        args.timeout <= 0
+        or args.linger < 0
+        or args.client_buffer < 65536
+        or args.client_stall <= 0
+        or args.dvr_clock <= 0
+    ):
+        print(
+            "rtsp_proxy.py: error: bad --timeout, --linger, --client-buffer, --client-stall "
+            "or --dvr-clock",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         server = ProxyServer(
@@ -1885,6 +1955,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout=args.timeout,
             linger=args.linger,
             client_buffer=args.client_buffer,
+            client_stall=args.client_stall,
             dvr_clock=args.dvr_clock,
         )
     except OSError as exc:

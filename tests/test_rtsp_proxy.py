@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import os
 import random
+import signal
 import socket
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -133,7 +136,8 @@ def test_late_joiner_gets_cached_parameter_sets(proxied) -> None:
 
 @pytest.mark.real_peer
 def test_client_that_never_reads_is_dropped(proxied, h264_big) -> None:  # noqa: F811
-    dvr, proc, address = proxied("tcp", "--client-buffer", "262144", h264=h264_big)
+    args = ("--client-buffer", "262144", "--client-stall", "2")
+    dvr, proc, address = proxied("tcp", *args, h264=h264_big)
     stalled = RawRTSP(address, rcvbuf=4096)
     try:
         stalled.play_tcp()
@@ -149,6 +153,91 @@ def test_client_that_never_reads_is_dropped(proxied, h264_big) -> None:  # noqa:
         stalled.close()
     assert_decoded(result)
     assert_clean(dvr)
+
+
+@pytest.mark.real_peer
+def test_viewer_survives_a_pause_of_the_proxy(proxied, h264_big) -> None:  # noqa: F811
+    # A paused proxy (a loaded machine, a GC pause) gets the frames held up meanwhile
+    # all at once and queues them faster than the writer hands them to the socket: a
+    # healthy viewer behind by a burst must not be taken for a stuck one.
+    dvr, proc, address = proxied("tcp", "--client-buffer", "262144", h264=h264_big)
+    with ThreadPoolExecutor(1) as pool:
+        viewer = pool.submit(play, f"rtsp://{address}/live.000", "ffprobe", "tcp", 5.0)
+        wait_until(lambda: dvr.frames_sent >= 50, what="two seconds of video sent")
+        os.kill(proc.popen.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)  # the stimulus: how long the proxy is frozen, not a readiness wait
+        finally:
+            os.kill(proc.popen.pid, signal.SIGCONT)
+        result = viewer.result()
+    assert "dropping slow client" not in proc.output
+    assert_decoded(result)
+    assert_clean(dvr)
+
+
+class _BlockingSocket:
+    """Stands in for a client socket: send() takes bytes only when the test allows."""
+
+    def __init__(self) -> None:
+        self.allowance = 0
+        self.cond = threading.Condition()
+
+    def allow(self, size: int) -> None:
+        with self.cond:
+            self.allowance += size
+            self.cond.notify_all()
+
+    def send(self, data) -> int:
+        with self.cond:
+            self.cond.wait_for(lambda: self.allowance > 0)
+            sent = min(len(data), self.allowance)
+            self.allowance -= sent
+            return sent
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+
+def test_outbox_drops_only_a_client_that_takes_nothing() -> None:
+    now = [0.0]
+    sock = _BlockingSocket()
+    box = rtsp_proxy.Outbox(sock, 65536, stall_timeout=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    try:
+        chunk = bytes(40000)
+        # a burst far past the limit is queued: the client was not given time to take it
+        assert all(box.put(chunk, media=True) for _ in range(20))
+        assert box.queued == 20 * len(chunk)
+        now[0] = 4.9
+        assert box.put(chunk, media=True)
+        now[0] = 5.1  # over the limit and nothing taken for more than stall_timeout: stuck
+        assert not box.put(chunk, media=True)
+        assert box.put(b"RTSP/1.0 200 OK\r\n\r\n")  # replies are never refused
+        sock.allow(1000)  # the client takes a little: it is slow, not stuck
+        wait_until(lambda: box.stalled_for() == 0.0, what="the writer to see progress")
+        now[0] = 9.0
+        assert box.put(chunk, media=True)
+        # past the hard limit even a client that just made progress is dropped
+        assert box.hard_limit >= 4 * 65536
+        assert not box.put(bytes(box.hard_limit), media=True)
+    finally:
+        box.close()
+        sock.allow(1 << 30)
+        box.join(5)
+
+
+def test_outbox_stall_clock_starts_with_a_non_empty_queue() -> None:
+    now = [100.0]
+    sock = _BlockingSocket()
+    box = rtsp_proxy.Outbox(sock, 65536, stall_timeout=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    try:
+        now[0] = 200.0  # long idle with nothing to send is no stall
+        assert box.put(bytes(100000), media=True)
+        assert box.put(bytes(100000), media=True)
+        assert box.stalled_for() == 0.0
+    finally:
+        box.close()
+        sock.allow(1 << 30)
+        box.join(5)
 
 
 def expect_400_or_close(address: str, data: bytes, close_after: bool = False) -> int | None:
