@@ -795,9 +795,22 @@ class Client:
             client.close()
             return
         try:
-            tunnel.forward(client, remote)
+            host, port = client.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "a local client"
+        try:
+            realm = tunnel.forward(client, remote)
         except ptcp.PTCPError as exc:
             log.warning("connection to device port %d failed: %s", remote, exc)
+            return
+        log.info("%s -> device port %d on realm %08x", peer, remote, realm)
+
+    @staticmethod
+    def _on_event(event: ptcp.Event) -> None:
+        # who ended a connection: "peer" is the device (its service closed), "local" is us
+        if isinstance(event, ptcp.RealmClosed):
+            log.info("realm %08x closed (%s)", event.realm, event.reason)
 
     def _on_dead(self) -> None:
         with self.cond:
@@ -837,7 +850,12 @@ class Client:
     def _run_tunnel(self, est: Established, socks: dict[str, socket.socket]) -> None:
         sock = socks[est.sock]
         tunnel = ptcp.PTCPTunnel(
-            sock, est.peer, est.session, on_dead=self._on_dead, own_socket=False
+            sock,
+            est.peer,
+            est.session,
+            on_dead=self._on_dead,
+            on_event=self._on_event,
+            own_socket=False,
         ).start()
         log.info("tunnel open (%s) to %s", est.path, est.peer)
         with self.cond:

@@ -128,6 +128,7 @@ class PeerSession:
         self.out_of_order = 0
         self.ooo: dict[int, bytes] = {}
         self.closed_realms: set[int] = set()
+        self.close_reasons: dict[int, str] = {}  # why each realm ended (for failing tests)
         self.last_rx = time.monotonic()
         self.next_heartbeat = time.monotonic() + 5.0
 
@@ -315,7 +316,7 @@ class PeerSession:
                 return
             conn.out += body[12:]
             if not conn.flush():
-                self._close_realm(realm, notify=True)
+                self._close_realm(realm, notify=True, why="writing to the service failed")
             return
         if kind == 0x11:
             self._bind(realm, body)
@@ -324,7 +325,7 @@ class PeerSession:
             status = body[12:]
             if status == b"DISC":
                 if realm in self.realms:
-                    self._close_realm(realm, notify=True)
+                    self._close_realm(realm, notify=True, why="DISC from the client")
                 elif realm not in self.closed_realms:
                     self.violation(f"DISC for unknown realm {realm:#x}")
             elif status != b"CONN":
@@ -356,10 +357,16 @@ class PeerSession:
         self.realms[realm] = Realm(conn)
         self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"CONN")
 
-    def _close_realm(self, realm: int, notify: bool) -> None:
+    def _close_realm(self, realm: int, notify: bool, why: str = "closed") -> None:
         conn = self.realms.pop(realm, None)
         self.closed_realms.add(realm)
         if conn is not None:
+            try:
+                port = conn.sock.getsockname()[1]
+            except OSError:
+                port = 0
+            self.close_reasons[realm] = f"{why} (service connection from port {port})"
+            log.debug("realm %08x closed: %s", realm, self.close_reasons[realm])
             conn.sock.close()
         if notify:
             self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"DISC")
@@ -374,10 +381,11 @@ class PeerSession:
                 data = conn.recv(CHUNK)
             except BlockingIOError:
                 return
-            except OSError:
-                data = b""
+            except OSError as exc:
+                self._close_realm(realm, notify=True, why=f"reading the service failed: {exc}")
+                return
             if not data:
-                self._close_realm(realm, notify=True)
+                self._close_realm(realm, notify=True, why="the service closed")
                 return
             head = b"\x10" + len(data).to_bytes(3, "big") + realm.to_bytes(4, "big") + bytes(4)
             self.send(head + data)
@@ -562,7 +570,7 @@ class Emulator:
             session, realm = writers[sock]
             conn = session.realms.get(realm)
             if conn is not None and not conn.flush():
-                session._close_realm(realm, notify=True)
+                session._close_realm(realm, notify=True, why="writing to the service failed")
         for sock in ready:
             if sock is self._wake_r:
                 self._wake_r.recv(4096)

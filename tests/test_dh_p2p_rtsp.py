@@ -32,7 +32,7 @@ def emulator() -> Iterator[Callable[..., Emulator]]:
 
 def tunnel(spawn, emu: Emulator, *args: str):
     local = free_port()
-    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{local}:554", *args)
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{local}:554", "-v", *args)
     proc = spawn(argv, ready=r"^ready:", timeout=40)
     assert any(line.startswith("RTSP: rtsp://") for line in proc.lines), proc.output
     return proc, local
@@ -64,8 +64,21 @@ def play_together(target: str, clients: list[str]) -> list[PlayResult]:
     return results  # type: ignore[return-value]
 
 
-def assert_played(result: PlayResult) -> None:
-    assert result.frames >= 50 and not result.errors, result.output[-3000:]
+def close_reasons(emu: Emulator) -> dict[str, str]:
+    """Why the device ended each realm (run on the emulator thread)."""
+    return {f"{r:08x}": why for s in emu.sessions.values() for r, why in s.close_reasons.items()}
+
+
+def assert_played(result: PlayResult, proc=None, emu: Emulator | None = None) -> None:
+    """At least two seconds decoded, no errors; on failure say which side closed what."""
+    if result.frames >= 50 and not result.errors:
+        return
+    story = [result.output[-3000:]]
+    if proc is not None:  # dh_p2p -v: local client port -> realm, and who closed each realm
+        story.append("dh_p2p:\n" + "\n".join(proc.lines[-40:]))
+    if emu is not None:
+        story.append(f"device realms closed: {emu.call(lambda: close_reasons(emu))}")
+    raise AssertionError("\n".join(story))
 
 
 @pytest.mark.parametrize("mode", ["--direct", "--relay"])
@@ -73,7 +86,7 @@ def test_three_clients_at_once(spawn, emulator, rtsp_camera, mode: str) -> None:
     emu = emulator(rtsp_camera)
     proc, local = tunnel(spawn, emu, mode)
     for result in play_together(url(local, rtsp_camera), ["ffprobe", "gst", "ffprobe"]):
-        assert_played(result)
+        assert_played(result, proc, emu)
     assert proc.stop(signal.SIGTERM) == 0
     deadline = time.monotonic() + 10
     while emu.open_realms() and time.monotonic() < deadline:
@@ -86,16 +99,16 @@ def test_auth_device_with_digest_camera(spawn, emulator, rtsp_camera_auth) -> No
     emu = emulator(rtsp_camera_auth, auth=("admin", "admin123"))
     proc, local = tunnel(spawn, emu, "-u", "admin", "--password", "admin123")
     for result in play_together(url(local, rtsp_camera_auth), ["ffprobe", "gst", "ffprobe"]):
-        assert_played(result)
+        assert_played(result, proc, emu)
     assert "admin123" not in proc.output
     assert emu.violations == []
 
 
 def test_video_decodes_under_loss_and_reordering(spawn, emulator, rtsp_camera) -> None:
     emu = emulator(rtsp_camera, loss=0.02, reorder=0.02, duplicate=0.01)
-    _proc, local = tunnel(spawn, emu, "--direct")
+    proc, local = tunnel(spawn, emu, "--direct")
     for result in play_together(url(local, rtsp_camera), ["ffprobe", "gst"]):
-        assert_played(result)
+        assert_played(result, proc, emu)
     assert emu.impaired["lost"] and emu.impaired["reordered"], emu.impaired
     assert emu.violations == []
 
