@@ -691,6 +691,46 @@ class Session:
 
     # -- receiving --------------------------------------------------------
 
+    def receive_datagrams(self, datagrams: list[bytes], now: float) -> int:
+        """Process datagrams that arrived together; returns how many were not PTCP.
+
+        The same as :meth:`receive_datagram` on each in turn, except that a pure
+        acknowledgement followed by one that acknowledges more is only counted:
+        the later one acknowledges the same bytes at the same ``now`` (a bulk
+        sender gets one ack per packet, PROTOCOLS 2.5, and reads them in batches).
+        Not while recovering a loss, where every partial ack retransmits.
+        """
+        bad = 0
+        last = len(datagrams) - 1
+        unpack = HEADER.unpack_from
+        for i, data in enumerate(datagrams):
+            if (
+                i < last
+                and len(data) == HEADER_LEN
+                and len(datagrams[i + 1]) == HEADER_LEN
+                and self._recover is None
+                and not self._dead
+            ):
+                magic, _off, ack, _pid, lmid, _rmid = unpack(data)
+                magic2, _off2, ack2, _pid2, _lmid2, _rmid2 = unpack(datagrams[i + 1])
+                adv = (ack - self._snd_una) & MASK32
+                if (
+                    magic == MAGIC
+                    and magic2 == MAGIC
+                    and 0 < adv <= ((self._tx_nxt - self._snd_una) & MASK32)
+                    and 0 < ((ack2 - ack) & MASK32) < HALF32
+                ):
+                    self.stats.packets_in += 1
+                    if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
+                        self._rmid = lmid
+                        self._seen_peer = True
+                    continue
+            try:
+                self.receive_datagram(data, now)
+            except PTCPError:
+                bad += 1
+        return bad
+
     def receive_datagram(self, data: bytes | memoryview, now: float) -> None:
         """Process one datagram from the peer.  Raises PTCPError if it is not PTCP."""
         if type(data) is not bytes:
@@ -1489,11 +1529,7 @@ class PTCPTunnel:
             with self._dispatching:
                 with self._lock:
                     now = self.clock()
-                    for data in batch:
-                        try:
-                            session.receive_datagram(data, now)
-                        except PTCPError:
-                            stats.stray += 1
+                    stats.stray += session.receive_datagrams(batch, now)
                     self._flush()
                     events = session.events()
                     if self._space_waiters:
