@@ -1020,6 +1020,7 @@ class _Bridge:
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
         self.finishing = False  # the peer closed: drain the queue, then close the socket
+        self.writing = False  # the writer thread is sending bytes it took from the queue
         self.aborted = False
         self.opened = threading.Event()
         self.open_result = ""
@@ -1045,6 +1046,17 @@ class _Bridge:
         with self.cond:
             if self.aborted:
                 return True
+            if not self.queued and not self.writing and self.threads and not self.finishing:
+                # fast path: the writer is idle, so write here without waking it
+                try:
+                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                except OSError:  # would block, or broken: the writer finds out
+                    sent = 0
+                if sent:
+                    self.progress = now
+                    if sent == len(data):
+                        return True
+                    data = data[sent:]
             size = self.queued + len(data)
             if self.waiting:
                 # a client blocked writing to us (we are not taking its bytes)
@@ -1104,6 +1116,7 @@ class _Bridge:
                     part = chunks.popleft()
                     parts.append(part)
                     size += len(part)
+                self.writing = True
             try:
                 sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
             except OSError:
@@ -1111,6 +1124,7 @@ class _Bridge:
                 return
             with self.cond:
                 self.queued -= size
+                self.writing = False
                 self.progress = self.tunnel.clock()
         self.close_socket()
 
