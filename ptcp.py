@@ -985,7 +985,7 @@ class Session:
 # ---------------------------------------------------------------------------
 
 _RECV_BATCH = 256
-_TURN = 64 * 1024  # bytes one realm may put into the shared window per turn
+_TURN = 256 * 1024  # bytes one realm may put into the shared window per turn
 _READ_CHUNK = 256 * 1024
 
 
