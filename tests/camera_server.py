@@ -37,7 +37,9 @@ def build_server(host: str, port: int, user: str | None, password: str | None):
     server.set_service(str(port))
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(PIPELINE)
-    factory.set_shared(True)
+    # One pipeline per client: a shared one is seeked by every PLAY with a Range,
+    # which disturbs the other viewers (and can abort gst-rtsp-server 1.22).
+    factory.set_shared(False)
     if user is not None:
         auth = GstRtspServer.RTSPAuth()
         auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
