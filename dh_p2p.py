@@ -856,6 +856,7 @@ class Client:
             on_dead=self._on_dead,
             on_event=self._on_event,
             own_socket=False,
+            gso=not self.args.no_gso,
         ).start()
         log.info("tunnel open (%s) to %s", est.path, est.peer)
         with self.cond:
@@ -990,6 +991,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reconnect after S seconds without a packet from the device",
     )
     p.add_argument("--bind-any", action="store_true", help="UDP sockets on 0.0.0.0 (real NATs)")
+    p.add_argument(
+        "--no-gso",
+        action="store_true",
+        help="send and read tunnel datagrams one by one (no Linux UDP segmentation offload)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="count", default=0)
     return p

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import logging
 import random
 import socket
@@ -988,6 +989,58 @@ _RECV_BATCH = 256
 _TURN = 256 * 1024  # bytes one realm may put into the shared window per turn
 _READ_CHUNK = 256 * 1024
 
+# Linux UDP segmentation offload, udp(7): one sendmsg with a UDP_SEGMENT size
+# sends a run of datagrams of that size (the last may be shorter) and UDP_GRO
+# hands a run of equal datagrams from one sender to one recvmsg.  The peer and
+# the wire still see one datagram per PTCP packet; a capture on the sending
+# host may show the run as one (dh-p2p.lua splits it).
+_SOL_UDP = getattr(socket, "SOL_UDP", 17)
+_UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+_UDP_GRO = getattr(socket, "UDP_GRO", 104)
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS of older kernels
+GSO_MAX_BYTES = 65507  # largest IPv4 UDP payload
+_GSO_UNSUPPORTED = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+_SEGMENT_SIZE = struct.Struct("=H")
+_GRO_SIZE = struct.Struct("=i")
+
+
+def gso_runs(
+    datagrams: list[bytes],
+    max_segments: int = GSO_MAX_SEGMENTS,
+    max_bytes: int = GSO_MAX_BYTES,
+) -> list[tuple[int, int]]:
+    """Split ``datagrams`` (in order) into ``(start, stop)`` runs one GSO send can carry.
+
+    A run has datagrams of one size, except that its last may be shorter, at
+    most ``max_segments`` of them and ``max_bytes`` in all.
+    """
+    runs = []
+    i, n = 0, len(datagrams)
+    while i < n:
+        size = total = len(datagrams[i])
+        j = i + 1
+        while j < n and j - i < max_segments:
+            s = len(datagrams[j])
+            if s > size or not s or total + s > max_bytes:
+                break
+            total += s
+            j += 1
+            if s < size:
+                break
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def split_gro(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams of one recvmsg on a UDP_GRO socket (one, or a coalesced run)."""
+    for level, kind, value in ancdata:
+        if level == _SOL_UDP and kind == _UDP_GRO and len(value) >= _GRO_SIZE.size:
+            seg = _GRO_SIZE.unpack_from(value)[0]
+            if 0 < seg < len(data):
+                return [data[k : k + seg] for k in range(0, len(data), seg)]
+    return [data]
+
 
 @dataclass
 class TunnelStats:
@@ -1000,6 +1053,8 @@ class TunnelStats:
     send_errors: int = 0
     overflows: int = 0  # realms closed because their local client stopped reading
     realms_opened: int = 0
+    gso_sends: int = 0  # sendmsg calls that carried a run of datagrams (UDP_SEGMENT)
+    gro_runs: int = 0  # recvmsg calls that returned a coalesced run (UDP_GRO)
 
 
 class _Bridge:
@@ -1161,7 +1216,9 @@ class PTCPTunnel:
     ``on_event`` sees every Session event except data; ``on_dead`` is called
     once the peer is declared dead.  The tunnel makes ``sock`` blocking; with
     ``own_socket`` it also closes it.  Without ``session`` a new one is made
-    with ``session_options``.
+    with ``session_options``.  ``gso`` (Linux) sends runs of datagrams with one
+    UDP_SEGMENT sendmsg and reads coalesced runs with UDP_GRO; it turns itself
+    off when the kernel refuses it.
     """
 
     def __init__(
@@ -1177,6 +1234,7 @@ class PTCPTunnel:
         stall_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         own_socket: bool = True,
+        gso: bool = True,
         **session_options: object,
     ) -> None:
         self.sock = sock
@@ -1211,6 +1269,14 @@ class PTCPTunnel:
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            except OSError:
+                pass
+        self._gso = gso and sys.platform.startswith("linux")
+        self._gro = False
+        if self._gso:
+            try:
+                sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+                self._gro = True
             except OSError:
                 pass
         self._io_thread = threading.Thread(
@@ -1279,6 +1345,11 @@ class PTCPTunnel:
                 t.join(timeout)
         if self.own_socket:
             self.sock.close()
+        elif self._gro:  # the owner's next reader may not expect coalesced runs
+            try:
+                self.sock.setsockopt(_SOL_UDP, _UDP_GRO, 0)
+            except OSError:
+                pass
         self.closed.set()
 
     def send_syn(self) -> None:
@@ -1464,13 +1535,32 @@ class PTCPTunnel:
         out = self.session.datagrams_to_send()
         if not out:
             return
+        self.stats.datagrams_out += len(out)
+        if self._gso and len(out) > 1:
+            sendmsg, peer = self.sock.sendmsg, self.peer
+            for i, j in gso_runs(out):
+                if j - i == 1:
+                    self._send_each(out[i:j])
+                    continue
+                anc = [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(len(out[i])))]
+                try:
+                    sendmsg(out[i:j], anc, 0, peer)
+                    self.stats.gso_sends += 1
+                except OSError as exc:
+                    if exc.errno in _GSO_UNSUPPORTED:
+                        log.info("UDP segmentation offload refused (%s): sending one by one", exc)
+                        self._gso = False
+                    self._send_each(out[i:j])  # or a queued ICMP error took the send
+        else:
+            self._send_each(out)
+
+    def _send_each(self, datagrams: list[bytes]) -> None:
         sendto, peer = self.sock.sendto, self.peer
-        for d in out:
+        for d in datagrams:
             try:
                 sendto(d, peer)
             except OSError:
                 self.stats.send_errors += 1
-        self.stats.datagrams_out += len(out)
 
     def _wake_locked(self) -> None:
         """(lock held) Wake the timer thread if the Session now has an earlier deadline."""
@@ -1502,18 +1592,42 @@ class PTCPTunnel:
                 if events:
                     self._dispatch(events)
 
+    def _receiver(self) -> Callable[[int], tuple[list[bytes], object]]:
+        """recv(flags) -> (datagrams, sender address): plain, or UDP_GRO runs split up."""
+        sock = self.sock
+        if not self._gro:
+            recvfrom = sock.recvfrom
+
+            def recv(flags: int) -> tuple[list[bytes], object]:
+                data, addr = recvfrom(65536, flags)
+                return [data], addr
+
+            return recv
+        recvmsg, space, stats = sock.recvmsg, socket.CMSG_SPACE(_GRO_SIZE.size), self.stats
+
+        def recv_runs(flags: int) -> tuple[list[bytes], object]:
+            data, anc, _flags, addr = recvmsg(65536, space, flags)
+            if not anc:
+                return [data], addr
+            datagrams = split_gro(data, anc)
+            if len(datagrams) > 1:
+                stats.gro_runs += 1
+            return datagrams, addr
+
+        return recv_runs
+
     def _io_loop(self) -> None:
-        sock, session, stats = self.sock, self.session, self.stats
-        recvfrom, dontwait = sock.recvfrom, socket.MSG_DONTWAIT
+        session, stats = self.session, self.stats
+        recv, dontwait = self._receiver(), socket.MSG_DONTWAIT
         peer_ok = {self.peer}
         try:
             peer_ok.add((socket.gethostbyname(self.peer[0]), self.peer[1]))
         except OSError:
             pass
         while True:
-            batch = []
+            batch: list[bytes] = []
             try:
-                data, addr = recvfrom(65536)  # blocks; close() wakes it
+                datagrams, addr = recv(0)  # blocks; close() wakes it
             except OSError:  # e.g. ICMP port unreachable reported on the socket
                 addr = None
                 if not self._stop:
@@ -1521,21 +1635,21 @@ class PTCPTunnel:
             if self._stop:
                 return
             if addr in peer_ok:
-                batch.append(data)
+                batch += datagrams
             elif addr is not None:
-                stats.stray += 1
-            for _ in range(_RECV_BATCH - 1):  # take what else is already there
+                stats.stray += len(datagrams)
+            while len(batch) < _RECV_BATCH:  # take what else is already there
                 try:
-                    data, addr = recvfrom(65536, dontwait)
+                    datagrams, addr = recv(dontwait)
                 except BlockingIOError:
                     break
                 except OSError:
                     stats.send_errors += 1
                     continue
                 if addr in peer_ok:
-                    batch.append(data)
+                    batch += datagrams
                 else:
-                    stats.stray += 1
+                    stats.stray += len(datagrams)
             if not batch:
                 continue
             stats.datagrams_in += len(batch)
@@ -1725,6 +1839,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "that made no progress for --stall-timeout is disconnected",
     )
     p.add_argument("--stall-timeout", type=float, default=5.0, help="see --queue, s")
+    p.add_argument(
+        "--no-gso",
+        action="store_true",
+        help="send and read datagrams one by one (no Linux UDP segmentation offload)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="play the device: turn binds into local TCP connections")
     s.add_argument("--bind", type=_hostport, default=("127.0.0.1", 0), help="UDP HOST:PORT")
@@ -1762,7 +1881,7 @@ def _session_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _tunnel_options(args: argparse.Namespace) -> dict[str, object]:
-    return {"queue_bytes": args.queue, "stall_timeout": args.stall_timeout}
+    return {"queue_bytes": args.queue, "stall_timeout": args.stall_timeout, "gso": not args.no_gso}
 
 
 def _wait_for_syn(sock: socket.socket) -> tuple[bytes, tuple[str, int]]:

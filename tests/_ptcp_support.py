@@ -10,7 +10,7 @@ import hashlib
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 CHUNK = 256 * 1024
 
@@ -198,7 +198,8 @@ class LossyRelay:
 
     A sends to ``addr_for_a``, B to ``addr_for_b``.  Every datagram is lost with
     probability ``loss``, sent twice with ``dup``, and held back behind the next
-    one with ``reorder``.  Counters: ``forwarded``, ``dropped``.
+    one with ``reorder``.  Counters: ``forwarded``, ``dropped``.  ``inspect``, when
+    set, sees every datagram as it arrives (one recv each, as a device reads them).
     """
 
     def __init__(
@@ -226,6 +227,7 @@ class LossyRelay:
         self.routes = {self.face_a: (self.face_b, b_addr), self.face_b: (self.face_a, a_addr)}
         self.held: dict[socket.socket, bytes | None] = {self.face_a: None, self.face_b: None}
         self.forwarded = self.dropped = 0
+        self.inspect: Callable[[bytes], None] | None = None
         self.sel = selectors.DefaultSelector()
         for s in (self.face_a, self.face_b):
             self.sel.register(s, selectors.EVENT_READ)
@@ -242,6 +244,8 @@ class LossyRelay:
                 if src is self.stop_r:
                     return
                 data = src.recv(65536)
+                if self.inspect is not None:
+                    self.inspect(data)
                 out, dst = self.routes[src]
                 if rnd() < self.loss:
                     self.dropped += 1

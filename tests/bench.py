@@ -16,7 +16,7 @@ limit measured on the same machine a moment before:
   and 32 raw RTSP viewers in this process (half TCP interleaved, half UDP); the
   proxy's CPU share of one core and the cost per viewer.
 
-Usage: .venv/bin/python tests/bench.py [--json FILE] [--mb 200] [--delayed-ack]
+Usage: .venv/bin/python tests/bench.py [--json FILE] [--mb 200] [--delayed-ack] [--no-gso]
 Exit code 0 when every target holds, 1 when one does not, 2 on usage errors.
 """
 
@@ -351,7 +351,8 @@ def _rates(way: str, size: int, dt: float, near: float, far: float) -> dict[str,
 
 
 def tunnel_bench(args: argparse.Namespace) -> dict:
-    tunnel = Tunnel(["--delayed-ack"] if args.delayed_ack else [])
+    extra = ["--delayed-ack"] if args.delayed_ack else []
+    tunnel = Tunnel(extra + (["--no-gso"] if args.no_gso else []))
     out: dict = {}
     try:
         out |= tunnel.download(args.mb * MB)
@@ -599,7 +600,7 @@ def print_table(res: dict, info: dict) -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, Linux {info['kernel']}, "
           f"Python {info['python']}; load {info['load_1min_before']} before, "
           f"{info['load_1min_after']} after")  # fmt: skip
-    print(f"acks: {res['acks']}")
+    print(f"acks: {res['acks']}; socket calls: {res['datagram_calls']}")
     rows = [
         ("raw UDP limit (1316-byte datagrams)", f"{res['raw_udp_MBps']:.0f} MB/s"),
         ("tunnel download",
@@ -649,6 +650,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the tunnel with --delayed-ack (not the PROTOCOLS 2.5 default)",
     )
+    p.add_argument(
+        "--no-gso",
+        action="store_true",
+        help="run the tunnel with --no-gso (one datagram per send and receive call)",
+    )
     p.add_argument("--no-proxy", action="store_true", help="skip the proxy fan-out part")
     p.add_argument("--raw-rx", type=float, help=argparse.SUPPRESS)
     p.add_argument("--raw-tx", nargs=2, type=float, help=argparse.SUPPRESS)
@@ -661,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     info = machine()
     res: dict = {"acks": "one per batch (--delayed-ack)" if args.delayed_ack else "one per packet"}
+    res["datagram_calls"] = (
+        "one per datagram (--no-gso)" if args.no_gso else "runs via UDP GSO/GRO where Linux allows"
+    )
     res["raw_udp_MBps"] = raw_bench()
     res |= tunnel_bench(args)
     res["download_share_of_raw"] = res["download_MBps"] / res["raw_udp_MBps"]

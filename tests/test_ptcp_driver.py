@@ -40,19 +40,30 @@ def echo():
         server.close()
 
 
-def udp_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def udp_socket(sock_type: type[socket.socket] = socket.socket) -> socket.socket:
+    sock = sock_type(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     return sock
 
 
 class Pair:
-    """A client tunnel and a device tunnel in this process, joined over loopback UDP."""
+    """A client tunnel and a device tunnel in this process, joined over loopback UDP.
 
-    def __init__(self, ports: dict[int, int], relay: dict | None = None, **options) -> None:
+    ``tunnel`` holds PTCPTunnel options, ``sock_type`` makes the client's socket.
+    """
+
+    def __init__(
+        self,
+        ports: dict[int, int],
+        relay: dict | None = None,
+        *,
+        tunnel: dict | None = None,
+        sock_type: type[socket.socket] = socket.socket,
+        **options,
+    ) -> None:
         self.device_events: list = []
         self.event_seen = threading.Condition()
-        a_sock, b_sock = udp_socket(), udp_socket()
+        a_sock, b_sock = udp_socket(sock_type), udp_socket()
         a, b = Session(now=time.monotonic(), **options), Session(now=time.monotonic(), **options)
         now = time.monotonic()
         a.send_syn(now)  # handshake in memory; the tunnels continue the counters
@@ -74,8 +85,11 @@ class Pair:
         if relay is not None:
             self.relay = LossyRelay(a_sock.getsockname(), b_sock.getsockname(), **relay)
             a_peer, b_peer = self.relay.addr_for_a, self.relay.addr_for_b
-        self.device = PTCPTunnel(b_sock, b_peer, b, on_bind=on_bind, on_event=self._device_event)
-        self.client = PTCPTunnel(a_sock, a_peer, a)
+        tunnel = tunnel or {}
+        self.device = PTCPTunnel(
+            b_sock, b_peer, b, on_bind=on_bind, on_event=self._device_event, **tunnel
+        )
+        self.client = PTCPTunnel(a_sock, a_peer, a, **tunnel)
         self.client_sock, self.device_sock = a_sock, b_sock
         self.device.start()
         self.client.start()
