@@ -51,6 +51,23 @@ local function set_info(pinfo, text)
     pinfo.cols.info:set(text)
 end
 
+-- What sub-dissectors wrote into the Info column after we cleared it, or nil.
+-- "(info)" is what a column reads as when tshark is not filling columns.
+local function sub_info(pinfo)
+    local text = tostring(pinfo.cols.info)
+    if text == "" or text == "(info)" then return nil end
+    return text
+end
+
+-- Before handing more realm data over in the same frame: keep what sub-dissectors wrote
+-- so far, separated from what follows.
+local function separate_sub_info(pinfo)
+    if sub_info(pinfo) then
+        pinfo.cols.info:append(", ")
+        pinfo.cols.info:fence()
+    end
+end
+
 -- Call a sub-dissector; it may throw on a malformed payload (Wireshark then marks the
 -- packet "Malformed Packet: <proto>"), which must not surface as a Lua error.
 local function call_sub(dissector, tvb, pinfo, tree)
@@ -291,11 +308,16 @@ local f = {
     retransmission = ProtoField.bool("ptcp.retransmission", "Retransmission"),
     held_in = ProtoField.framenum("ptcp.ooo.dissected_in", "Out of order: dissected in frame"),
     held_from = ProtoField.framenum("ptcp.ooo.body_of", "Held body of frame, in order now"),
+    batch_count = ProtoField.uint16("ptcp.batch.count", "PTCP packets in this datagram (GSO batch)",
+        base.DEC),
+    batch_index = ProtoField.uint16("ptcp.batch.index", "Packet number in the GSO batch", base.DEC),
+    batch_segment = ProtoField.uint16("ptcp.batch.segment_size", "GSO segment size", base.DEC),
 }
 ptcp.fields = {
     f.magic, f.sent, f.recv, f.pid, f.lmid, f.rmid, f.body, f.ptype, f.length, f.syn, f.realm,
     f.reserved, f.bind_port, f.bind_ip, f.status, f.data, f.sign, f.realm_port, f.realm_bind,
-    f.reassembled, f.retransmission, f.held_in, f.held_from,
+    f.reassembled, f.retransmission, f.held_in, f.held_from, f.batch_count, f.batch_index,
+    f.batch_segment,
 }
 
 local e = {
@@ -326,14 +348,17 @@ ptcp.experts = {
     e.retransmitted, e.gap, e.out_of_order,
 }
 
--- State learnt on the first pass, in capture order:
+-- State learnt on the first pass, in capture order. A packet is named by its packet key
+-- "frame.index" (index 1 unless the datagram is a GSO batch of several packets), so
+-- two packets of one frame never share state:
 --   binds[conv][realm] = { port = n, frame = n }   (from bind packets)
---   streams[conv|realm|sender|gen] = { pending = bytes, need = n, waiting = {slots} }
+--   streams[conv|realm|sender|gen] = { parts = {bytes...}, plen = n, need = n,
+--                                      waiting = {slots} }
 --   frames[slot] = what was decided for one piece of realm data (reused on later
---                  passes); slot = "frame:0" for a packet's own data, "frame:aN" and
---                  "frame:bN" for held bodies dissected in that frame
+--                  passes); slot = "key:0" for a packet's own data, "key:aN" and
+--                  "key:bN" for held bodies dissected with that packet
 --   senders[conv|sender] = { next = sent value expected next, gen = n, held = {} }
---   seqs[frame number] = { in_order, retrans, held, gap, gen, before, after }
+--   seqs[packet key] = { in_order, retrans, held, gap, gen, before, after }
 local binds, streams, frames, senders, seqs = {}, {}, {}, {}, {}
 
 ptcp.prefs.realm_ports = Pref.string("Realm port dissectors", DEFAULT_REALM_PORTS,
@@ -405,9 +430,9 @@ end
 -- wait too long, the stream resumes at the earliest of them past a gap (seq.gap), a
 -- new generation in which partial realm messages start afresh; those bodies are then
 -- dissected before this packet's own (seq.before).
-local function track_sequence(tvb, pinfo, conv)
+local function track_sequence(tvb, pinfo, conv, pkey)
     local number = pinfo.number
-    local d = seqs[number]
+    local d = seqs[pkey]
     if d then return d end
     local key = conv .. "|" .. endpoint(pinfo.src, pinfo.src_port)
     local blen = tvb:len() - HEADER_LEN
@@ -415,7 +440,7 @@ local function track_sequence(tvb, pinfo, conv)
     local now = pinfo.abs_ts
     local st = senders[key]
     d = { gen = 0, before = {}, after = {} }
-    seqs[number] = d
+    seqs[pkey] = d
     local function restart(gen)
         st = { next = (sent + blen) % MOD32, gen = gen, held = {}, nheld = 0, since = now }
         senders[key] = st
@@ -470,19 +495,22 @@ local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subt
     if decided.prefix == nil and not decided.wait then
         local st = streams[stream_key]
         if not st then
-            st = { pending = "", need = 0, waiting = {} }
+            st = { parts = {}, plen = 0, need = 0, waiting = {} }
             streams[stream_key] = st
         end
+        -- The pieces wait in a list, joined once: a message over many packets (a
+        -- key frame over a whole GSO batch) costs linear, not quadratic, copying.
         local chunk = data_tvb:raw()
-        if st.need > 0 and #st.pending + #chunk < st.need then
-            st.pending = st.pending .. chunk
+        if st.need > 0 and st.plen + #chunk < st.need then
+            st.parts[#st.parts + 1] = chunk
+            st.plen = st.plen + #chunk
             decided.wait = true
             st.waiting[#st.waiting + 1] = decided
         else
-            decided.prefix = st.pending
+            decided.prefix = table.concat(st.parts)
             for _, w in ipairs(st.waiting) do w.reassembled_in = number end
             st.waiting = {}
-            st.pending, st.need = "", 0
+            st.parts, st.plen, st.need = {}, 0, 0
             decided.stream = st
         end
     end
@@ -514,11 +542,12 @@ local function dissect_realm_stream(data_tvb, pinfo, tree, sub, stream_key, subt
     end
     local st = decided.stream
     if st and want_len > 0 and want_offset < whole:len() then
-        st.pending = whole:raw(want_offset)
+        local rest = whole:raw(want_offset)
+        st.parts, st.plen = { rest }, #rest
         if want_len == DESEGMENT_ONE_MORE_SEGMENT then
-            st.need = #st.pending + 1
+            st.need = #rest + 1
         else
-            st.need = #st.pending + want_len
+            st.need = #rest + want_len
         end
         decided.partial = true
         st.waiting[#st.waiting + 1] = decided
@@ -582,9 +611,9 @@ local function add_realm(body_tree, tvb, off)
     return realm
 end
 
--- Returns the Info sentence for the body at `off` (the body is the rest of `tvb`) and
--- the Info text of the sub-dissector that realm data was handed to, if any.
-local function dissect_body(tvb, pinfo, tree, subtree, off, seq)
+-- Returns the Info sentence for the body at `off` (the body is the rest of `tvb`).
+-- `pkey` names the packet in the state tables.
+local function dissect_body(tvb, pinfo, tree, subtree, off, seq, pkey)
     local blen = tvb:len() - off
     if blen == 0 then
         subtree:add(f.ptype, TYPE_ACK):set_generated()
@@ -638,7 +667,7 @@ local function dissect_body(tvb, pinfo, tree, subtree, off, seq)
         end
         local dissect = seq.in_order and declared == data_len
         local _, waits = dissect_realm_data(data_tvb, realm, pinfo, tree, body_tree, seq.gen,
-            pinfo.number .. ":0", dissect)
+            pkey .. ":0", dissect)
         if waits then info = info .. " (continued in a later packet)" end
         return info
     elseif btype == TYPE_BIND then
@@ -673,24 +702,72 @@ local function dissect_body(tvb, pinfo, tree, subtree, off, seq)
     return string.format("PTCP unknown body type 0x%02x, %d bytes", btype, blen)
 end
 
-local function dissect_ptcp(tvb, pinfo, tree)
-    local len = tvb:len()
-    pinfo.cols.protocol:set("PTCP")
-    local subtree = tree:add(ptcp, tvb())
-    subtree:add(f.magic, tvb(0, 4))
-    if len < HEADER_LEN then
-        subtree:add_proto_expert_info(e.short, string.format(
-            "Only %d of the 24 header bytes", len))
-        set_info(pinfo, string.format("PTCP malformed: header truncated (%d of %d bytes)",
-            len, HEADER_LEN))
-        return len
+-- Body kinds counted in the Info column of a GSO batch.
+local function body_kind(tvb)
+    local blen = tvb:len() - HEADER_LEN
+    if blen == 0 then return "ack" end
+    if blen < 4 then return "malformed" end
+    return TYPE_NAMES[tvb(HEADER_LEN, 1):uint()] or "unknown"
+end
+
+-- PROTOCOLS 2.5 has one PTCP packet per datagram, but a capture on a host that sends
+-- with UDP GSO (ptcp.py does, udp(7) UDP_SEGMENT) shows a run of datagrams to one peer
+-- as one datagram: packets of one size back to back, the last one possibly shorter.
+local GSO_MAX_SEGMENTS = 64
+local GSO_MAX_BYTES = 65507
+
+-- The segment size when payload `s` (starting with "PTCP") is a batch of several
+-- packets, else nil. Work is linear in the payload: only offsets where "PTCP" occurs
+-- are tried, and each try stops at the first multiple without the magic.
+local function batch_segment_size(s)
+    local len = #s
+    if len < 2 * HEADER_LEN or len > GSO_MAX_BYTES then return nil end
+    local function fits(k)
+        if k < HEADER_LEN or k >= len then return false end
+        local count = math.floor((len + k - 1) / k)
+        -- The last segment is 1..k bytes; it must hold a header.
+        if count > GSO_MAX_SEGMENTS or len - (count - 1) * k < HEADER_LEN then return false end
+        for off = k, len - 1, k do
+            if s:sub(off + 1, off + 4) ~= "PTCP" then return false end
+        end
+        return true
     end
+    if s:sub(HEADER_LEN + 1, HEADER_LEN + 4) == "PTCP" then
+        -- An ack (empty body) followed by another packet: all but the last are acks.
+        return fits(HEADER_LEN) and HEADER_LEN or nil
+    end
+    if s:byte(HEADER_LEN + 1) == TYPE_DATA and len >= HEADER_LEN + 12 then
+        local k = HEADER_LEN + 12 + ((s:byte(HEADER_LEN + 2) * 256 + s:byte(HEADER_LEN + 3)) * 256
+            + s:byte(HEADER_LEN + 4))
+        return fits(k) and k or nil
+    end
+    local at = s:find("PTCP", HEADER_LEN + 1, true)
+    while at and at - 1 <= len - HEADER_LEN do
+        if fits(at - 1) then return at - 1 end
+        at = s:find("PTCP", at + 1, true)
+    end
+    return nil
+end
+
+-- One PTCP packet (the whole datagram, or one packet of a GSO batch): its subtree,
+-- sequence tracking, body and held bodies it releases. `pkey` names it in the state
+-- tables; `batch` = { index, count, size } for a packet of a batch. Sub-dissector Info
+-- texts accumulate (fenced) in the Info column. Returns its Info sentence and sequence
+-- record.
+local function dissect_packet(tvb, pinfo, tree, pkey, batch)
+    local subtree = tree:add(ptcp, tvb())
+    if batch then
+        subtree:add(f.batch_index, batch.index):set_generated()
+        subtree:add(f.batch_count, batch.count):set_generated()
+        subtree:add(f.batch_segment, batch.size):set_generated()
+    end
+    subtree:add(f.magic, tvb(0, 4))
     subtree:add(f.sent, tvb(4, 4))
     subtree:add(f.recv, tvb(8, 4))
     subtree:add(f.pid, tvb(12, 4))
     subtree:add(f.lmid, tvb(16, 4))
     subtree:add(f.rmid, tvb(20, 4))
-    local seq = track_sequence(tvb, pinfo, conversation_key(pinfo))
+    local seq = track_sequence(tvb, pinfo, conversation_key(pinfo), pkey)
     if seq.retrans then
         subtree:add(f.retransmission, true):set_generated()
         subtree:add_proto_expert_info(e.retransmitted)
@@ -706,35 +783,93 @@ local function dissect_ptcp(tvb, pinfo, tree)
             subtree:add(f.held_in, seq.drained_in):set_generated()
         end
     end
-    -- Sub-dissectors fill the Info column; what they write follows our sentence.
-    pinfo.cols.info:clear_fence()
-    pinfo.cols.info:clear()
-    -- "(info)" is what a column reads as when tshark is not filling columns.
-    local function sub_info()
-        local text = tostring(pinfo.cols.info)
-        if text == "" or text == "(info)" then return nil end
-        return text
-    end
     local function held_bodies(list, tag)
         for i, h in ipairs(list) do
-            if sub_info() then
-                pinfo.cols.info:append(", ")
-                pinfo.cols.info:fence()
-            end
-            dissect_held_body(h, pinfo, tree, subtree, seq.gen, pinfo.number .. tag .. i)
+            separate_sub_info(pinfo)
+            dissect_held_body(h, pinfo, tree, subtree, seq.gen, pkey .. tag .. i)
         end
     end
     held_bodies(seq.before, ":b")
     -- Realm data handed to RTSP or HTTP leaves their name in the Protocol column.
-    local info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN, seq)
+    separate_sub_info(pinfo)
+    local info = dissect_body(tvb, pinfo, tree, subtree, HEADER_LEN, seq, pkey)
     held_bodies(seq.after, ":a")
     local held = #seq.before + #seq.after
     if held > 0 then
         info = info .. string.format(" (+%d held bod%s)", held, held == 1 and "y" or "ies")
     end
-    local sub_text = sub_info()
-    set_info(pinfo, sub_text and (info .. ": " .. sub_text) or info)
     subtree:append_text(", " .. info:gsub("^PTCP ", ""))
+    if batch then
+        subtree:append_text(string.format(" [batch packet %d/%d]", batch.index, batch.count))
+    end
+    return info, seq
+end
+
+-- Info of a batch: the first packet's sentence and a tally of the others, e.g.
+-- "PTCP x49 (GSO batch): data realm 0x1a2b3c4d 1280 bytes, +48 more: 47 data
+-- (60160 bytes), 1 status".
+local function batch_info(first_info, packets)
+    local order, counts, data_bytes = {}, {}, 0
+    local retrans, held = 0, 0
+    for i = 2, #packets do
+        local p = packets[i]
+        if not counts[p.kind] then
+            order[#order + 1] = p.kind
+            counts[p.kind] = 0
+        end
+        counts[p.kind] = counts[p.kind] + 1
+        if p.kind == "data" then data_bytes = data_bytes + p.len - HEADER_LEN - 12 end
+        if p.seq.retrans then retrans = retrans + 1 end
+        if p.seq.held then held = held + 1 end
+    end
+    local parts = {}
+    for _, kind in ipairs(order) do
+        local part = string.format("%d %s", counts[kind], kind)
+        if kind == "data" then part = part .. string.format(" (%d bytes)", data_bytes) end
+        parts[#parts + 1] = part
+    end
+    if retrans > 0 then parts[#parts + 1] = string.format("%d retransmitted", retrans) end
+    if held > 0 then parts[#parts + 1] = string.format("%d out of order", held) end
+    return string.format("PTCP x%d (GSO batch): %s, +%d more: %s", #packets,
+        first_info:gsub("^PTCP ", ""), #packets - 1, table.concat(parts, ", "))
+end
+
+local function dissect_ptcp(tvb, pinfo, tree)
+    local len = tvb:len()
+    pinfo.cols.protocol:set("PTCP")
+    if len < HEADER_LEN then
+        local subtree = tree:add(ptcp, tvb())
+        subtree:add(f.magic, tvb(0, 4))
+        subtree:add_proto_expert_info(e.short, string.format(
+            "Only %d of the 24 header bytes", len))
+        set_info(pinfo, string.format("PTCP malformed: header truncated (%d of %d bytes)",
+            len, HEADER_LEN))
+        return len
+    end
+    -- Sub-dissectors fill the Info column; what they write follows our sentence.
+    pinfo.cols.info:clear_fence()
+    pinfo.cols.info:clear()
+    local info
+    local size = batch_segment_size(tvb:raw())
+    if not size then
+        info = dissect_packet(tvb, pinfo, tree, pinfo.number .. ".1")
+    else
+        local count = math.floor((len + size - 1) / size)
+        local packets = {}
+        for i = 1, count do
+            local off = (i - 1) * size
+            local plen = math.min(size, len - off)
+            local ptvb = tvb(off, plen):tvb()
+            local batch = { index = i, count = count, size = size }
+            local pinfo_text, seq = dissect_packet(ptvb, pinfo, tree, pinfo.number .. "." .. i,
+                batch)
+            packets[i] = { kind = body_kind(ptvb), len = plen, seq = seq }
+            if i == 1 then info = pinfo_text end
+        end
+        info = batch_info(info, packets)
+    end
+    local sub_text = sub_info(pinfo)
+    set_info(pinfo, sub_text and (info .. ": " .. sub_text) or info)
     return len
 end
 
