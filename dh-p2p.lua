@@ -10,6 +10,26 @@
 --           bound to (preference ptcp.realm_ports), reassembled when a message spans
 --           packets; the sent counters flag retransmissions, out-of-order bodies
 --           (dissected once the hole fills) and gaps
+--
+-- GSO batches: a capture taken on a host that sends with Linux UDP GSO (ptcp.py does:
+-- one sendmsg with UDP_SEGMENT for a run of datagrams to one peer; or a NIC offloading
+-- UDP segmentation) shows the run as ONE datagram holding several PTCP packets back to
+-- back: all of one size (the segment size) except the last, which may be shorter; at
+-- most 64 of them. Such a datagram is split and each packet dissected as if it had come
+-- alone (own "Dahua PTCP tunnel" subtree, sequence tracking, realm data), in order.
+-- The segment size is found without the kernel's value: 24 when an ack (empty body) is
+-- followed by another packet ("PTCP" at offset 24); 24 + 12 + the length field when
+-- the first body is data; otherwise the smallest k >= 24 with "PTCP" at every multiple
+-- of k and a last packet of 24..k bytes. When nothing fits it is one packet, as before.
+-- Each packet of a batch carries the generated fields ptcp.batch.index (1..n),
+-- ptcp.batch.count (n) and ptcp.batch.segment_size; filter batches with
+-- "ptcp.batch.count". The Info column of a batch reads
+--   PTCP x<n> (GSO batch): <first packet's sentence>, +<n-1> more: <tally>: <sub info>
+-- e.g. "PTCP x49 (GSO batch): data realm 0x1a2b3c4d 1280 bytes, +48 more: 48 data
+-- (61160 bytes): PT=DynamicRTP-Type-96, ..."; the tally counts the other packets by
+-- body type (with their data bytes, retransmissions and out-of-order ones), and the
+-- sub info is what RTSP/RTP/HTTP wrote for all of them; each packet's own sentence
+-- is on its subtree.
 -- Format: PROTOCOLS.md section 2 of this project. Filter examples: ptcp, ptcp.type ==
 -- "data", ptcp.realm == 0x1a2b3c4d, ptcp.bind.port == 554, rtsp.request && ptcp,
 -- ptcp.type == 0x100 (acks: empty bodies), _ws.expert && ptcp.
@@ -53,19 +73,32 @@ end
 
 -- What sub-dissectors wrote into the Info column after we cleared it, or nil.
 -- "(info)" is what a column reads as when tshark is not filling columns.
-local function sub_info(pinfo)
+local function column_text(pinfo)
     local text = tostring(pinfo.cols.info)
-    if text == "" or text == "(info)" then return nil end
+    if text == "(info)" then return "" end
     return text
 end
 
+-- The Info column as of the last separate_sub_info() of this frame.
+local fenced_info = ""
+
 -- Before handing more realm data over in the same frame: keep what sub-dissectors wrote
--- so far, separated from what follows.
+-- so far, separated from what follows (when they wrote anything since the last time;
+-- RTSP leaves ", " after an interleaved frame when more data follows).
 local function separate_sub_info(pinfo)
-    if sub_info(pinfo) then
-        pinfo.cols.info:append(", ")
+    local text = column_text(pinfo)
+    if text ~= fenced_info then
+        if not text:match(",%s*$") then pinfo.cols.info:append(", ") end
         pinfo.cols.info:fence()
+        fenced_info = column_text(pinfo)
     end
+end
+
+-- Everything sub-dissectors wrote in this frame (nil when nothing).
+local function sub_info(pinfo)
+    local text = column_text(pinfo):gsub(",%s*$", "")
+    if text == "" then return nil end
+    return text
 end
 
 -- Call a sub-dissector; it may throw on a malformed payload (Wireshark then marks the
@@ -849,6 +882,7 @@ local function dissect_ptcp(tvb, pinfo, tree)
     -- Sub-dissectors fill the Info column; what they write follows our sentence.
     pinfo.cols.info:clear_fence()
     pinfo.cols.info:clear()
+    fenced_info = ""
     local info
     local size = batch_segment_size(tvb:raw())
     if not size then

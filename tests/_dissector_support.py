@@ -11,6 +11,7 @@ import json
 import shutil
 import struct
 import subprocess
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,69 @@ def fields(
     return [ln.split("|") for ln in res.stdout.splitlines() if ln.strip()]
 
 
+@dataclass
+class PtcpPacket:
+    """One PTCP packet as dissected: a whole datagram, or one packet of a GSO batch."""
+
+    frame: int
+    index: int  # 1-based place in its frame
+    raw: bytes  # the packet's bytes
+    payload_len: int  # the UDP payload of its frame
+    offset: int  # where it starts in that payload
+    fields: dict[str, list[str]]  # ptcp.* values shown in its subtree
+    after: list[str]  # protocols dissected from it (until the next PTCP packet)
+    sub: dict[str, list[str]]  # their field values
+
+    def get(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+
+def ptcp_packets(
+    capture: Path, display_filter: str | None = None, *, two_pass: bool = False
+) -> list[PtcpPacket]:
+    """Every PTCP packet in the frames matching ``display_filter``, from ``-T pdml``.
+
+    Sub-dissectors add their trees after the PTCP subtree of the packet whose data they
+    decode, so a packet's ``after`` names what its realm data was handed to.
+    """
+    args = ["-T", "pdml"] + (["-Y", display_filter] if display_filter else [])
+    res = tshark(capture, *args, two_pass=two_pass)
+    if res.returncode != 0:
+        raise RuntimeError(f"tshark failed ({res.returncode}): {res.stderr}")
+    out: list[PtcpPacket] = []
+    for packet in ET.fromstring(res.raw_stdout).iter("packet"):
+        frame = payload = None
+        payload_pos = 0
+        current: PtcpPacket | None = None
+        index = 0
+        for proto in packet.findall("proto"):
+            name = proto.get("name", "")
+            if name == "frame":
+                frame = int(proto.find("field[@name='frame.number']").get("show"))
+            elif name == "udp" and payload is None:
+                payload_pos = int(proto.get("pos")) + 8
+                field_ = proto.find("field[@name='udp.payload']")
+                payload = bytes.fromhex(field_.get("value")) if field_ is not None else b""
+            elif name == "ptcp":
+                index += 1
+                start = int(proto.get("pos")) - payload_pos
+                values: dict[str, list[str]] = {}
+                for f in proto.iter("field"):
+                    if f.get("name", "").startswith("ptcp."):
+                        values.setdefault(f.get("name"), []).append(f.get("show", ""))
+                current = PtcpPacket(
+                    frame or 0, index, payload[start : start + int(proto.get("size"))],
+                    len(payload), start, values, [], {},
+                )
+                out.append(current)
+            elif current is not None and name != "fake-field-wrapper":
+                current.after.append(name)
+                for f in proto.iter("field"):
+                    current.sub.setdefault(f.get("name", ""), []).append(f.get("show", ""))
+    return out
+
+
 # --------------------------------------------------------------------------- PTCP builder
 
 
@@ -128,6 +192,57 @@ class PtcpSide:
         return pkt
 
 
+# Linux UDP GSO (udp(7) UDP_SEGMENT): one send of up to 64 datagrams of one size, the
+# last possibly shorter, at most 65507 bytes in all. A capture on the sending host shows
+# the whole run as one datagram.
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65507
+CHUNK = 1280  # data bytes per full data packet, as the official app and ptcp.py split
+
+
+def gso_batch(packets: list[bytes]) -> bytes:
+    """The payload a capture on the sender shows for one GSO send of ``packets``."""
+    size = len(packets[0]) if packets else 0
+    if not 2 <= len(packets) <= GSO_MAX_SEGMENTS:
+        raise ValueError(f"a GSO batch has 2..{GSO_MAX_SEGMENTS} packets, not {len(packets)}")
+    if any(len(p) != size for p in packets[:-1]) or not 0 < len(packets[-1]) <= size:
+        raise ValueError("GSO segments have one size, the last one may be shorter")
+    payload = b"".join(packets)
+    if len(payload) > GSO_MAX_BYTES:
+        raise ValueError("GSO batch larger than one UDP datagram")
+    return payload
+
+
+@dataclass
+class RtpStream:
+    """Interleaved RTP frames (channel 0) of one realm, numbered from ``seq``.
+
+    Records where each frame ends in the realm's byte stream, so a test knows in which
+    capture frame each RTP packet completes.
+    """
+
+    seq: int
+    data: bytearray = field(default_factory=bytearray)
+    ends: list[tuple[int, int]] = field(default_factory=list)  # (end offset, RTP seq)
+    taken: int = 0
+
+    def add(self, *payload_lens: int) -> None:
+        for n in payload_lens:
+            self.data += interleaved(0, rtp_packet(self.seq, n))
+            self.ends.append((len(self.data), self.seq))
+            self.seq += 1
+
+    def take(self, n: int) -> bytes:
+        """The next ``n`` bytes of the stream (fewer at its end)."""
+        out = bytes(self.data[self.taken : self.taken + n])
+        self.taken += len(out)
+        return out
+
+    def completed(self, start: int, stop: int) -> list[int]:
+        """RTP sequence numbers of the frames whose last byte is in ``[start, stop)``."""
+        return [seq for end, seq in self.ends if start < end <= stop]
+
+
 @dataclass
 class Session:
     """A synthetic capture: the datagrams and the frame numbers of notable packets."""
@@ -135,6 +250,11 @@ class Session:
     datagrams: list[Datagram] = field(default_factory=list)
     marks: dict[str, int] = field(default_factory=dict)
     tunnel_ports: set[int] = field(default_factory=set)
+    # Frames that are GSO batches: frame number -> the PTCP packets in it.
+    batches: dict[int, list[bytes]] = field(default_factory=dict)
+    # RTP sequence numbers each packet (frame, index in frame) of the GSO part of the
+    # session completes, in order.
+    gso_rtp: dict[tuple[int, int], list[int]] = field(default_factory=dict)
 
     clock: float = 1767323045.0
 
@@ -254,6 +374,9 @@ def build_session(vec: dict) -> Session:
 
     # The session used below, consistent with the vectors: SYN, ack and bind verbatim.
     cli, dev = PtcpSide(), PtcpSide()
+    # "PTCP" inside a sign, where no segment size fits (the rest is too short a packet).
+    s.add(CLIENT_2, DEVICE, first.packet(b"\x19" + bytes(27) + b"PTCP" + bytes(10), dev0),
+          "lookalike_sign")
     s.add(CLIENT, DEVICE, bytes.fromhex(p["syn_hex"]), "syn")
     cli.sent, cli.lmid = 4, 1
     s.add(DEVICE, CLIENT, dev.packet(SYN_BODY, cli), "syn_dev")
@@ -328,6 +451,44 @@ def build_session(vec: dict) -> Session:
     tunnel(cli, dev, HEARTBEAT_BODY, "heartbeat")
     tunnel(dev, cli, HEARTBEAT_BODY, "heartbeat_dev", pause=1.5)
 
+    def batch(
+        sender: PtcpSide, peer: PtcpSide, bodies: list[bytes], mark: str,
+        resend: bytes = b"",
+    ) -> list[bytes]:
+        """One GSO send of new packets with ``bodies`` (after ``resend``, if any)."""
+        src, dst = (CLIENT, DEVICE) if sender is cli else (DEVICE, CLIENT)
+        packets = ([resend] if resend else []) + [sender.packet(b, peer) for b in bodies]
+        s.batches[s.add(src, dst, gso_batch(packets), mark)] = packets
+        return packets
+
+    # GSO batches, as a capture on a host sending with UDP_SEGMENT shows them: a run of
+    # 49 data packets of video (48 of 1280 bytes, a shorter last one) in one datagram,
+    # one frame continuing into the next, unbatched datagram.
+    video = RtpStream(RTP_SEQS[-1] + 1)
+    video.add(*[(3000, 1200, 400, 2000, 300, 5000, 800, 64)[i % 8] for i in range(60)])
+
+    def video_bodies(sizes: list[int], first_index: int = 1) -> list[bytes]:
+        """Data bodies of the next ``sizes`` bytes of video, for the next datagram's
+        packets from ``first_index`` on."""
+        frame = len(s.datagrams) + 1
+        bodies = []
+        for i, n in enumerate(sizes):
+            start = video.taken
+            bodies.append(data_body(realm, video.take(n)))
+            s.gso_rtp[(frame, first_index + i)] = video.completed(start, video.taken)
+        return bodies
+
+    run = batch(dev, cli, video_bodies([CHUNK] * 48 + [1000]), "gso_rtp")
+    tunnel(dev, cli, video_bodies([CHUNK])[0], "gso_rtp_next")
+    # The client acknowledges them all in one batch of empty packets.
+    batch(cli, dev, [b""] * 50, "gso_acks")
+    # A batch that resends one packet of the first (retransmission, not dissected again)
+    # followed by new data.
+    batch(dev, cli, video_bodies([CHUNK, CHUNK, 333], first_index=2),
+          "gso_resend", resend=run[47])
+    # Batches whose first packet is not data: a heartbeat and an ack.
+    batch(cli, dev, [HEARTBEAT_BODY, b""], "gso_heartbeat_ack")
+
     # A second realm bound to HTTP (80), a third to the private protocol (37777).
     tunnel(cli, dev, bind_body(REALM_HTTP, 80), "bind80")
     tunnel(dev, cli, status_body(REALM_HTTP, b"CONN"), "")
@@ -341,10 +502,16 @@ def build_session(vec: dict) -> Session:
     tunnel(cli, dev, bind_body(REALM_PRIV, 37777), "bind37777")
     tunnel(cli, dev, data_body(REALM_PRIV, b"\xa0\x00\x00\x60" + b"\x00" * 28), "priv_data")
     tunnel(cli, dev, data_body(REALM_UNBOUND, b"GET / HTTP/1.1\r\n\r\n"), "unbound_data")
+    # Not a batch although "PTCP" shows inside: data whose bytes would fit as segments of
+    # 36 (the length field says it is one packet).
+    tunnel(cli, dev, data_body(REALM_PRIV, (b"PTCP" + bytes(32)) * 3), "lookalike_data")
 
     # Teardown: DISC both ways (vector body).
     tunnel(cli, dev, bytes.fromhex(p["disc_status_body_hex"]), "disc")
     tunnel(dev, cli, bytes.fromhex(p["disc_status_body_hex"]), "disc_dev")
+    # The device closes the other two realms in one batch: status + status.
+    batch(dev, cli, [status_body(REALM_HTTP, b"DISC"), status_body(REALM_PRIV, b"DISC")],
+          "gso_status_status")
 
     # Faults: a truncated header, a data body whose length field lies, a short bind, an
     # unknown type, a short body.
@@ -356,6 +523,12 @@ def build_session(vec: dict) -> Session:
     tunnel(cli, dev, b"\x30\x00\x00\x00", "unknown_type")
     tunnel(cli, dev, b"\x10\x00", "short_body")
     s.add(CLIENT_2, DEVICE, ptcp_header(0, 0, 0x0002FFFF, 0, 0) + b"\x00\x03\x01\x01", "bad_syn")
+    # An ack followed by bytes that are no packet: one malformed packet, not a batch.
+    tunnel(cli, dev, b"PTCP" + bytes(6), "lookalike_ack")
+    # A data length field shorter than the data, no packet where it says the next starts.
+    short = bytearray(data_body(realm, bytes(40)))
+    short[1:4] = (10).to_bytes(3, "big")
+    tunnel(cli, dev, bytes(short), "short_length")
 
     # Stray datagrams elsewhere that must not be claimed.
     s.add(STRAY_A, STRAY_B, b"hello, this is not a tunnel packet", "stray")

@@ -22,17 +22,23 @@ from pathlib import Path
 import pytest
 from _dissector_support import (
     DEVICE,
+    HEARTBEAT_BODY,
     REALM_HTTP,
     REALM_PRIV,
     REALM_UNBOUND,
     REPO,
     RTP_SEQS,
+    PtcpPacket,
     Session,
     build_session,
+    data_body,
     fields,
     interleaved,
     load_vectors,
+    ptcp_header,
+    ptcp_packets,
     rtp_packet,
+    status_body,
     tshark,
 )
 
@@ -229,7 +235,7 @@ def test_type_value_names(capture: Path, session: Session) -> None:
         assert shown[m[mark]][0].startswith(f"Type: {name}"), (mark, shown[m[mark]])
     # Value names work in display filters too.
     hb = fields(capture, 'ptcp.type == "heartbeat"', "frame.number")
-    assert [int(r[0]) for r in hb] == [m["heartbeat"], m["heartbeat_dev"]]
+    assert [int(r[0]) for r in hb] == [m["heartbeat"], m["heartbeat_dev"], m["gso_heartbeat_ack"]]
 
 
 def test_malformed_packets_get_expert_info(
@@ -265,9 +271,9 @@ def test_expert_filters(capture: Path, session: Session) -> None:
     assert got == {
         "ptcp.bad_syn": [m["bad_syn"]],
         "ptcp.short": [m["short_header"]],
-        "ptcp.bad_length": [m["bad_length"]],
+        "ptcp.bad_length": [m["bad_length"], m["short_length"]],
         "ptcp.short_body": [m["short_bind"], m["short_body"]],
-        "ptcp.unknown_type": [m["unknown_type"]],
+        "ptcp.unknown_type": [m["unknown_type"], m["lookalike_ack"]],
     }
 
 
@@ -300,6 +306,9 @@ def test_interleaved_rtp_in_realm_data(two_pass: bool, capture: Path, session: S
     m = session.marks
     rows = fields(capture, "rtp", "frame.number", "rtp.seq", "rtp.ssrc", two_pass=two_pass)
     got = {int(r[0]): r[1].split(",") for r in rows}
+    gso: dict[int, list[str]] = {}
+    for (frame, _), seqs in session.gso_rtp.items():
+        gso.setdefault(frame, []).extend(str(seq) for seq in seqs)
     assert got == {
         m["play_reply"]: [str(RTP_SEQS[0])],
         m["rtp_split_2"]: [str(RTP_SEQS[1]), str(RTP_SEQS[2])],
@@ -307,17 +316,24 @@ def test_interleaved_rtp_in_realm_data(two_pass: bool, capture: Path, session: S
         m["fill"]: [str(RTP_SEQS[3]), str(RTP_SEQS[4])],
         # The packet after a hole that never fills: dissected when the wait ends.
         m["heartbeat_dev"]: [str(RTP_SEQS[6])],
+        # GSO batches and the frames between them.
+        **{frame: seqs for frame, seqs in gso.items() if seqs},
     }
-    assert all(r[2].split(",")[0] == "0xcafebabe" for r in rows)
+    assert all(set(r[2].split(",")) == {"0xcafebabe"} for r in rows)
+    # The video runs on without a hole from the last unbatched packet through the
+    # batches (a frame spanning batch and single datagram included), nothing twice.
+    seqs = [int(s) for r in rows for s in r[1].split(",")]
+    tail = seqs[seqs.index(RTP_SEQS[-1]):]
+    assert len(tail) > 40 and tail == list(range(RTP_SEQS[-1], RTP_SEQS[-1] + len(tail)))
 
 
 def test_retransmission_and_gap_from_sent_counters(capture: Path, session: Session) -> None:
     m = session.marks
     retrans = fields(capture, "ptcp.retransmission", "frame.number", "_ws.col.Info")
-    assert [int(r[0]) for r in retrans] == [m["describe_again"]]
+    assert [int(r[0]) for r in retrans] == [m["describe_again"], m["gso_resend"]]
     assert retrans[0][1].endswith("(retransmission)")
     assert [int(r[0]) for r in fields(capture, "ptcp.retransmitted", "frame.number")] == [
-        m["describe_again"]
+        m["describe_again"], m["gso_resend"]
     ]
     held = fields(capture, "ptcp.out_of_order", "frame.number", "ptcp.ooo.dissected_in",
                   two_pass=True)
@@ -424,6 +440,173 @@ def test_punch_is_uninverted_into_stun(capture: Path, session: Session, vec: dic
             str(port),
             ip,
         ]
+
+
+# --------------------------------------------------------------------------- GSO batches
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_gso_batches_are_split_into_their_packets(
+    two_pass: bool, capture: Path, session: Session
+) -> None:
+    """Each packet of a batch is dissected alone: its header, body and batch place."""
+    packets = ptcp_packets(capture, two_pass=two_pass)
+    by_frame: dict[int, list[PtcpPacket]] = {}
+    for p in packets:
+        by_frame.setdefault(p.frame, []).append(p)
+    assert set(session.batches) == {f for f, ps in by_frame.items() if len(ps) > 1}
+    for frame, sent in session.batches.items():
+        got = by_frame[frame]
+        assert [p.raw for p in got] == sent, frame
+        assert sum(len(p.raw) for p in got) == got[0].payload_len
+        n = len(sent)
+        for i, (p, raw) in enumerate(zip(got, sent, strict=True), start=1):
+            assert p.fields["ptcp.batch.index"] == [str(i)]
+            assert p.fields["ptcp.batch.count"] == [str(n)]
+            assert p.fields["ptcp.batch.segment_size"] == [str(len(sent[0]))]
+            hdr = struct.unpack(">5I", raw[4:24])
+            assert (int(p.get("ptcp.sent")), int(p.get("ptcp.recv")), int(p.get("ptcp.pid"), 16),
+                    int(p.get("ptcp.lmid")), int(p.get("ptcp.rmid"))) == hdr
+            body_type = 0x100 if len(raw) == 24 else raw[24]
+            assert int(p.get("ptcp.type"), 16) == body_type
+            if body_type == 0x10:
+                assert int(p.get("ptcp.length")) == len(raw) - 36
+    # Frames of one packet carry no batch fields.
+    assert all("ptcp.batch.count" not in ps[0].fields
+               for f, ps in by_frame.items() if f not in session.batches)
+    # Counts per frame as tshark -T fields shows them (one occurrence per packet).
+    rows = fields(capture, "ptcp.batch.count", "frame.number", "ptcp.sent", "ptcp.batch.count",
+                  two_pass=two_pass)
+    assert {int(r[0]): len(r[1].split(",")) for r in rows} == {
+        f: len(ps) for f, ps in session.batches.items()
+    }
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_gso_batch_realm_data_goes_to_rtsp_per_packet(
+    two_pass: bool, capture: Path, session: Session
+) -> None:
+    """RTP frames complete in the packet of the batch that holds their last byte, and a
+    resent packet inside a batch is flagged and not dissected again."""
+    m = session.marks
+    packets = {(p.frame, p.index): p for p in ptcp_packets(
+        capture, f"frame.number >= {m['gso_rtp']} && frame.number <= {m['gso_resend']}",
+        two_pass=two_pass)}
+    for key, seqs in session.gso_rtp.items():
+        assert packets[key].sub.get("rtp.seq", []) == [str(s) for s in seqs], key
+    resent = packets[(m["gso_resend"], 1)]
+    assert resent.fields.get("ptcp.retransmission") == ["1"]
+    assert resent.after == []
+    assert all("ptcp.retransmission" not in p.fields
+               for (f, i), p in packets.items() if (f, i) != (m["gso_resend"], 1))
+    # The packets between RTP frame ends say they continue in a later packet, and point
+    # to the packet that completes them (frame numbers, as Wireshark's links do).
+    assert packets[(m["gso_rtp"], 1)].fields["ptcp.realm.port"] == ["554"]
+    if two_pass:
+        assert packets[(m["gso_rtp"], 1)].fields["ptcp.reassembled_in"] == [str(m["gso_rtp"])]
+        assert packets[(m["gso_rtp"], 47)].fields["ptcp.reassembled_in"] == [
+            str(m["gso_rtp_next"])
+        ]
+
+
+def test_gso_batch_info_column(capture: Path, session: Session, vec: dict) -> None:
+    m = session.marks
+    realm = f"0x{vec['ptcp']['realm']:08x}"
+    info = {int(r[0]): r[1] for r in fields(capture, None, "frame.number", "_ws.col.Info")}
+    assert info[m["gso_rtp"]].startswith(
+        f"PTCP x49 (GSO batch): data realm {realm} 1280 bytes (continued in a later packet), "
+        f"+48 more: 48 data ({47 * 1280 + 1000} bytes): PT=DynamicRTP-Type-96, "
+        "SSRC=0xCAFEBABE, Seq=1021,"
+    )
+    assert info[m["gso_acks"]].startswith("PTCP x50 (GSO batch): ack sent ")
+    assert info[m["gso_acks"]].endswith(", +49 more: 49 ack")
+    assert info[m["gso_resend"]].startswith(
+        f"PTCP x4 (GSO batch): data realm {realm} 1280 bytes (retransmission), "
+        f"+3 more: 3 data ({2 * 1280 + 333} bytes): PT=DynamicRTP-Type-96"
+    )
+    assert info[m["gso_heartbeat_ack"]] == "PTCP x2 (GSO batch): heartbeat, +1 more: 1 ack"
+    assert info[m["gso_status_status"]] == (
+        f"PTCP x2 (GSO batch): status realm 0x{REALM_HTTP:08x} DISC (closed), "
+        "+1 more: 1 status"
+    )
+    # RTSP leaves a separator after each interleaved frame: never doubled or trailing.
+    for frame in session.batches:
+        assert ", ," not in info[frame] and not info[frame].rstrip().endswith(",")
+
+
+def test_datagrams_that_only_look_like_batches_stay_one_packet(
+    capture: Path, session: Session
+) -> None:
+    m = session.marks
+    marks = ("lookalike_data", "lookalike_sign", "lookalike_ack", "short_length")
+    frames = {m[k] for k in marks}
+    expr = " || ".join(f"frame.number == {f}" for f in sorted(frames))
+    packets = ptcp_packets(capture, expr)
+    assert sorted(p.frame for p in packets) == sorted(frames)
+    by = {p.frame: p for p in packets}
+    assert all("ptcp.batch.count" not in p.fields and p.offset == 0 and len(p.raw)
+               == p.payload_len for p in packets)
+    data = by[m["lookalike_data"]]
+    assert data.fields["ptcp.realm"] == [f"0x{REALM_PRIV:08x}"]
+    assert data.fields["ptcp.length"] == ["108"]
+    assert int(by[m["lookalike_sign"]].get("ptcp.type"), 16) == 0x19
+    assert int(by[m["lookalike_ack"]].get("ptcp.type"), 16) == 0x50  # unknown type
+    assert by[m["short_length"]].fields["ptcp.length"] == ["10"]
+
+
+# Datagrams for the segment size rules alone, on a conversation of their own:
+# (name, payload, PTCP packets expected in it).
+def _layouts() -> list[tuple[str, bytes, int]]:
+    def pkt(n: int, body: bytes = b"") -> bytes:
+        return ptcp_header(n, 0, 0xFFFF, n, 0) + body
+
+    def data(n: int, size: int) -> bytes:
+        return pkt(n, data_body(REALM_PRIV, bytes(size)))
+
+    status = status_body(REALM_PRIV, b"CONN")
+    return [
+        ("64 acks", b"".join(pkt(i) for i in range(64)), 64),
+        ("65 acks: more than one GSO send holds", b"".join(pkt(i) for i in range(65)), 1),
+        ("2 acks and 10 bytes", pkt(0) + pkt(1) + b"PTCP" + bytes(6), 1),
+        ("SYN + SYN", pkt(0, b"\x00\x03\x01\x00") * 2, 2),
+        ("status + ack", pkt(0, status) + pkt(1), 2),
+        ("status + 14 bytes", pkt(0, status) + b"PTCP" + bytes(10), 1),
+        ("3 heartbeats + ack", b"".join(pkt(i, HEARTBEAT_BODY) for i in range(3)) + pkt(3), 4),
+        ("3 data + status", b"".join(data(i * 1292, 1280) for i in range(3)) + pkt(9, status), 4),
+        ("empty data + heartbeat", data(0, 0) + pkt(12, HEARTBEAT_BODY), 2),
+        ("data, length field too long", data(0, 100)[:-50] + pkt(1), 1),
+        ("49 data", b"".join(data(i * 1292, 1280) for i in range(49)), 49),
+        ("heartbeat + status (longer last)", pkt(0, HEARTBEAT_BODY) + pkt(1, status), 1),
+    ]
+
+
+def test_segment_size_rules(tmp_path: Path) -> None:
+    require_tool("tshark")
+    layouts = _layouts()
+    dgrams = [Datagram(1767323045.0 + i, ("127.0.0.7", 45000 + i), ("127.0.0.8", 46000 + i),
+                       payload) for i, (_, payload, _) in enumerate(layouts)]
+    cap = write_udp_pcap(tmp_path / "layouts.pcap", dgrams)
+    for two_pass in (False, True):
+        packets = ptcp_packets(cap, two_pass=two_pass)
+        count = {i + 1: 0 for i in range(len(layouts))}
+        for p in packets:
+            count[p.frame] += 1
+        assert {name: count[i + 1] for i, (name, _, _) in enumerate(layouts)} == {
+            name: n for name, _, n in layouts
+        }
+        for p in packets:
+            _, payload, n = layouts[p.frame - 1]
+            assert p.raw == payload[p.offset : p.offset + len(p.raw)]
+        res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=two_pass)
+        assert res.returncode == 0 and res.lines == [] and "Lua Error" not in res.stderr
+
+
+def test_second_pass_dissects_like_the_first(capture: Path) -> None:
+    """Per-packet state: tshark -2 shows the same packets, bodies and realm data."""
+    names = ["frame.number", "ptcp.sent", "ptcp.type", "ptcp.batch.index", "ptcp.realm",
+             "ptcp.retransmission", "ptcp.out_of_order", "rtp.seq", "rtsp.method",
+             "rtsp.status", "http.request.uri", "_ws.col.Info"]
+    assert fields(capture, "ptcp", *names) == fields(capture, "ptcp", *names, two_pass=True)
 
 
 def _fuzz_datagrams(session: Session, seed: int = 7) -> list[Datagram]:
