@@ -740,7 +740,50 @@ def _capture_tunnel_session(
         res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=two_pass)
         assert res.returncode == 0 and res.lines == [], res.stdout + res.stderr
         assert "Lua Error" not in res.stderr
+    assert_no_misread_packets(cap)
     return cap, capture, rows
+
+
+# Expert infos that a run of packets misread as one packet would raise (the next
+# packet's "PTCP" taken for a body type, or for data past the length field).
+MISREAD = "ptcp.unknown_type || ptcp.bad_length || ptcp.short_body || ptcp.short"
+
+
+def assert_no_misread_packets(cap: Path) -> None:
+    """Our peers only send well-formed packets: any of these means a datagram was split
+    wrongly (or not at all)."""
+    assert fields(cap, MISREAD, "frame.number", "_ws.expert.message") == []
+
+
+def of_type(packets: list[PtcpPacket], body_type: int) -> list[PtcpPacket]:
+    return [p for p in packets if int(p.get("ptcp.type") or "-1", 16) == body_type]
+
+
+def header_of(p: PtcpPacket) -> tuple[int, ...]:
+    """sent, recv, pid, lmid, rmid as dissected."""
+    return (int(p.get("ptcp.sent")), int(p.get("ptcp.recv")), int(p.get("ptcp.pid"), 16),
+            int(p.get("ptcp.lmid")), int(p.get("ptcp.rmid")))
+
+
+def check_frames_add_up(packets: list[PtcpPacket]) -> None:
+    """The packets of each frame (one, or a GSO batch) fill its UDP payload back to back,
+    each dissected from its own bytes, and a batch says how many it holds."""
+    by_frame: dict[int, list[PtcpPacket]] = {}
+    for p in packets:
+        by_frame.setdefault(p.frame, []).append(p)
+    for frame, ps in by_frame.items():
+        offsets = [0]
+        for p in ps:
+            offsets.append(offsets[-1] + len(p.raw))
+        assert [p.offset for p in ps] == offsets[:-1] and offsets[-1] == ps[0].payload_len, frame
+        assert all(p.raw[:4] == b"PTCP" and header_of(p) == struct.unpack(">5I", p.raw[4:24])
+                   for p in ps), frame
+        if len(ps) > 1:
+            assert [p.fields.get("ptcp.batch.count") for p in ps] == [[str(len(ps))]] * len(ps)
+            size = len(ps[0].raw)
+            assert all(len(p.raw) == size for p in ps[:-1]) and len(ps[-1].raw) <= size
+        else:
+            assert "ptcp.batch.count" not in ps[0].fields, frame
 
 
 @pytest.mark.parametrize("mode", ["direct", "relay"])
@@ -751,33 +794,34 @@ def test_real_tunnel_session_capture(
     cap, _, rows = _capture_tunnel_session(spawn, emulator, tmp_path, mode)
     assert [r[0] for r in rows if not set(r[1].split(":")) & OUR_PROTOCOLS] == []
 
+    # Packet by packet: a sender using UDP GSO shows runs of packets as one datagram
+    # (ptcp.py does; dh-p2p.lua splits them), so a frame may hold several.
+    packets = ptcp_packets(cap, "ptcp")
+    check_frames_add_up(packets)
+
     # Known packets: the client's SYNs are the vector byte for byte, decoded like it.
-    syn_hex = vec["ptcp"]["syn_hex"]
-    syns = fields(cap, "ptcp.type == 0x00", "udp.payload", "ptcp.sent", "ptcp.recv", "ptcp.pid",
-                  "ptcp.lmid", "ptcp.rmid")
-    client_syns = [r for r in syns if r[0] == syn_hex]
-    assert client_syns, syns
-    sent, recv, pid, lmid, rmid = struct.unpack(">5I", bytes.fromhex(syn_hex)[4:24])
-    for r in client_syns:
-        assert [int(r[1]), int(r[2]), int(r[3], 16), int(r[4]), int(r[5])] == [
-            sent, recv, pid, lmid, rmid
-        ]
+    syn = bytes.fromhex(vec["ptcp"]["syn_hex"])
+    client_syns = [p for p in packets if p.raw == syn]
+    assert client_syns, [p.raw.hex() for p in of_type(packets, 0x00)]
+    for p in client_syns:
+        assert header_of(p) == struct.unpack(">5I", syn[4:24])
 
     # Binds: port 554 on 127.0.0.1, as the emulator saw them; CONN and DISC on the realm.
-    binds = fields(cap, "ptcp.type == 0x11", "ptcp.realm", "ptcp.bind.port", "ptcp.bind.ip")
-    assert [int(r[1]) for r in binds] == emulator.binds == [554]
-    realm = binds[0][0]
-    assert binds[0][2] == "127.0.0.1"
-    statuses = fields(cap, "ptcp.type == 0x12", "ptcp.realm", "ptcp.status")
-    assert {tuple(r) for r in statuses} == {(realm, "CONN"), (realm, "DISC")}
+    binds = of_type(packets, 0x11)
+    assert [int(p.get("ptcp.bind.port")) for p in binds] == emulator.binds == [554]
+    realm = binds[0].get("ptcp.realm")
+    assert binds[0].get("ptcp.bind.ip") == "127.0.0.1"
+    statuses = {(p.get("ptcp.realm"), p.get("ptcp.status")) for p in of_type(packets, 0x12)}
+    assert statuses == {(realm, "CONN"), (realm, "DISC")}
 
-    # Data bodies: the length field agrees with the datagram, all on the bound realm.
-    data = fields(cap, "ptcp.type == 0x10", "udp.length", "ptcp.length", "ptcp.realm")
+    # Data bodies: each length field agrees with its packet, all on the bound realm.
+    data = of_type(packets, 0x10)
     assert len(data) > 50
-    assert all(int(r[1]) == int(r[0]) - 8 - 24 - 12 and r[2] == realm for r in data)
+    assert all(int(p.get("ptcp.length")) == len(p.raw) - 24 - 12 for p in data)
+    assert {p.get("ptcp.realm") for p in data} == {realm}
 
     # RTSP requests inside realm data, and the interleaved video behind them.
-    methods = [r[0] for r in fields(cap, "rtsp.request", "rtsp.method")]
+    methods = [m for r in fields(cap, "rtsp.request", "rtsp.method") for m in r[0].split(",")]
     assert methods[:4] == ["OPTIONS", "DESCRIBE", "SETUP", "PLAY"], methods
     rtp = fields(cap, "rtp", "rtp.seq")
     seqs = [int(s) for r in rtp for s in r[0].split(",")]
@@ -804,9 +848,14 @@ def test_impaired_tunnel_capture(spawn, emulator, tmp_path: Path) -> None:
     held = fields(cap, "ptcp.out_of_order", "frame.number")
     retrans = fields(cap, "ptcp.retransmission", "frame.number")
     assert held or retrans
-    # Resent data is never dissected twice.
-    assert fields(cap, "ptcp.retransmission && (rtsp || rtp)", "frame.number") == []
-    methods = [r[0] for r in fields(cap, "rtsp.request", "rtsp.method")]
+    # Resent data is never dissected twice (a frame may also hold new packets: look at
+    # what each resent packet's data was handed to).
+    packets = ptcp_packets(cap, "ptcp")
+    check_frames_add_up(packets)
+    resent = [p for p in packets if "ptcp.retransmission" in p.fields]
+    assert {p.frame for p in resent} == {int(r[0]) for r in retrans}
+    assert [(p.frame, p.after) for p in resent if {"rtsp", "rtp"} & set(p.after)] == []
+    methods = [m for r in fields(cap, "rtsp.request", "rtsp.method") for m in r[0].split(",")]
     assert methods[:4] == ["OPTIONS", "DESCRIBE", "SETUP", "PLAY"], methods
     # Held bodies are dissected in order once the resent data fills the hole, duplicates
     # are not dissected again: the video reads as continuous as on a clean link.
@@ -861,12 +910,18 @@ def test_real_tunnel_http_realm(spawn, tmp_path: Path) -> None:
         server.server_close()
         thread.join(5)
 
-    binds = fields(cap, "ptcp.type == 0x11", "ptcp.realm", "ptcp.bind.port")
-    assert [r[1] for r in binds] == ["80"]
-    requests = fields(cap, "http.request && ptcp", "http.request.uri", "ptcp.realm",
-                      "ptcp.realm.port")
-    assert requests == [["/cgi-bin/magicBox.cgi?action=getDeviceType", binds[0][0], "80"]]
-    responses = fields(cap, "http.response && ptcp", "http.response.code", "ptcp.realm")
-    assert responses == [["200", binds[0][0]]]
+    packets = ptcp_packets(cap, "ptcp")
+    check_frames_add_up(packets)
+    binds = of_type(packets, 0x11)
+    assert [p.get("ptcp.bind.port") for p in binds] == ["80"]
+    realm = binds[0].get("ptcp.realm")
+    # Per packet: the one whose data HTTP decoded, whatever else shares its frame.
+    requests = [(p.sub["http.request.uri"], p.get("ptcp.realm"), p.get("ptcp.realm.port"))
+                for p in packets if "http.request.uri" in p.sub]
+    assert requests == [(["/cgi-bin/magicBox.cgi?action=getDeviceType"], realm, "80")]
+    responses = [(p.sub["http.response.code"], p.get("ptcp.realm"))
+                 for p in packets if "http.response.code" in p.sub]
+    assert responses == [(["200"], realm)]
     res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=True)
     assert res.returncode == 0 and res.lines == [], res.stdout + res.stderr
+    assert_no_misread_packets(cap)
