@@ -86,6 +86,7 @@ class PtcpPacket:
 
     frame: int
     index: int  # 1-based place in its frame
+    src_port: int  # the UDP source port of its frame
     raw: bytes  # the packet's bytes
     payload_len: int  # the UDP payload of its frame
     offset: int  # where it starts in that payload
@@ -113,7 +114,7 @@ def ptcp_packets(
     out: list[PtcpPacket] = []
     for packet in ET.fromstring(res.raw_stdout).iter("packet"):
         frame = payload = None
-        payload_pos = 0
+        payload_pos = src_port = 0
         current: PtcpPacket | None = None
         index = 0
         for proto in packet.findall("proto"):
@@ -122,6 +123,7 @@ def ptcp_packets(
                 frame = int(proto.find("field[@name='frame.number']").get("show"))
             elif name == "udp" and payload is None:
                 payload_pos = int(proto.get("pos")) + 8
+                src_port = int(proto.find("field[@name='udp.srcport']").get("show"))
                 field_ = proto.find("field[@name='udp.payload']")
                 payload = bytes.fromhex(field_.get("value")) if field_ is not None else b""
             elif name == "ptcp":
@@ -132,7 +134,7 @@ def ptcp_packets(
                     if f.get("name", "").startswith("ptcp."):
                         values.setdefault(f.get("name"), []).append(f.get("show", ""))
                 current = PtcpPacket(
-                    frame or 0, index, payload[start : start + int(proto.get("size"))],
+                    frame or 0, index, src_port, payload[start : start + int(proto.get("size"))],
                     len(payload), start, values, [], {},
                 )
                 out.append(current)

@@ -6,6 +6,7 @@ The synthetic capture is built from vectors.json packets plus a plausible sessio
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import random
@@ -17,6 +18,7 @@ import threading
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -865,11 +867,20 @@ def test_impaired_tunnel_capture(spawn, emulator, tmp_path: Path) -> None:
 
 
 class _DeviceHTTP(http.server.BaseHTTPRequestHandler):
-    """The device's HTTP API, as far as this test needs it (PROTOCOLS 2.6)."""
+    """The device's HTTP API, as far as these tests need it (PROTOCOLS 2.6)."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         body = b"type=IPC-HDW\r\n" if "getDeviceType" in self.path else b"Error\r\n"
-        self.send_response(200 if body.startswith(b"type") else 404)
+        self._reply(200 if body.startswith(b"type") else 404, body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        """An upload (as of a firmware or a config file): answers with what it got."""
+        data = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self._reply(200, f"received {len(data)} bytes {hashlib.sha256(data).hexdigest()}"
+                    .encode())
+
+    def _reply(self, code: int, body: bytes) -> None:
+        self.send_response(code)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -879,8 +890,9 @@ class _DeviceHTTP(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_real_tunnel_http_realm(spawn, tmp_path: Path) -> None:
-    """A realm bound to port 80 carries the device's HTTP API: decoded as HTTP."""
+def _capture_http_realm(spawn, tmp_path: Path, exchange: Callable[[str], None]) -> Path:
+    """Capture dh_p2p.py with a realm bound to the device's port 80 while
+    ``exchange(base_url)`` talks HTTP through it; the realm is closed before the end."""
     from p2p_emulator import Emulator
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DeviceHTTP)
@@ -896,9 +908,7 @@ def test_real_tunnel_http_realm(spawn, tmp_path: Path) -> None:
                  f"127.0.0.1:{emu.cloud_port}", "-p", f"127.0.0.1:{local}:80", emu.serial],
                 ready=r"^ready: ", timeout=60,
             )
-            url = f"http://127.0.0.1:{local}/cgi-bin/magicBox.cgi?action=getDeviceType"
-            with urllib.request.urlopen(url, timeout=20) as reply:
-                assert reply.read() == b"type=IPC-HDW\r\n"
+            exchange(f"http://127.0.0.1:{local}")
             deadline = time.monotonic() + 10
             while emu.open_realms() and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -909,7 +919,18 @@ def test_real_tunnel_http_realm(spawn, tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+    return cap
 
+
+def test_real_tunnel_http_realm(spawn, tmp_path: Path) -> None:
+    """A realm bound to port 80 carries the device's HTTP API: decoded as HTTP."""
+
+    def exchange(base: str) -> None:
+        url = f"{base}/cgi-bin/magicBox.cgi?action=getDeviceType"
+        with urllib.request.urlopen(url, timeout=20) as reply:
+            assert reply.read() == b"type=IPC-HDW\r\n"
+
+    cap = _capture_http_realm(spawn, tmp_path, exchange)
     packets = ptcp_packets(cap, "ptcp")
     check_frames_add_up(packets)
     binds = of_type(packets, 0x11)
@@ -925,3 +946,41 @@ def test_real_tunnel_http_realm(spawn, tmp_path: Path) -> None:
     res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=True)
     assert res.returncode == 0 and res.lines == [], res.stdout + res.stderr
     assert_no_misread_packets(cap)
+
+
+def test_real_tunnel_upload_in_gso_batches(spawn, tmp_path: Path) -> None:
+    """A large upload makes dh_p2p.py send full data packets in GSO runs, which the
+    capture on lo shows as one datagram each: split, and the HTTP request reassembled
+    across batches and decoded once, in the packet with its last byte."""
+    upload = bytes(random.Random(3).randrange(256) for _ in range(400_000))
+    digest = hashlib.sha256(upload).hexdigest()
+
+    def exchange(base: str) -> None:
+        req = urllib.request.Request(f"{base}/cgi-bin/upload.cgi", data=upload, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=60) as reply:
+            assert reply.read() == f"received {len(upload)} bytes {digest}".encode()
+
+    cap = _capture_http_realm(spawn, tmp_path, exchange)
+    assert_no_misread_packets(cap)
+    packets = ptcp_packets(cap, "ptcp")
+    check_frames_add_up(packets)
+    bind = of_type(packets, 0x11)[0]
+    realm, client = bind.get("ptcp.realm"), bind.src_port
+    data = [p for p in of_type(packets, 0x10) if p.src_port == client]
+    assert {p.get("ptcp.realm") for p in data} == {realm}
+    # The client's data packets carry the upload (and the request head) once.
+    sent = [p for p in data if "ptcp.retransmission" not in p.fields]
+    assert len(upload) < sum(int(p.get("ptcp.length")) for p in sent) < len(upload) + 1000
+    # GSO (Linux, ptcp.py's default) put runs of full data packets into one datagram.
+    batched = [p for p in data if "ptcp.batch.count" in p.fields]
+    assert len(batched) >= 10, "no data packets in GSO batches"
+    assert max(int(p.get("ptcp.batch.count")) for p in batched) > 2
+    # HTTP decoded the request once, whole, in the last packet of the upload.
+    posts = [p for p in packets if p.sub.get("http.request.method") == ["POST"]]
+    assert len(posts) == 1
+    assert posts[0].sub["http.content_length_header"] == [str(len(upload))]
+    responses = [p.sub["http.response.code"] for p in packets if "http.response.code" in p.sub]
+    assert responses == [["200"]]
+    res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=True)
+    assert res.returncode == 0 and res.lines == [], res.stdout + res.stderr
