@@ -750,8 +750,8 @@ local GSO_MAX_SEGMENTS = 64
 local GSO_MAX_BYTES = 65507
 
 -- The segment size when payload `s` (starting with "PTCP") is a batch of several
--- packets, else nil. Work is linear in the payload: only offsets where "PTCP" occurs
--- are tried, and each try stops at the first multiple without the magic.
+-- packets, else nil. Cheap: only offsets k where "PTCP" occurs are tried, each try
+-- looks at most at len/k places and stops at the first one without the magic.
 local function batch_segment_size(s)
     local len = #s
     if len < 2 * HEADER_LEN or len > GSO_MAX_BYTES then return nil end
