@@ -988,6 +988,8 @@ class Session:
 _RECV_BATCH = 256
 _TURN = 256 * 1024  # bytes one realm may put into the shared window per turn
 _READ_CHUNK = 256 * 1024
+_LOCAL_READ = 1 << 20  # one recv from a realm's local socket (it may return less)
+_BACKLOG_LOW = 256 * 1024  # a realm's reader reads on once its backlog is below this
 
 # Linux UDP segmentation offload, udp(7): one sendmsg with a UDP_SEGMENT size
 # sends a run of datagrams of that size (the last may be shorter) and UDP_GRO
@@ -1070,7 +1072,10 @@ class _Bridge:
         self.stall_timeout = tunnel.stall_timeout
         self.progress = 0.0  # when the local socket last accepted bytes
         self.waiting = False  # our reader waits for window room: the client may block on us
-        self.room: threading.Condition | None = None  # on the tunnel lock: our turn for room
+        self.room = threading.Condition(tunnel._lock)  # the backlog shrank (or the realm ended)
+        self.backlog: collections.deque[memoryview] = collections.deque()  # read, not yet sent
+        self.backlog_bytes = 0
+        self.turn_used = 0  # bytes sent in the current turn (tunnel lock)
         self.cond = threading.Condition(threading.Lock())
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -1184,18 +1189,16 @@ class _Bridge:
         self.close_socket()
 
     def _reader(self) -> None:
-        sock = self.sock
-        buf = bytearray(_READ_CHUNK)
-        view = memoryview(buf)
+        sock, send_realm = self.sock, self.tunnel._send_realm
         while True:
             try:
-                n = sock.recv_into(buf)
+                data = sock.recv(_LOCAL_READ)
             except OSError:
-                n = 0
-            if n == 0:
-                break
-            if not self.tunnel._send_realm(self, view[:n]):
+                data = b""
+            if not send_realm(self, data):
                 return
+            if not data:
+                break
         self.tunnel._local_closed(self, "local EOF")
 
 
@@ -1205,8 +1208,10 @@ class PTCPTunnel:
     Threads: a receiver (blocking recvfrom, then whatever else is queued, fed to
     the Session under one lock), a timer (sleeps on a condition until the
     Session's next deadline: retransmits, heartbeats, realm timeouts, dead peer),
-    and per realm a reader (local socket -> Session, waiting for window room in
-    turn with other realms) and a writer (bounded queue -> local socket).
+    and per realm a reader (local socket -> the realm's backlog, up to about
+    1.25 MiB; the backlogs enter the send window in turns, moved by whichever
+    thread holds the lock when there is room) and a writer (bounded queue ->
+    local socket).
     Datagrams are sent while holding the Session lock, so lmid order is kept on
     the wire.  Stray datagrams (not PTCP, or from another address) are counted
     in ``stats.stray`` and ignored.
@@ -1260,10 +1265,8 @@ class PTCPTunnel:
         self._stop = False
         self._sleep_until = float("inf")
         self._timer = threading.Condition(self._lock)
-        self._space_waiters = 0
-        self._turns: collections.deque[_Bridge] = collections.deque()  # realms awaiting room
-        window, body = self.session.window_bytes, self.session.max_data + 12
-        self._wake_room = max(body, min(_TURN, window // 4))
+        self._space_waiters = 0  # close() waiting for the last acknowledgements
+        self._turns: collections.deque[_Bridge] = collections.deque()  # realms with a backlog
         self._dispatching = threading.Lock()  # keeps event order across the two threads
         sock.settimeout(None)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -1454,63 +1457,87 @@ class PTCPTunnel:
 
     # -- used by bridges --------------------------------------------------
 
-    def _send_realm(self, bridge: _Bridge, view: memoryview) -> bool:
-        """Put local bytes into the Session, waiting for window room.
+    def _send_realm(self, bridge: _Bridge, data: bytes) -> bool:
+        """Hand bytes read from a realm's local socket to the Session (b"": EOF).
 
-        Realms waiting for room take turns of at most _TURN bytes (FIFO), so one
-        busy realm cannot starve the others of the shared window.
+        The bytes join the realm's backlog, and the backlogs go into the send
+        window in turns of at most _TURN bytes (FIFO), so one busy realm cannot
+        starve the others.  Whoever holds the lock when room appears (this
+        reader, or the I/O thread on acknowledgements) moves them: no thread
+        hand-off per turn.  Returns once the backlog is under one read (all of
+        it at EOF); False when the realm or the tunnel has ended.
         """
-        realm, session, turns = bridge.realm, self.session, self._turns
-        pos, n = 0, len(view)
-        with self._space:
-            if bridge.room is None:
-                bridge.room = threading.Condition(self._lock)
+        realm, session = bridge.realm, self.session
+        limit = 1 if not data else _BACKLOG_LOW
+        with self._lock:
+            if data:
+                if self._stop or session.realm_state(realm) != OPEN:
+                    return False
+                bridge.backlog.append(memoryview(data))
+                bridge.backlog_bytes += len(data)
+                if bridge.backlog_bytes == len(data):
+                    self._turns.append(bridge)
+                self._pump()
+                self._flush()
+                self._wake_locked()
+            while bridge.backlog_bytes >= limit:
+                if self._stop or session.realm_state(realm) != OPEN:
+                    return False
+                bridge.waiting = True
+                bridge.room.wait()
+                bridge.waiting = False
+            return not self._stop and session.realm_state(realm) == OPEN
+
+    def _pump(self) -> None:
+        """(lock held) Move realm backlogs into the send window while it has room, in turns."""
+        turns, session = self._turns, self.session
+        if not turns:
+            return
+        now = self.clock()
+        while turns:
+            bridge = turns[0]
+            backlog = bridge.backlog
+            if session.realm_state(bridge.realm) != OPEN or self._stop:
+                turns.popleft()
+                backlog.clear()
+                bridge.backlog_bytes = 0
+                bridge.room.notify()
+                continue
+            view = backlog[0]
             try:
-                while pos < n:
-                    if self._stop or session.realm_state(realm) != OPEN:
-                        return False
-                    took = 0
-                    if not turns or turns[0] is bridge:
-                        took = session.send(realm, view[pos : pos + _TURN], self.clock())
-                        pos += took
-                        self._flush()
-                        if turns and turns[0] is bridge:
-                            turns.popleft()  # turn used: to the back of the line
-                            if turns:
-                                turns[0].room.notify()
-                                if pos < n:
-                                    turns.append(bridge)
-                    if pos < n and not took:
-                        if bridge not in turns:
-                            turns.append(bridge)
-                        bridge.waiting = True
-                        self._space_waiters += 1
-                        bridge.room.wait()
-                        self._space_waiters -= 1
-                        bridge.waiting = False
+                took = session.send(bridge.realm, view[: _TURN - bridge.turn_used], now)
             except PTCPError:
-                return False
-            finally:
-                if bridge in turns:
-                    was_head = turns[0] is bridge
-                    turns.remove(bridge)
-                    if was_head and turns:
-                        turns[0].room.notify()
-            self._wake_locked()
-        return True
+                took = 0
+            if not took:
+                break  # no room for a full body
+            bridge.turn_used += took
+            bridge.backlog_bytes -= took
+            if took < len(view):
+                backlog[0] = view[took:]
+            else:
+                backlog.popleft()
+            if bridge.backlog_bytes < _BACKLOG_LOW:
+                bridge.room.notify()  # the reader may read on
+            if not backlog:
+                turns.popleft()
+                bridge.turn_used = 0
+            elif bridge.turn_used >= _TURN:
+                turns.rotate(-1)  # turn used: to the back of the line
+                bridge.turn_used = 0
+
+    def _release(self, bridge: _Bridge) -> None:
+        """(lock held) The realm ended: drop its backlog and wake its reader."""
+        if bridge.backlog_bytes:
+            self._turns.remove(bridge)
+            bridge.backlog.clear()
+            bridge.backlog_bytes = 0
+        bridge.room.notify()
 
     def _room_changed(self) -> None:
-        """(lock held) The window may have room: wake the realm whose turn it is, and close().
-
-        Only the head of the line can use the room, so waking every waiting
-        reader (32 realms: 32 threads per received batch) would be wasted work.
-        """
-        if self._turns:
-            session = self.session
-            # hysteresis: one wake-up per _TURN of room, not one per acknowledgement
-            if session.send_space >= self._wake_room or not session.unacked_bytes:
-                self._turns[0].room.notify()
-        self._space.notify_all()  # close() waiting for the last acks, if anyone
+        """(lock held) Acknowledgements came: fill the window, and tell close()."""
+        self._pump()
+        if self._space_waiters:
+            self._space.notify_all()
 
     def _wake_all_senders(self) -> None:
         """(lock held) Stopping or dead: every waiting reader must look again."""
@@ -1525,6 +1552,7 @@ class PTCPTunnel:
                 self.session.close_realm(bridge.realm, self.clock())
                 self._flush()
                 self._wake_locked()
+            self._release(bridge)
         log.debug("realm %08x: %s", bridge.realm, why)
         bridge.finish() if why == "local EOF" else bridge.abort()
 
@@ -1585,10 +1613,9 @@ class PTCPTunnel:
             with self._dispatching:
                 with self._lock:
                     session.handle_timers(self.clock())
+                    self._room_changed()
                     self._flush()
                     events = session.events()
-                    if self._space_waiters:
-                        self._room_changed()
                 if events:
                     self._dispatch(events)
 
@@ -1658,10 +1685,9 @@ class PTCPTunnel:
                 with self._lock:
                     now = self.clock()
                     stats.stray += session.receive_datagrams(batch, now)
+                    self._room_changed()
                     self._flush()
                     events = session.events()
-                    if self._space_waiters:
-                        self._room_changed()
                     self._wake_locked()
                 if events:
                     self._dispatch(events)
@@ -1704,6 +1730,8 @@ class PTCPTunnel:
             elif isinstance(ev, RealmClosed):
                 with self._lock:
                     bridge = bridges.pop(ev.realm, None)
+                    if bridge is not None:
+                        self._release(bridge)
                 if bridge is not None:
                     if ev.reason in ("peer", "local"):
                         bridge.finish()
@@ -1769,6 +1797,7 @@ class PTCPTunnel:
                 del self._bridges[bridge.realm]
             self.session.close_realm(bridge.realm, self.clock())
             self._flush()
+            self._release(bridge)
         bridge.abort()
 
 

@@ -364,7 +364,9 @@ def test_local_queue_policy_on_a_fake_clock():
     a, b = socket.socketpair()
     with a, b:
         t = [0.0]
-        tunnel = SimpleNamespace(queue_bytes=1000, stall_timeout=2.0, clock=lambda: t[0])
+        tunnel = SimpleNamespace(
+            queue_bytes=1000, stall_timeout=2.0, clock=lambda: t[0], _lock=threading.Lock()
+        )
         bridge = _Bridge(tunnel, 1, a)
         assert bridge.push(b"x" * 900, 0.0)  # under the soft limit
         assert bridge.push(b"x" * 900, 1.0)  # over it, but the queue started 1 s ago
