@@ -72,6 +72,7 @@ HEADER = struct.Struct(">4sIIIII")  # magic, sent, recv, pid, lmid, rmid
 HEADER_LEN = HEADER.size  # 24
 _TYPELEN = struct.Struct(">I")  # body type (high byte) + 24-bit length
 _REALM_HEAD = struct.Struct(">III")  # type/len, realm, zero
+_DATA_HEAD = struct.Struct(">4sIIIIIIII")  # header + type/len, realm, zero of a data body
 _BIND_TAIL = struct.Struct(">I4s")  # port, IPv4
 MASK32 = 0xFFFFFFFF
 HALF32 = 0x80000000
@@ -343,16 +344,23 @@ OPENING, OPEN, CLOSING, PENDING = "opening", "open", "closing", "pending"
 
 
 class _Seg:
-    """One non-empty packet in the send stream: [offset, offset + len(body))."""
+    """One non-empty packet in the send stream: [offset, offset + size).
 
-    __slots__ = ("offset", "body", "size", "end", "syn")
+    ``body`` is the whole body, or for realm data (``realm`` not None) only the
+    data bytes: the 12-byte body head is packed with the header on each send.
+    """
 
-    def __init__(self, offset: int, body: bytes, syn: bool) -> None:
+    __slots__ = ("offset", "body", "size", "end", "syn", "realm")
+
+    def __init__(
+        self, offset: int, body: bytes | memoryview, syn: bool, realm: int | None = None
+    ) -> None:
         self.offset = offset
         self.body = body
-        self.size = len(body)
+        self.size = len(body) if realm is None else len(body) + 12
         self.end = (offset + self.size) & MASK32
         self.syn = syn
+        self.realm = realm
 
 
 @dataclass
@@ -562,9 +570,14 @@ class Session:
         else:
             pid = (0xFFFF - self._count) & 0xFFFF
             self._count += 1
-        self._out.append(
-            HEADER.pack(MAGIC, seg.offset, self._rcv_nxt, pid, self._lmid, self._rmid) + seg.body
-        )
+        if seg.realm is None:
+            head = HEADER.pack(MAGIC, seg.offset, self._rcv_nxt, pid, self._lmid, self._rmid)
+        else:
+            head = _DATA_HEAD.pack(
+                MAGIC, seg.offset, self._rcv_nxt, pid, self._lmid, self._rmid,
+                (T_DATA << 24) | len(seg.body), seg.realm, 0,
+            )  # fmt: skip
+        self._out.append(head + seg.body)
         self._lmid = (self._lmid + 1) & MASK32
         self._ack_owed = False  # this packet carries the acknowledgement too
         self.stats.packets_out += 1
@@ -655,17 +668,17 @@ class Session:
         take = min(len(data), self.window_bytes - self._buffered)
         if take <= 0 or (take < step and take < len(data)):
             return 0  # wait for room for a full body rather than send slivers
-        view = memoryview(data)
-        pack = _REALM_HEAD.pack
+        view = memoryview(data)[:take]
+        if not view.readonly:  # segments keep views of it until acknowledged
+            view = memoryview(bytes(view))
         segs = self._pending
         off = self._next_off
         pos = 0
         while pos < take:
-            n = min(step, take - pos)
-            seg = _Seg(off, pack((T_DATA << 24) | n, realm, 0) + view[pos : pos + n], False)
+            seg = _Seg(off, view[pos : pos + step], False, realm)
             off = seg.end
             segs.append(seg)
-            pos += n
+            pos += step
         self._next_off = off
         self._buffered += take + 12 * ((take + step - 1) // step)
         self._push(now)
@@ -695,19 +708,69 @@ class Session:
     def receive_datagrams(self, datagrams: list[bytes], now: float) -> int:
         """Process datagrams that arrived together; returns how many were not PTCP.
 
-        The same as :meth:`receive_datagram` on each in turn, except that a pure
-        acknowledgement followed by one that acknowledges more is only counted:
-        the later one acknowledges the same bytes at the same ``now`` (a bulk
-        sender gets one ack per packet, PROTOCOLS 2.5, and reads them in batches).
-        Not while recovering a loss, where every partial ack retransmits.
+        The same as :meth:`receive_datagram` on each in turn (the same datagrams
+        out, the same state), except that:
+
+        * a pure acknowledgement followed by one that acknowledges more is only
+          counted: the later one acknowledges the same bytes at the same ``now``
+          (a bulk sender gets one ack per packet, PROTOCOLS 2.5, and reads them
+          in batches).  Not while recovering a loss, where every partial ack
+          retransmits;
+        * in-order data packets of one realm that follow each other make one
+          :class:`DataReceived` with all their bytes.
         """
         bad = 0
         last = len(datagrams) - 1
         unpack = HEADER.unpack_from
+        unpack_data = _DATA_HEAD.unpack_from
+        events = self._events
+        run_realm = -1  # realm of the data run being collected (-1: none)
+        run: list[memoryview] = []
         for i, data in enumerate(datagrams):
+            n = len(data)
+            if (
+                n > _DATA_HEAD.size
+                and data[HEADER_LEN] == T_DATA
+                and not self._ooo
+                and not self._dead
+                and type(data) is bytes
+            ):
+                # hot path: the next bytes of the stream, acknowledging nothing new
+                magic, off, ack, _pid, lmid, _rmid, typelen, realm, _z = unpack_data(data)
+                if (
+                    magic == MAGIC
+                    and off == self._rcv_nxt
+                    and ack == self._snd_una
+                    and typelen & 0xFFFFFF == n - _DATA_HEAD.size
+                ):
+                    self.stats.packets_in += 1
+                    self._last_rx = now
+                    if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
+                        self._rmid = lmid
+                        self._seen_peer = True
+                    self._rcv_nxt = (off + n - HEADER_LEN) & MASK32
+                    if self._realms.get(realm) == OPEN:
+                        if realm != run_realm:
+                            if run:
+                                events.append(DataReceived(run_realm, b"".join(run)))
+                                run = []
+                            run_realm = realm
+                        run.append(memoryview(data)[_DATA_HEAD.size :])
+                    else:
+                        self.stats.ignored += 1
+                    if self.delayed_ack:
+                        self._ack_owed = True
+                    else:
+                        self._ack()
+                    if self._pending:
+                        self._push(now)
+                    continue
+            if run:  # what follows may add events of its own: keep the order
+                events.append(DataReceived(run_realm, b"".join(run)))
+                run, run_realm = [], -1
             if (
                 i < last
-                and len(data) == HEADER_LEN
+                and n == HEADER_LEN
                 and len(datagrams[i + 1]) == HEADER_LEN
                 and self._recover is None
                 and not self._dead
@@ -730,6 +793,8 @@ class Session:
                 self.receive_datagram(data, now)
             except PTCPError:
                 bad += 1
+        if run:
+            events.append(DataReceived(run_realm, b"".join(run)))
         return bad
 
     def receive_datagram(self, data: bytes | memoryview, now: float) -> None:
