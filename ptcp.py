@@ -73,6 +73,7 @@ HEADER_LEN = HEADER.size  # 24
 _TYPELEN = struct.Struct(">I")  # body type (high byte) + 24-bit length
 _REALM_HEAD = struct.Struct(">III")  # type/len, realm, zero
 _DATA_HEAD = struct.Struct(">4sIIIIIIII")  # header + type/len, realm, zero of a data body
+_RUN_PACKETS = 64  # data packets joined into one DataReceived (< 128 KiB: no mmap per join)
 _BIND_TAIL = struct.Struct(">I4s")  # port, IPv4
 MASK32 = 0xFFFFFFFF
 HALF32 = 0x80000000
@@ -750,7 +751,7 @@ class Session:
                         self._seen_peer = True
                     self._rcv_nxt = (off + n - HEADER_LEN) & MASK32
                     if self._realms.get(realm) == OPEN:
-                        if realm != run_realm:
+                        if realm != run_realm or len(run) == _RUN_PACKETS:
                             if run:
                                 events.append(DataReceived(run_realm, b"".join(run)))
                                 run = []
@@ -1053,6 +1054,7 @@ class Session:
 _RECV_BATCH = 256
 _TURN = 256 * 1024  # bytes one realm may put into the shared window per turn
 _READ_CHUNK = 256 * 1024
+_MAX_PARTS = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
 _LOCAL_READ = 1 << 20  # one recv from a realm's local socket (it may return less)
 _BACKLOG_LOW = 256 * 1024  # a realm's reader reads on once its backlog is below this
 
@@ -1124,6 +1126,18 @@ class TunnelStats:
     gro_runs: int = 0  # recvmsg calls that returned a coalesced run (UDP_GRO)
 
 
+def _after(parts: list[bytes], sent: int) -> list[bytes]:
+    """What is left of ``parts`` once ``sent`` bytes of them went out."""
+    i = 0
+    while i < len(parts) and sent >= len(parts[i]):
+        sent -= len(parts[i])
+        i += 1
+    rest = parts[i:]
+    if sent:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
 class _Bridge:
     """One realm <-> one local TCP socket: a reader thread and a writer thread."""
 
@@ -1137,10 +1151,12 @@ class _Bridge:
         self.stall_timeout = tunnel.stall_timeout
         self.progress = 0.0  # when the local socket last accepted bytes
         self.waiting = False  # our reader waits for window room: the client may block on us
-        self.room = threading.Condition(tunnel._lock)  # the backlog shrank (or the realm ended)
+        self.can_read = threading.Event()  # the backlog shrank (or the realm ended)
         self.backlog: collections.deque[memoryview] = collections.deque()  # read, not yet sent
         self.backlog_bytes = 0
         self.turn_used = 0  # bytes sent in the current turn (tunnel lock)
+        self.read_total = 0  # bytes handed over (written by the reader thread only)
+        self.taken_total = 0  # of them, sent or dropped (written under the tunnel lock only)
         self.cond = threading.Condition(threading.Lock())
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -1162,27 +1178,31 @@ class _Bridge:
         self.open_result = result
         self.opened.set()
 
-    def push(self, data: bytes, now: float) -> bool:
-        """Queue peer bytes for the local socket.
+    def push(self, parts: list[bytes], now: float) -> bool:
+        """Queue peer bytes (in order, not joined) for the local socket.
 
         False when the local client has stopped reading: the queue is past its
         soft limit and nothing was written for stall_timeout, or past the hard limit.
         """
+        if len(parts) > _MAX_PARTS:
+            parts = [b"".join(parts)]
+        total = sum(map(len, parts))
         with self.cond:
             if self.aborted:
                 return True
             if not self.queued and not self.writing and self.threads and not self.finishing:
                 # fast path: the writer is idle, so write here without waking it
                 try:
-                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg(parts, (), socket.MSG_DONTWAIT)
                 except OSError:  # would block, or broken: the writer finds out
                     sent = 0
                 if sent:
                     self.progress = now
-                    if sent == len(data):
+                    if sent == total:
                         return True
-                    data = data[sent:]
-            size = self.queued + len(data)
+                    parts = _after(parts, sent)
+                    total -= sent
+            size = self.queued + total
             if self.waiting:
                 # a client blocked writing to us (we are not taking its bytes)
                 # has not stopped reading by its own fault: no stall clock
@@ -1193,8 +1213,8 @@ class _Bridge:
                 return False
             if not self.queued:  # the stall clock starts with a non-empty queue
                 self.progress = now
-            self.chunks.append(data)
-            self.queued += len(data)
+            self.chunks.extend(parts)
+            self.queued += total
             self.cond.notify()
         return True
 
@@ -1211,6 +1231,7 @@ class _Bridge:
             self.chunks.clear()
             self.queued = 0
             self.cond.notify()
+        self.can_read.set()  # our reader may wait for backlog room
         self.close_socket()
         self.opened.set()
 
@@ -1237,13 +1258,14 @@ class _Bridge:
                     break
                 parts, size = [], 0
                 chunks = self.chunks
-                while chunks and size < _READ_CHUNK:
+                while chunks and size < _READ_CHUNK and len(parts) < _MAX_PARTS:
                     part = chunks.popleft()
                     parts.append(part)
                     size += len(part)
                 self.writing = True
             try:
-                sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
+                while parts:
+                    parts = _after(parts, sock.sendmsg(parts))
             except OSError:
                 self.tunnel._local_closed(self, "write failed")
                 return
@@ -1332,6 +1354,7 @@ class PTCPTunnel:
         self._timer = threading.Condition(self._lock)
         self._space_waiters = 0  # close() waiting for the last acknowledgements
         self._turns: collections.deque[_Bridge] = collections.deque()  # realms with a backlog
+        self._inbox: collections.deque[tuple[_Bridge, memoryview]] = collections.deque()
         self._dispatching = threading.Lock()  # keeps event order across the two threads
         sock.settimeout(None)
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -1525,37 +1548,53 @@ class PTCPTunnel:
     def _send_realm(self, bridge: _Bridge, data: bytes) -> bool:
         """Hand bytes read from a realm's local socket to the Session (b"": EOF).
 
-        The bytes join the realm's backlog, and the backlogs go into the send
-        window in turns of at most _TURN bytes (FIFO), so one busy realm cannot
-        starve the others.  Whoever holds the lock when room appears (this
-        reader, or the I/O thread on acknowledgements) moves them: no thread
-        hand-off per turn.  Returns once the backlog is under one read (all of
-        it at EOF); False when the realm or the tunnel has ended.
+        The bytes go to the realm's backlog (through ``_inbox``, no lock), and
+        the backlogs go into the send window in turns of at most _TURN bytes
+        (FIFO), so one busy realm cannot starve the others.  Whoever holds the
+        lock when room appears (the I/O thread on acknowledgements, or this
+        reader when little is in flight) moves them.  Returns once the realm
+        has less than _BACKLOG_LOW waiting (nothing at EOF); False when the
+        realm or the tunnel has ended.
         """
         realm, session = bridge.realm, self.session
-        limit = 1 if not data else _BACKLOG_LOW
-        with self._lock:
-            if data:
-                if self._stop or session.realm_state(realm) != OPEN:
-                    return False
-                bridge.backlog.append(memoryview(data))
-                bridge.backlog_bytes += len(data)
-                if bridge.backlog_bytes == len(data):
-                    self._turns.append(bridge)
-                self._pump()
-                self._flush()
-                self._wake_locked()
-            while bridge.backlog_bytes >= limit:
-                if self._stop or session.realm_state(realm) != OPEN:
-                    return False
-                bridge.waiting = True
-                bridge.room.wait()
-                bridge.waiting = False
-            return not self._stop and session.realm_state(realm) == OPEN
+
+        def live() -> bool:  # lock-free reads: a stale answer only costs one more look
+            return not self._stop and not session.dead and session.realm_state(realm) == OPEN
+
+        if not live():
+            return False
+        if data:
+            bridge.read_total += len(data)
+            self._inbox.append((bridge, memoryview(data)))
+            if session.unacked_bytes <= session.window_bytes // 2:
+                # else acknowledgements are on their way and the I/O thread pumps
+                # when they come: readers keep off the lock it needs
+                with self._lock:
+                    self._pump()
+                    self._flush()
+                    self._wake_locked()
+        limit = _BACKLOG_LOW if data else 1
+        can_read = bridge.can_read
+        while bridge.read_total - bridge.taken_total >= limit:
+            can_read.clear()
+            if bridge.read_total - bridge.taken_total < limit:
+                break
+            if not live():
+                return False
+            bridge.waiting = True
+            can_read.wait()
+            bridge.waiting = False
+        return live()
 
     def _pump(self) -> None:
         """(lock held) Move realm backlogs into the send window while it has room, in turns."""
-        turns, session = self._turns, self.session
+        turns, session, inbox = self._turns, self.session, self._inbox
+        while inbox:
+            bridge, view = inbox.popleft()
+            if not bridge.backlog_bytes:
+                turns.append(bridge)
+            bridge.backlog.append(view)
+            bridge.backlog_bytes += len(view)
         if not turns:
             return
         now = self.clock()
@@ -1564,9 +1603,7 @@ class PTCPTunnel:
             backlog = bridge.backlog
             if session.realm_state(bridge.realm) != OPEN or self._stop:
                 turns.popleft()
-                backlog.clear()
-                bridge.backlog_bytes = 0
-                bridge.room.notify()
+                self._drop_backlog(bridge)
                 continue
             view = backlog[0]
             try:
@@ -1576,13 +1613,14 @@ class PTCPTunnel:
             if not took:
                 break  # no room for a full body
             bridge.turn_used += took
+            bridge.taken_total += took
             bridge.backlog_bytes -= took
             if took < len(view):
                 backlog[0] = view[took:]
             else:
                 backlog.popleft()
             if bridge.backlog_bytes < _BACKLOG_LOW:
-                bridge.room.notify()  # the reader may read on
+                bridge.can_read.set()  # the reader may read on
             if not backlog:
                 turns.popleft()
                 bridge.turn_used = 0
@@ -1590,13 +1628,18 @@ class PTCPTunnel:
                 turns.rotate(-1)  # turn used: to the back of the line
                 bridge.turn_used = 0
 
+    def _drop_backlog(self, bridge: _Bridge) -> None:
+        """(lock held) Forget what the realm's reader handed over, and wake it."""
+        bridge.taken_total += bridge.backlog_bytes
+        bridge.backlog.clear()
+        bridge.backlog_bytes = 0
+        bridge.can_read.set()
+
     def _release(self, bridge: _Bridge) -> None:
         """(lock held) The realm ended: drop its backlog and wake its reader."""
         if bridge.backlog_bytes:
             self._turns.remove(bridge)
-            bridge.backlog.clear()
-            bridge.backlog_bytes = 0
-        bridge.room.notify()
+        self._drop_backlog(bridge)
 
     def _room_changed(self) -> None:
         """(lock held) Acknowledgements came: fill the window, and tell close()."""
@@ -1606,8 +1649,9 @@ class PTCPTunnel:
 
     def _wake_all_senders(self) -> None:
         """(lock held) Stopping or dead: every waiting reader must look again."""
-        for bridge in self._turns:
-            bridge.room.notify()
+        waiting = tuple(self._inbox)  # readers append without the lock: copy in one go
+        for bridge in [*self._turns, *self._bridges.values(), *(b for b, _ in waiting)]:
+            bridge.can_read.set()
         self._space.notify_all()
 
     def _local_closed(self, bridge: _Bridge, why: str) -> None:
@@ -1847,7 +1891,7 @@ class PTCPTunnel:
         if bridge is None:
             return
         now = self.clock()
-        if bridge.push(parts[0] if len(parts) == 1 else b"".join(parts), now):
+        if bridge.push(parts, now):
             return
         log.warning(
             "realm %08x: local client is not reading (%d bytes queued, no progress for %.1f s),"

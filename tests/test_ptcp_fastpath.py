@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ptcp_session import connect_pair, shuttle
 
-from ptcp import HEADER_LEN, DataReceived, Session, decode_packet
+from ptcp import HEADER_LEN, DataReceived, Session, _after, decode_packet
 
 
 def split_events(events: list) -> tuple[dict[int, bytes], list]:
@@ -155,3 +155,13 @@ def test_sent_data_is_copied_when_the_caller_may_change_it() -> None:
     assert a.send(realm, view[:1400], 1.0) == 1400  # a read-only view is kept, not copied
     packets = [decode_packet(d).body for d in a.datagrams_to_send()]
     assert [len(p.data) for p in packets if p] == [1280, 120]
+
+
+def test_parts_left_after_a_partial_scatter_send() -> None:
+    parts = [b"abc", b"de", b"fgh"]
+    assert _after(parts, 0) == parts
+    assert _after(parts, 2) == [b"c", b"de", b"fgh"]
+    assert _after(parts, 3) == [b"de", b"fgh"]
+    assert _after(parts, 6) == [b"gh"]
+    assert _after(parts, 8) == []
+    assert parts == [b"abc", b"de", b"fgh"]  # the caller's list is left alone
