@@ -82,15 +82,10 @@ class SamsungStreamError(ProxyError):
 # RTSP messages
 
 
-@dataclasses.dataclass
-class RTSPRequest:
-    """One parsed client request."""
+class _HeaderLookup:
+    """``header()`` for a message that keeps its headers as (name, value) pairs."""
 
-    method: str
-    url: str
     headers: list[tuple[str, str]]
-    body: bytes = b""
-    version: str = "RTSP/1.0"
 
     def header(self, name: str, default: str | None = None) -> str | None:
         """Value of the first header called ``name`` (case-insensitive)."""
@@ -99,6 +94,17 @@ class RTSPRequest:
             if key.lower() == lname:
                 return value
         return default
+
+
+@dataclasses.dataclass
+class RTSPRequest(_HeaderLookup):
+    """One parsed client request."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    version: str = "RTSP/1.0"
 
     @property
     def cseq(self) -> str:
@@ -114,20 +120,13 @@ class InterleavedData:
 
 
 @dataclasses.dataclass
-class RTSPResponse:
+class RTSPResponse(_HeaderLookup):
     """One parsed DVR reply."""
 
     status: int
     reason: str
     headers: list[tuple[str, str]]
     body: bytes = b""
-
-    def header(self, name: str, default: str | None = None) -> str | None:
-        lname = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return default
 
 
 def _find_head_end(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from _ptcp_support import TcpService
+
 REPO = Path(__file__).resolve().parents[1]
 DH_P2P = str(REPO / "dh_p2p.py")
 
@@ -102,44 +104,6 @@ class DigestHTTPServer:
         self.httpd.server_close()
 
 
-class TcpService:
-    """A loopback TCP server running ``serve(conn)`` on a thread per connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self.serve(conn)
-            except OSError:
-                pass
-
-    def serve(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class EchoServer(TcpService):
-    """Echoes every byte back (both directions of the tunnel at once)."""
-
-    def serve(self, conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
-
 class PatternServer(TcpService):
     """Sends ``size`` bytes of a seeded pseudo-random stream to each client, then closes."""
 
@@ -147,8 +111,9 @@ class PatternServer(TcpService):
         self.data = pattern(size, seed)
         super().__init__()
 
-    def serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> str:
         conn.sendall(self.data)
+        return f"sent {len(self.data)}"
 
 
 def pattern(size: int, seed: int = 7) -> bytes:

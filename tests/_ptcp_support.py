@@ -32,7 +32,12 @@ def digest_of(seed: int, total: int) -> str:
     return h.hexdigest()
 
 
-class _Server:
+class TcpService:
+    """A loopback TCP server running ``serve(conn)`` on a thread per connection.
+
+    ``serve`` returns how the connection ended (kept in ``ended``).
+    """
+
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -89,7 +94,7 @@ class _Server:
         self._acceptor.join(10)
 
 
-class EchoServer(_Server):
+class EchoServer(TcpService):
     """Echoes everything until the client closes."""
 
     def serve(self, conn: socket.socket) -> str:
@@ -103,7 +108,7 @@ class EchoServer(_Server):
             total += n
 
 
-class BulkServer(_Server):
+class BulkServer(TcpService):
     """Sends ``stream_chunks(seed, total)`` (total None: until the connection breaks)."""
 
     def __init__(self, seed: int, total: int | None) -> None:

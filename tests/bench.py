@@ -47,7 +47,7 @@ for _p in (str(REPO), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _ptcp_support import EchoServer, _Server  # noqa: E402
+from _ptcp_support import EchoServer, TcpService  # noqa: E402
 
 import ptcp  # noqa: E402
 
@@ -170,7 +170,7 @@ def raw_bench(seconds: float = 3.0) -> float:
 # ---------------------------------------------------------------------------
 
 
-class Flood(_Server):
+class Flood(TcpService):
     """Sends the same random block to every client until the connection breaks."""
 
     block = os.urandom(BLOCK)
@@ -213,7 +213,7 @@ class FloodProcess:
         stop(self.proc)
 
 
-class Sink(_Server):
+class Sink(TcpService):
     """Counts the bytes of every connection; ``done`` fires when ``expect`` arrived in one."""
 
     def __init__(self) -> None:

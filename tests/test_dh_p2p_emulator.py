@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from _p2p_support import EchoServer
+from _ptcp_support import EchoServer
 
 import helpers
 from p2p_emulator import Emulator

@@ -14,12 +14,12 @@ import pytest
 from _p2p_support import (
     CHANNEL_TITLES,
     DigestHTTPServer,
-    EchoServer,
     PatternServer,
     dh_p2p_argv,
     pattern,
     recv_exactly,
 )
+from _ptcp_support import EchoServer
 
 import helpers
 from conftest import free_port

@@ -29,6 +29,18 @@ def split_events(events: list) -> tuple[dict[int, bytes], list]:
     return data, others
 
 
+def two_realms(a: Session, b: Session) -> tuple[int, int]:
+    """Handshake, then two realms from a to b (ports 554 and 80); events cleared."""
+    first = connect_pair(a, b)
+    second = a.open_realm(80, 0.0)
+    shuttle(a, b, 0.0)
+    b.accept(second, 0.0)
+    shuttle(a, b, 0.0)
+    a.events()
+    b.events()
+    return first, second
+
+
 def receiver_state(s: Session) -> tuple:
     return (
         s.recv, s.rmid, s.lmid, s.pid, s.realms, s._ooo.keys(), s._last_rx,
@@ -51,13 +63,7 @@ def test_batched_data_matches_one_by_one(
     rng = random.Random(seed)
     a = Session(now=0.0, rng=random.Random(seed), window_bytes=1 << 20)
     b = Session(now=0.0, delayed_ack=delayed_ack, rng=random.Random(1))
-    first = connect_pair(a, b)
-    second = a.open_realm(80, 0.0)
-    shuttle(a, b, 0.0)
-    b.accept(second, 0.0)
-    shuttle(a, b, 0.0)
-    a.events()
-    b.events()
+    first, second = two_realms(a, b)
     one = copy.deepcopy(b)  # fed one datagram at a time
     wire: list[bytes] = []
     for _ in range(rng.randint(5, 40)):
@@ -112,13 +118,7 @@ def test_batched_data_matches_one_by_one(
 def test_consecutive_data_of_a_realm_is_one_event_and_realms_stay_apart() -> None:
     a = Session(now=0.0, rng=random.Random(1))
     b = Session(now=0.0)
-    first = connect_pair(a, b)
-    second = a.open_realm(80, 0.0)
-    shuttle(a, b, 0.0)
-    b.accept(second, 0.0)
-    shuttle(a, b, 0.0)
-    a.events()
-    b.events()
+    first, second = two_realms(a, b)
     a.send(first, b"x" * 3000, 0.0)  # three packets
     a.send(second, b"y" * 100, 0.0)
     a.send(first, b"z" * 10, 0.0)
