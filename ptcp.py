@@ -670,8 +670,8 @@ class Session:
         if take <= 0 or (take < step and take < len(data)):
             return 0  # wait for room for a full body rather than send slivers
         view = memoryview(data)[:take]
-        if not view.readonly:  # segments keep views of it until acknowledged
-            view = memoryview(bytes(view))
+        if type(view.obj) is not bytes:  # segments keep views until acknowledged:
+            view = memoryview(bytes(view))  # only immutable bytes may be shared
         segs = self._pending
         off = self._next_off
         pos = 0
@@ -1053,9 +1053,13 @@ class Session:
 
 _RECV_BATCH = 256
 _TURN = 256 * 1024  # bytes one realm may put into the shared window per turn
-_READ_CHUNK = 256 * 1024
+_WRITE_BATCH = 256 * 1024  # queued bytes a writer hands to one sendmsg
 _MAX_PARTS = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
-_LOCAL_READ = 1 << 20  # one recv from a realm's local socket (it may return less)
+# One recv from a realm's local socket: small while the client sends little (a 1 MiB
+# recv costs ~10x a 64 KiB one for a short message: the buffer is allocated whole),
+# large once reads come back full.
+_SMALL_READ = 64 * 1024
+_LOCAL_READ = 1 << 20
 _BACKLOG_LOW = 256 * 1024  # a realm's reader reads on once its backlog is below this
 
 # Linux UDP segmentation offload, udp(7): one sendmsg with a UDP_SEGMENT size
@@ -1258,7 +1262,7 @@ class _Bridge:
                     break
                 parts, size = [], 0
                 chunks = self.chunks
-                while chunks and size < _READ_CHUNK and len(parts) < _MAX_PARTS:
+                while chunks and size < _WRITE_BATCH and len(parts) < _MAX_PARTS:
                     part = chunks.popleft()
                     parts.append(part)
                     size += len(part)
@@ -1277,22 +1281,24 @@ class _Bridge:
 
     def _reader(self) -> None:
         sock, send_realm = self.sock, self.tunnel._send_realm
+        size = _SMALL_READ
         while True:
             try:
-                data = sock.recv(_LOCAL_READ)
+                data = sock.recv(size)
             except OSError:
                 data = b""
             if not send_realm(self, data):
                 return
             if not data:
                 break
+            size = _LOCAL_READ if len(data) >= _SMALL_READ else _SMALL_READ
         self.tunnel._local_closed(self, "local EOF")
 
 
 class PTCPTunnel:
     """Threaded driver: one UDP socket and a Session; realms bridged to local TCP sockets.
 
-    Threads: a receiver (blocking recvfrom, then whatever else is queued, fed to
+    Threads: a receiver (a blocking read, then whatever else is queued, fed to
     the Session under one lock), a timer (sleeps on a condition until the
     Session's next deadline: retransmits, heartbeats, realm timeouts, dead peer),
     and per realm a reader (local socket -> the realm's backlog, up to about

@@ -7,11 +7,12 @@ limit measured on the same machine a moment before:
 * limit: raw UDP between two Python processes, datagrams of a full PTCP data
   packet (1316 bytes), one sender and one receiver;
 * tunnel: ``ptcp.py serve`` (the far end, a bare PTCP peer) and ``ptcp.py
-  connect`` (the near end: PTCPTunnel, the driver dh_p2p uses) as two processes,
-  the flood service in a process of its own (as services behind a device
-  are), the other TCP services and the clients in this process.  Download and upload MB/s, CPU
-  seconds per GB of each tunnel process (from /proc, not wall time), 64-byte
-  round trips (p50, p99), and aggregate download with 1, 8 and 32 realms at once;
+  connect`` (the near end: PTCPTunnel, the driver dh_p2p uses) as two
+  processes, the flood service in a process of its own (as services behind a
+  device are), the other TCP services and the clients in this process.
+  Download and upload MB/s, CPU seconds per GB of each tunnel process (from
+  /proc, not wall time), 64-byte round trips (p50, p99), and aggregate
+  download with 1, 8 and 32 realms at once;
 * proxy: ``rtsp_proxy.py`` as a process in front of the emulated DVR
   (tests/dvr_rtsp_emulator.py) streaming a ~4 Mbit/s H.264 channel, with 1, 8
   and 32 raw RTSP viewers in this process (half TCP interleaved, half UDP); the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ptcp_session import connect_pair, shuttle
@@ -134,12 +135,13 @@ def test_consecutive_data_of_a_realm_is_one_event_and_realms_stay_apart() -> Non
     assert [len(d) for d in acks] == [HEADER_LEN] * 5  # still one ack per packet
 
 
-def test_sent_data_is_copied_when_the_caller_may_change_it() -> None:
+@pytest.mark.parametrize("wrap", [bytearray, lambda b: memoryview(b).toreadonly()])
+def test_sent_data_is_copied_when_the_caller_may_change_it(wrap) -> None:
     a = Session(now=0.0, rng=random.Random(2), min_rto=0.2, initial_rto=0.2)
     b = Session(now=0.0)
     realm = connect_pair(a, b)
     buf = bytearray(b"A" * 2000)
-    assert a.send(realm, buf, 0.0) == 2000
+    assert a.send(realm, wrap(buf) if wrap is not bytearray else buf, 0.0) == 2000
     first = a.datagrams_to_send()
     buf[:] = b"B" * 2000  # the caller reuses its buffer
     a.handle_timers(1.0)  # nothing acknowledged: the first packet goes again
