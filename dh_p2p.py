@@ -17,12 +17,16 @@ Example::
 from __future__ import annotations
 
 import argparse
+import array
+import collections
+import ipaddress
 import logging
 import os
 import random
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -87,6 +91,15 @@ class _Pending:
 
 
 @dataclass
+class _Path:
+    """Progress of one way to the device: "direct" (punched) or "relay" (the agent)."""
+
+    step: str = "idle"  # idle, punch (direct only), 19, 1b, open, failed
+    deadline: float | None = None
+    opened_at: float = 0.0
+
+
+@dataclass
 class Established:
     """A finished handshake: the PTCP session and where it runs."""
 
@@ -107,7 +120,12 @@ class Handshake:
     :meth:`handle_timers` at :meth:`next_deadline`; after each call send
     :meth:`datagrams_to_send` (``(socket name, address, bytes)``).  Finished when
     :attr:`result` (an :class:`Established`) or :attr:`error` is set.
-    ``local_addr`` is the address of socket ``S`` (sent as LocalAddr).
+    ``local_addr`` is the address of socket ``S`` as the host's egress
+    interface has it, ``lan_addrs`` the host's other interface addresses; both go
+    into LocalAddr (PROTOCOLS 2.8).  In auto mode the direct and the relayed path
+    are opened together; the relay is taken if the direct path is not open
+    ``relay_grace`` seconds after it.  ``punch_check`` is "identify" (a punch must
+    carry our Identify and transaction) or "address" (source IP only).
     """
 
     serial: str
@@ -120,6 +138,9 @@ class Handshake:
     password: str | None = None
     retry: Retry = field(default_factory=Retry)
     punch_timeout: float = 5.0
+    relay_grace: float = 1.5
+    lan_addrs: tuple[str, ...] = ()
+    punch_check: str = "identify"
     session_options: dict = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.SystemRandom)
 
@@ -153,12 +174,13 @@ class Handshake:
         self.device_peer: tuple[str, int] | None = None
         self.punch_cookie = bytes(self.rng.getrandbits(8) for _ in range(4))
         self.punch_tid = bytes(self.rng.getrandbits(8) for _ in range(12))
-        self.device_tid: tuple[tuple[str, int], bytes] | None = None
-        self._punch_deadline = 0.0
+        self._early_punches: list[tuple[tuple[str, int], helpers.StunMessage]] = []
         self._punch_next = 0.0
         self._punch_interval = self.retry.initial
-        self._sign_step = ""
         self._step_deadline: float | None = None
+        self.direct_path = _Path()
+        self.relay_path = _Path()
+        self.ignored: collections.Counter[str] = collections.Counter()
 
     @property
     def has_credentials(self) -> bool:
@@ -191,8 +213,10 @@ class Handshake:
         self._out.append((sock, addr, data))
         log.debug("-> %s", key)  # not the path: relay paths carry the token
 
-    def _match(self, sock: str, reply: helpers.Reply) -> str | None:
-        candidates = [k for k, p in self._pending.items() if p.sock == sock]
+    def _match(self, sock: str, addr: tuple[str, int], reply: helpers.Reply) -> str | None:
+        candidates = [
+            k for k, p in self._pending.items() if p.sock == sock and _same_endpoint(p.addr, addr)
+        ]
         if reply.cseq is not None:
             candidates = [k for k in candidates if self._pending[k].cseq == reply.cseq]
         return candidates[0] if candidates else None
@@ -218,8 +242,9 @@ class Handshake:
         if data[:4] == b"PTCP":
             self._on_ptcp(sock, addr, data, now)
             return
-        if sock == RELAY and data == NAT_INFO:
-            self.nat_info = True
+        from_agent = sock == RELAY and addr == self.agent_addr
+        if from_agent and data == NAT_INFO and self.state == "relay_channel":
+            self.nat_info = True  # the bare form some agents send
             self._advance(now)
             return
         if data[:5] == b"HTTP/":
@@ -228,9 +253,15 @@ class Handshake:
             except P2PProtocolError as exc:
                 log.info("ignoring malformed reply on %s from %s: %s", sock, addr, exc)
                 return
-            key = self._match(sock, reply)
+            if from_agent and self.state == "relay_channel":
+                # PROTOCOLS 2.2 step 8: the agent, not the main server, answers
+                # relay-channel ("100 Trying", then "200 Server Nat Info!"), with a
+                # CSeq that need not be ours: matched by sender and status.
+                self._on_agent_reply(reply, now)
+                return
+            key = self._match(sock, addr, reply)
             if key is None:
-                log.debug("ignoring unexpected reply %d on %s", reply.code, sock)
+                self._ignore(addr, f"reply {reply.code} that answers no request of ours")
                 return
             if reply.provisional:
                 self._pending[key].provisional = True
@@ -238,7 +269,7 @@ class Handshake:
             del self._pending[key]
             self._on_reply(key, reply, now)
             return
-        if sock == MAIN:
+        if sock == MAIN and self.direct_path.step in ("idle", "punch"):
             try:
                 msg = helpers.parse_punch(data)
             except P2PProtocolError:
@@ -312,6 +343,18 @@ class Handshake:
             return self._fail(f"bad reply to {key}: {exc}", "cloud")
         self._advance(now)
 
+    def _on_agent_reply(self, reply: helpers.Reply, now: float) -> None:
+        if reply.provisional:
+            if "relay_channel" in self._pending:
+                self._pending["relay_channel"].provisional = True
+            return
+        if not reply.ok:
+            self._pending.pop("relay_channel", None)
+            self._on_reply("relay_channel", reply, now)
+            return
+        self.nat_info = True
+        self._advance(now)
+
     def _auth_failed(self, reply: helpers.Reply) -> None:
         if not self.has_credentials:
             self._fail(
@@ -323,7 +366,7 @@ class Handshake:
             self._fail(f"the device refused the credentials ({reply.reason})", "auth")
 
     def _send_p2p_channel(self, now: float) -> None:
-        local = f"{self.local_addr[0]}:{self.local_addr[1]}"
+        local = format_local_addr(self.lan_addrs, self.local_addr)
         ident = helpers.format_identify(self.identify)
         if self.has_credentials:
             assert self.username is not None and self.password is not None
@@ -391,15 +434,22 @@ class Handshake:
         if self.state == "relay_channel" and self.nat_info:
             # PROTOCOLS 2.2 step 9: SYN and 17 00*11 to the agent; its answer holds the sign.
             self.state = "sign"
+            self._pending.pop("relay_channel", None)
             self.agent_session = self._new_session(now)
             self.agent_session.send_syn(now)
             self.agent_session.send_command(0x17, b"", now)
             self._flush_session(RELAY, self.agent_addr, self.agent_session)
         if self.state == "sign" and self.sign is not None:
-            if self.mode == "relay":
-                self._start_relay_tunnel(now)
-            else:
+            # Both paths at once in auto mode (PROTOCOLS 2.2, 2.8: the app overlaps them);
+            # the direct one wins if it opens within relay_grace of the relay.
+            self.state = "paths"
+            self._step_deadline = None  # each path has its own deadline now
+            if self.mode in ("relay", "auto"):
+                self._start_relay_path(now)
+            if self.mode in ("direct", "auto"):
                 self._start_punch(now)
+        if self.state == "paths":
+            self._choose_path(now)
 
     def _new_session(self, now: float) -> ptcp.Session:
         options = {"initial_rto": self.retry.initial, "max_rto": self.retry.cap}
@@ -412,23 +462,25 @@ class Handshake:
         for data in session.datagrams_to_send():
             self._out.append((sock, addr, data))
 
-    # -- sign exchange on a PTCP session --------------------------------------
+    # -- the two paths: relay (via the agent) and direct (punched) -------------
 
-    def _start_relay_tunnel(self, now: float) -> None:
-        self.state = "relay_sign"
-        self._sign_step = "19"
-        self._step_deadline = now + self.retry.give_up
+    def _start_relay_path(self, now: float) -> None:
         assert self.agent_session is not None and self.sign is not None
+        self.relay_path.step = "19"
+        self.relay_path.deadline = now + self.retry.give_up
         self.agent_session.send_command(0x19, self.sign, now)
         self._flush_session(RELAY, self.agent_addr, self.agent_session)
 
+    def _path_of(self, session: ptcp.Session) -> _Path:
+        return self.relay_path if session is self.agent_session else self.direct_path
+
     def _on_ptcp(self, sock: str, addr, data: bytes, now: float) -> None:
-        if sock == RELAY and self.agent_session is not None:
+        if sock == RELAY and self.agent_session is not None and addr == self.agent_addr:
             session, peer = self.agent_session, self.agent_addr
         elif sock == MAIN and self.device_session is not None and addr == self.device_peer:
             session, peer = self.device_session, self.device_peer
         else:
-            log.debug("ignoring PTCP on %s from %s", sock, addr)
+            self._ignore(addr, "PTCP from an address that is not our peer")
             return
         try:
             session.receive_datagram(data, now)
@@ -439,36 +491,63 @@ class Handshake:
             if isinstance(event, ptcp.CommandReceived):
                 self._on_command(session, event, now)
         self._flush_session(sock, peer, session)
-        self._check_open(now)
+        path = self._path_of(session)
+        if path.step == "1b" and session.unacked_bytes == 0:
+            path.step = "open"
+            path.opened_at = now
         self._advance(now)
 
     def _on_command(self, session: ptcp.Session, event: ptcp.CommandReceived, now: float) -> None:
         if session is self.agent_session and self.state == "sign" and event.payload:
             self.sign = event.payload
-        elif event.body_type == 0x1A and self._sign_step == "19":
+            return
+        path = self._path_of(session)
+        if event.body_type == 0x1A and path.step == "19":
             # PROTOCOLS 2.2 step 10: 1a from the peer, we answer 1b and wait for its ack.
-            self._sign_step = "1b"
+            path.step = "1b"
             session.send_command(0x1B, b"", now)
 
-    def _check_open(self, now: float) -> None:
-        if self._sign_step != "1b":
+    def _choose_path(self, now: float) -> None:
+        direct, relay = self.direct_path, self.relay_path
+        if direct.step == "open":
+            return self._establish("direct", now)
+        if relay.step == "open":
+            waiting = direct.step not in ("idle", "failed")
+            if not waiting or now >= relay.opened_at + self.relay_grace:
+                if waiting:
+                    log.info(
+                        "direct path not open %.1f s after the relay; using the relay",
+                        self.relay_grace,
+                    )
+                return self._establish("relay", now)
             return
-        if self.state == "relay_sign":
-            session, sock, peer, path = self.agent_session, RELAY, self.agent_addr, "relay"
+        if direct.step in ("idle", "failed") and relay.step in ("idle", "failed"):
+            if self.mode == "direct":
+                return self._fail(
+                    "hole punching failed (no answer from the device); try --relay", "punch"
+                )
+            return self._fail("neither a direct nor a relayed tunnel could be opened", "timeout")
+
+    def _establish(self, path: str, now: float) -> None:
+        if path == "direct":
+            session, sock, peer = self.device_session, MAIN, self.device_peer
         else:
-            session, sock, peer, path = self.device_session, MAIN, self.device_peer, "direct"
-        if session is not None and peer is not None and session.unacked_bytes == 0:
-            self.state = "open"
-            self._pending.clear()
-            self.result = Established(
-                path,
-                sock,
-                peer,
-                session,
-                self.token,
-                self.relay_addr,
-                self._cseq.get(RELAY, 0) + 1,
-            )
+            session, sock, peer = self.agent_session, RELAY, self.agent_addr
+        assert session is not None and peer is not None
+        token = self.token
+        if path == "direct" and self.relay_path.step != "idle" and self.token and self.relay_addr:
+            # the relay we opened as a fallback is not needed: release it (PROTOCOLS 2.7 (e))
+            cseq = self._cseq[RELAY] = self._cseq.get(RELAY, 0) + 1
+            self._out.append(
+                (RELAY, self.relay_addr,
+                 unbind_request(self.token, cseq, self.cloud_user, self.cloud_key))
+            )  # fmt: skip
+            token = None
+        self.state = "open"
+        self._pending.clear()
+        self.result = Established(
+            path, sock, peer, session, token, self.relay_addr, self._cseq.get(RELAY, 0) + 1
+        )
 
     # -- hole punch (PROTOCOLS 2.3) ------------------------------------------
 
@@ -480,14 +559,13 @@ class Handshake:
         return targets
 
     def _start_punch(self, now: float) -> None:
-        self.state = "punch"
-        self._step_deadline = None  # the punch has its own silence limit
-        self._punch_deadline = now + self.punch_timeout
+        self.direct_path.step = "punch"
+        self.direct_path.deadline = now + self.punch_timeout
         self._punch_interval = self.retry.initial
         self._send_punches(now)
-        if self.device_tid is not None:  # the device punched first
-            addr, tid = self.device_tid
-            self._answer_punch(addr, tid, now)
+        early, self._early_punches = self._early_punches, []
+        for addr, msg in early:  # the device punched before we knew where it is
+            self._on_punch(addr, msg, now)
 
     def _send_punches(self, now: float) -> None:
         assert self.device_pub is not None
@@ -502,38 +580,62 @@ class Handshake:
         self._punch_next = now + self._punch_interval
         self._punch_interval = min(self._punch_interval * 2, self.retry.cap)
 
+    def punch_is_genuine(self, addr: tuple[str, int], msg: helpers.StunMessage) -> bool:
+        """Whether a punch comes from the device the cloud named (PROTOCOLS 2.3).
+
+        Its source IP must be the device's public or local IP (any port: a NAT may
+        map the device's socket to another port towards us than towards the
+        cloud), and unless ``punch_check`` is "address" it must carry our Identify,
+        and a Binding Success must answer our own transaction.
+        """
+        ips = {a[0] for a in (self.device_pub, self.device_local) if a is not None}
+        if addr[0] not in ips:
+            return False
+        if self.punch_check == "address":
+            return True
+        attrs = msg.attributes
+        identify = attrs.get(helpers.ATTR_ICE_CONTROLLED, attrs.get(helpers.ATTR_ICE_CONTROLLING))
+        if identify != self.identify:
+            return False
+        if msg.msg_type == helpers.STUN_BINDING_SUCCESS:
+            return msg.transaction_id == self.punch_tid
+        return msg.msg_type == helpers.STUN_BINDING_REQUEST
+
     def _on_punch(self, addr, msg: helpers.StunMessage, now: float) -> None:
-        if self.state not in ("punch", "direct_sign"):
-            # early: remember the device's transaction id for when punching starts
-            if self.device_tid is None:
-                self.device_tid = (addr, msg.transaction_id)
+        if self.device_pub is None:
+            # early: judged once the p2p-channel reply says where the device is
+            if len(self._early_punches) < 16:
+                self._early_punches.append((addr, msg))
             return
-        if self.state == "punch":
-            self._answer_punch(addr, msg.transaction_id, now)
+        if not self.punch_is_genuine(addr, msg):
+            self._ignore(addr, "punch that is not from the device")
+            return
+        if self.direct_path.step == "punch":
+            self._answer_punch(addr, msg, now)
+        elif self.direct_path.step == "idle" and len(self._early_punches) < 16:
+            self._early_punches.append((addr, msg))
         # later punch datagrams are skipped (PROTOCOLS 2.3)
 
-    def _answer_punch(self, addr, tid: bytes, now: float) -> None:
+    def _answer_punch(self, addr, msg: helpers.StunMessage, now: float) -> None:
         assert self.device_local is not None and self.sign is not None
+        # PROTOCOLS 2.3: whatever came first (its request or its response to ours),
+        # answer with a Binding Success carrying that message's transaction id
         answer = helpers.build_punch_response(
-            self.identify, self.device_local, self.punch_cookie, tid
+            self.identify, self.device_local, self.punch_cookie, msg.transaction_id
         )
         self._out.append((MAIN, addr, answer.to_wire()))
-        self.state = "direct_sign"
         self.device_peer = addr
-        self._step_deadline = now + self.retry.give_up
-        self._sign_step = "19"
+        self.direct_path.step = "19"
+        self.direct_path.deadline = now + self.retry.give_up
         self.device_session = self._new_session(now)
         self.device_session.send_syn(now)
         self.device_session.send_command(0x19, self.sign, now)
         self._flush_session(MAIN, addr, self.device_session)
 
-    def _punch_failed(self, now: float) -> None:
-        if self.mode == "auto":
-            log.info("hole punch failed; using the relay")
-            self.device_session = None
-            self._start_relay_tunnel(now)
-        else:
-            self._fail("hole punching failed (no answer from the device); try --relay", "punch")
+    def _ignore(self, addr, what: str) -> None:
+        self.ignored[what] += 1
+        if self.ignored[what] == 1 or log.isEnabledFor(logging.DEBUG):
+            log.info("ignoring %s (%s:%s); further ones are counted", what, addr[0], addr[1])
 
     # -- timers -----------------------------------------------------------------
 
@@ -543,10 +645,15 @@ class Handshake:
             return None
         times = [p.next_at for p in self._pending.values() if not p.provisional]
         times += [p.started + self.retry.give_up for p in self._pending.values()]
-        if self.state == "punch":
-            times += [self._punch_next, self._punch_deadline]
         if self._step_deadline is not None:
             times.append(self._step_deadline)
+        for path in (self.direct_path, self.relay_path):
+            if path.deadline is not None and path.step not in ("idle", "open", "failed"):
+                times.append(path.deadline)
+        if self.direct_path.step == "punch":
+            times.append(self._punch_next)
+        if self.relay_path.step == "open" and self.direct_path.step not in ("idle", "failed"):
+            times.append(self.relay_path.opened_at + self.relay_grace)
         for session in (self.agent_session, self.device_session):
             if session is not None:
                 deadline = session.next_deadline()
@@ -570,17 +677,16 @@ class Handshake:
                 self._out.append((p.sock, p.addr, p.data))
                 p.interval = min(p.interval * 2, self.retry.cap)
                 p.next_at = now + p.interval
-        if self.state == "punch":
-            if now >= self._punch_deadline:
-                self._punch_failed(now)
-            elif now >= self._punch_next:
-                self._send_punches(now)
-        if self._step_deadline is not None and now >= self._step_deadline and not self.done:
-            if self.state == "direct_sign" and self.mode == "auto":
-                self._step_deadline = None
-                self._punch_failed(now)
-            else:
-                return self._fail(f"handshake stalled in step {self.state}", "timeout")
+        if self._step_deadline is not None and now >= self._step_deadline:
+            return self._fail(f"handshake stalled in step {self.state}", "timeout")
+        for name, path in (("direct", self.direct_path), ("relay", self.relay_path)):
+            if path.step in ("idle", "open", "failed") or path.deadline is None:
+                continue
+            if now >= path.deadline:
+                log.info("%s path failed (in step %s)", name, path.step)
+                path.step = "failed"
+        if self.direct_path.step == "punch" and now >= self._punch_next:
+            self._send_punches(now)
         for sock, addr, session in (
             (RELAY, self.agent_addr, self.agent_session),
             (MAIN, self.device_peer, self.device_session),
@@ -589,6 +695,25 @@ class Handshake:
                 session.handle_timers(now)
                 session.events()
                 self._flush_session(sock, addr, session)
+        if self.state == "paths":
+            self._choose_path(now)
+
+
+def _same_endpoint(expected: tuple[str, int], actual: tuple[str, int]) -> bool:
+    """Whether a datagram from ``actual`` can be the answer of ``expected``: the same
+    IP and port, or the same port when we only know ``expected`` by a host name."""
+    try:
+        ipaddress.ip_address(expected[0])
+    except ValueError:
+        return expected[1] == actual[1]
+    return expected == actual
+
+
+def format_local_addr(lan_addrs: tuple[str, ...] | list[str], egress: tuple[str, int]) -> str:
+    """LocalAddr as the DMSS app sends it (PROTOCOLS 2.7 (c), 2.8): the host's other
+    interface addresses, comma-separated, then ``egress-ip:port`` of socket S."""
+    others = [a for a in lan_addrs if a != egress[0]]
+    return ",".join([*others, f"{egress[0]}:{egress[1]}"])
 
 
 def unbind_request(token: str, cseq: int, cloud_user: str, cloud_key: str) -> bytes:
@@ -673,6 +798,51 @@ def parse_channel_titles(text: str) -> dict[int, str]:
 # ---------------------------------------------------------------------------
 
 
+def udp_bind_address(cloud_ip: str, requested: str | None = None) -> str:
+    """Where the handshake's UDP sockets bind (PROTOCOLS 2.8): ``requested`` if
+    given, loopback when the cloud itself is on loopback, else every interface (a
+    socket bound to 127.0.0.1 cannot send anywhere else)."""
+    if requested:
+        return requested
+    return "127.0.0.1" if ipaddress.ip_address(cloud_ip).is_loopback else "0.0.0.0"
+
+
+def egress_address(destination: tuple[str, int]) -> str:
+    """The local IP the kernel would send from towards ``destination`` (no packet
+    is sent: connecting a UDP socket only picks a route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(destination)
+            return probe.getsockname()[0]
+        except OSError:
+            return "0.0.0.0"
+
+
+_SIOCGIFCONF = 0x8912
+_IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux: 16-byte name, 24-byte union
+
+
+def interface_addresses() -> list[str]:
+    """The host's IPv4 interface addresses, without loopback and link-local ones
+    (Linux; elsewhere an empty list, and LocalAddr carries the egress address only)."""
+    try:
+        import fcntl  # Linux/BSD only
+
+        buf = array.array("B", bytes(_IFREQ_SIZE * 64))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            request = struct.pack("iL", len(buf), buf.buffer_info()[0])
+            length = struct.unpack("iL", fcntl.ioctl(s.fileno(), _SIOCGIFCONF, request))[0]
+    except (ImportError, OSError, struct.error):
+        return []
+    raw = buf.tobytes()[:length]
+    found = []
+    for i in range(0, len(raw) - _IFREQ_SIZE + 1, _IFREQ_SIZE):
+        ip = ipaddress.ip_address(raw[i + 20 : i + 24])  # sockaddr_in.sin_addr
+        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified) and str(ip) not in found:
+            found.append(str(ip))
+    return found
+
+
 class Client:
     """Runs handshakes and tunnels; listeners stay open across reconnects."""
 
@@ -700,16 +870,31 @@ class Client:
 
     def handshake(self) -> tuple[Established, dict[str, socket.socket]]:
         """Run one handshake to completion; raises HandshakeError."""
+        cloud = self._resolve(self.cloud)
+        bind_ip = udp_bind_address(cloud[0], self.args.udp_bind)
         socks = {}
-        for name in (MAIN, P2PSRV, RELAY):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            s.bind(("0.0.0.0" if self.args.bind_any else "127.0.0.1", 0))
-            socks[name] = s
         try:
-            local = socks[MAIN].getsockname()
+            for name in (MAIN, P2PSRV, RELAY):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks[name] = s
+                s.bind((bind_ip, 0))
+        except OSError as exc:
+            for s in socks.values():
+                s.close()
+            raise HandshakeError(f"cannot bind UDP to {bind_ip}: {exc}", "local") from exc
+        try:
+            port = socks[MAIN].getsockname()[1]
+            lan: list[str] = []
+            if bind_ip == "0.0.0.0":
+                local = (egress_address(cloud), port)
+                if self.args.local_addr == "all":
+                    lan = interface_addresses()
+            else:
+                local = (bind_ip, port)
+            log.debug("UDP sockets on %s; LocalAddr %s", bind_ip, format_local_addr(lan, local))
             hs = Handshake(
                 self.args.serial,
-                self._resolve(self.cloud),
+                cloud,
                 local,
                 mode=self.args.mode,
                 cloud_user=self.args.cloud_user,
@@ -718,6 +903,9 @@ class Client:
                 password=self.args.password,
                 retry=Retry(give_up=self.args.timeout),
                 punch_timeout=self.args.punch_timeout,
+                relay_grace=self.args.relay_grace,
+                lan_addrs=tuple(lan),
+                punch_check=self.args.punch_check,
                 session_options={"dead_after": self.args.peer_timeout},
             )
             hs.start(time.monotonic())
@@ -826,7 +1014,7 @@ class Client:
                 if exc.kind == "stopped":
                     break
                 attempts += 1
-                fatal = exc.kind in ("auth",) or (
+                fatal = exc.kind in ("auth", "local") or (
                     not self.ready_printed and attempts > self.args.retries
                 )
                 if fatal:
@@ -990,7 +1178,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="reconnect after S seconds without a packet from the device",
     )
-    p.add_argument("--bind-any", action="store_true", help="UDP sockets on 0.0.0.0 (real NATs)")
+    p.add_argument(
+        "--udp-bind",
+        metavar="ADDR",
+        help="local address of the UDP sockets that talk to the cloud and the device "
+        "(default: all interfaces; 127.0.0.1 when the cloud is on loopback)",
+    )
+    p.add_argument(
+        "--local-addr",
+        choices=("all", "egress"),
+        default="all",
+        help="what LocalAddr tells the device: every interface address then the egress "
+        "address:port, as the DMSS app does (all, default), or egress address:port only",
+    )
+    p.add_argument(
+        "--relay-grace",
+        type=float,
+        default=1.5,
+        metavar="S",
+        help="in auto mode, wait S seconds after the relay opens for the direct path "
+        "before settling for the relay (default %(default)s)",
+    )
+    p.add_argument(
+        "--punch-check",
+        choices=("identify", "address"),
+        default="identify",
+        help="which punches are the device's: from its IP and carrying our Identify "
+        "(default), or from its IP only",
+    )
     p.add_argument(
         "--no-gso",
         action="store_true",

@@ -324,9 +324,12 @@ class HeartbeatReceived:
 
 @dataclass(frozen=True, slots=True)
 class PeerDead:
-    """Nothing heard from the peer for ``silence`` seconds; the session is finished."""
+    """The session is finished: nothing heard from the peer for ``silence`` seconds
+    (``reason`` "silence"), or, with realms open, the peer acknowledged none of our
+    unacknowledged bytes for ``stall_after`` seconds (``reason`` "stall")."""
 
     silence: float
+    reason: str = "silence"
 
 
 Event = (
@@ -412,6 +415,7 @@ class Session:
         now: float,
         heartbeat_interval: float | None = 5.0,
         dead_after: float = 60.0,
+        stall_after: float | None = 20.0,
         max_data: int = DEFAULT_MAX_DATA,
         window_bytes: int = 1 << 20,
         max_ahead: int = 8 << 20,
@@ -432,6 +436,7 @@ class Session:
             raise ValueError("window_bytes must hold at least one data body")
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
+        self.stall_after = stall_after
         self.max_data = max_data
         self.window_bytes = window_bytes
         self.max_ahead = max_ahead
@@ -474,6 +479,7 @@ class Session:
         self._dupacks = 0
         self._recover: int | None = None  # recovery point while recovering
         self._last_rx = now
+        self._stall_since: float | None = None  # unacked bytes have not moved since
         self._next_heartbeat = now + heartbeat_interval if heartbeat_interval else None
         self._dead = False
         # realms
@@ -610,6 +616,8 @@ class Session:
             self._timed_at = now
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rto
+        if self._stall_since is None:
+            self._stall_since = now
 
     def send_syn(self, now: float) -> None:
         """Queue a SYN (it occupies 4 bytes of the stream, PROTOCOLS 2.5)."""
@@ -936,6 +944,7 @@ class Session:
         while inflight and ((ack - inflight[0].end) & MASK32) < HALF32:
             acked += inflight.popleft().size
         self._snd_una = ack
+        self._stall_since = now if inflight else None
         if not acked:
             return  # acknowledges part of a packet: wait for the rest
         self._inflight_bytes -= acked
@@ -1009,7 +1018,20 @@ class Session:
         for t in self._realm_deadline.values():
             if t < best:
                 best = t
+        stall = self._stall_deadline()
+        if stall is not None and stall < best:
+            best = stall
         return best
+
+    def _stall_deadline(self) -> float | None:
+        # PROTOCOLS 2.7 (b): an outbound stall (the peer's recv frozen while realms
+        # write) means a dead path even when the peer still sends, e.g. after its NAT
+        # mapping changed; a tunnel without realms is exempt.
+        if self.stall_after is None or self._stall_since is None or not self._realms:
+            return None
+        if not self._inflight:
+            return None
+        return self._stall_since + self.stall_after
 
     def handle_timers(self, now: float) -> None:
         """Retransmit, send heartbeats, expire realms, declare the peer dead."""
@@ -1018,6 +1040,11 @@ class Session:
         if now - self._last_rx >= self.dead_after:
             self._dead = True
             self._events.append(PeerDead(now - self._last_rx))
+            return
+        stall = self._stall_deadline()
+        if stall is not None and now >= stall:
+            self._dead = True
+            self._events.append(PeerDead(now - self._last_rx, "stall"))
             return
         if self._rto_deadline is not None and now >= self._rto_deadline and self._inflight:
             self.stats.timeouts += 1
@@ -1858,7 +1885,11 @@ class PTCPTunnel:
                     target=self._bind_requested, args=(ev.realm, ev.port, ev.ip), daemon=True
                 ).start()
             elif isinstance(ev, PeerDead):
-                log.warning("peer silent for %.0f s: tunnel dead", ev.silence)
+                if ev.reason == "stall":
+                    stalled = self.session.stall_after or 0.0
+                    log.warning("peer acknowledged nothing for %.0f s: tunnel dead", stalled)
+                else:
+                    log.warning("peer silent for %.0f s: tunnel dead", ev.silence)
                 self._die()
             if self.on_event is not None:
                 try:

@@ -304,8 +304,12 @@ def play(
     transport: str = "tcp",
     seconds: float = 4.0,
     timeout: float | None = None,
+    wrap: list[str] | None = None,
 ) -> PlayResult:
-    """Watch ``url`` with a real client for about ``seconds`` and count decoded frames."""
+    """Watch ``url`` with a real client for about ``seconds`` and count decoded frames.
+
+    ``wrap`` prefixes the client's argv (``ip netns exec NS`` in the NAT lab)."""
+    wrap = wrap or []
     if transport not in ("tcp", "udp"):
         raise ValueError(f"transport must be tcp or udp, not {transport!r}")
     limit = timeout if timeout is not None else seconds + 30
@@ -316,7 +320,7 @@ def play(
             "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames",
             "-of", "default=noprint_wrappers=1", url,
         ]  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
+        done = subprocess.run([*wrap, *argv], capture_output=True, text=True, timeout=limit)
         match = re.search(r"nb_read_frames=(\d+)", done.stdout)
         frames = int(match.group(1)) if match else 0
         output = done.stdout + done.stderr
@@ -327,7 +331,7 @@ def play(
             "-rtsp_transport", transport, "-timeout", "10000000", "-i", url,
             "-t", str(seconds), "-map", "0:v:0", "-f", "null", "-progress", "pipe:1", "-",
         ]  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
+        done = subprocess.run([*wrap, *argv], capture_output=True, text=True, timeout=limit)
         counts = re.findall(r"^frame=(\d+)", done.stdout, re.MULTILINE)
         frames = int(counts[-1]) if counts else 0
         output = done.stdout + done.stderr
@@ -344,7 +348,7 @@ def play(
             GST_DEBUG="rtspsrc:2,avdec_h264:2,libav:2,rtph264depay:2",
             GST_DEBUG_NO_COLOR="1",
         )
-        proc = Proc([gst, "-v", "-e", *pipeline], env, None)
+        proc = Proc([*wrap, gst, "-v", "-e", *pipeline], env, None)
         try:
             # The watch time starts with the first decoded frame.
             proc.wait_line("last-message = chain", timeout=limit)

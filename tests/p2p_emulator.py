@@ -14,6 +14,14 @@ Binds on the device open real TCP connections to ``port_map[port]``.  The
 device side retransmits its own unacknowledged data (go-back-N), so tests can
 impair the datagrams it sends (loss, reordering, duplication).
 
+Where the parties live: by default every socket is on 127.0.0.1.  In the NAT
+lab (tests/natlab.py) ``cloud_at`` and ``device_at`` put the cloud's sockets and
+the device's into network namespaces of their own, so the device reaches the
+cloud through its NAT gateway: it registers from its public socket and keeps
+that registration alive, and the cloud advertises the address it saw as the
+device's PubAddr, as the real service does.  The relay agent answers
+relay-channel with ``HTTP/1.1 200 Server Nat Info!`` (PROTOCOLS 2.2 step 8).
+
 Switches: ``relay_only`` (punches never answered, direct PTCP ignored),
 ``auth`` ((user, password): 403 without device credentials, randsalt in
 /info/device), ``loss``/``reorder``/``duplicate`` on the device's datagrams,
@@ -54,6 +62,8 @@ PTCP_HEADER = struct.Struct("!4sIIIII")
 SYN_BODY = b"\x00\x03\x01\x00"
 SYN_PID = 0x0002FFFF
 NAT_INFO = b"Server Nat Info!"
+REGISTER = b"DEVREG "  # emulator-private: the device's registration with the cloud
+REGISTER_INTERVAL = 2.0
 MASK32 = 0xFFFFFFFF
 CHUNK = 1280
 WINDOW = 48  # packets in flight from the device
@@ -74,7 +84,7 @@ class Channel:
 
     identify: bytes
     client_addr: tuple[str, int]
-    client_local: tuple[str, int]
+    client_local: list[tuple[str, int]]
     nonce: int | None
     device_tids: set[bytes] = field(default_factory=set)
     client_tids: set[bytes] = field(default_factory=set)
@@ -315,6 +325,7 @@ class PeerSession:
                     self.violation(f"data for unknown realm {realm:#x}")
                 return
             conn.out += body[12:]
+            self.emu.realm_bytes[self.role] += len(body) - 12
             if not conn.flush():
                 self._close_realm(realm, notify=True, why="writing to the service failed")
             return
@@ -388,6 +399,7 @@ class PeerSession:
                 self._close_realm(realm, notify=True, why="the service closed")
                 return
             head = b"\x10" + len(data).to_bytes(3, "big") + realm.to_bytes(4, "big") + bytes(4)
+            self.emu.realm_bytes[self.role] += len(data)
             self.send(head + data)
 
     def drop(self) -> None:
@@ -415,7 +427,11 @@ class Emulator:
         cloud_user: str = helpers.DEFAULT_CLOUD_USER,
         cloud_key: str = helpers.DEFAULT_CLOUD_KEY,
         seed: int | None = None,
+        cloud_at: tuple[str, str] | None = None,
+        device_at: tuple[str, str] | None = None,
     ) -> None:
+        """``cloud_at``/``device_at``: (network namespace, IP) for the cloud's and the
+        device's sockets (default: this namespace, 127.0.0.1)."""
         self.serial = serial
         self.port_map = dict(port_map or {})
         self.auth = auth
@@ -446,13 +462,22 @@ class Emulator:
         self._wake_r, self._wake_w = socket.socketpair()
         names = ("main", "p2p", "relay", "agent", "device", "lan")
         self.socks: dict[str, socket.socket] = {}
+        self.realm_bytes: collections.Counter[str] = collections.Counter()  # by role
         for name in names:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("127.0.0.1", 0))
+            netns, ip = (device_at if name in ("device", "lan") else cloud_at) or ("", "127.0.0.1")
+            if netns:
+                from natlab import socket_in_netns
+
+                sock = socket_in_netns(netns)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((ip, 0))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.setblocking(False)
             self.socks[name] = sock
         self.addr = {name: s.getsockname() for name, s in self.socks.items()}
+        self.device_pub = self.addr["device"]  # until the cloud has seen it register
+        self.registered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="p2p-emulator", daemon=True)
 
     # -- public --------------------------------------------------------------
@@ -463,7 +488,13 @@ class Emulator:
 
     def start(self) -> Emulator:
         self._thread.start()
+        self.schedule(0, self._register)
         return self
+
+    def _register(self) -> None:
+        """The device's keep-alive with the cloud, from its public socket."""
+        self._sendto(self.socks["device"], self.addr["main"], REGISTER + self.serial.encode())
+        self.schedule(REGISTER_INTERVAL, self._register)
 
     def close(self) -> None:
         self._stop.set()
@@ -639,6 +670,14 @@ class Emulator:
     # -- dispatch ------------------------------------------------------------
 
     def _datagram(self, name: str, sock: socket.socket, data: bytes, addr) -> None:
+        if data.startswith(REGISTER):
+            if name == "main" and data[len(REGISTER) :] == self.serial.encode():
+                if addr != self.device_pub:
+                    log.info("device registered from %s:%s", *addr)
+                self.device_pub = addr
+                self.registered.set()
+                self._sendto(sock, addr, REGISTER + b"OK")
+            return  # on the device: the cloud's answer (keeps its NAT mapping alive)
         if name in ("device", "lan", "agent") and data[:4] == b"PTCP":
             self._ptcp(name, sock, data, addr)
             return
@@ -689,7 +728,9 @@ class Emulator:
             return None
         # CSeq counts the requests of one client socket, whichever server they go to;
         # a retransmission repeats an earlier one.
-        last = self._cseq.get(addr, 0)
+        # Behind a symmetric NAT each server sees the socket under another port, so
+        # a newcomer may start anywhere; on loopback the count must start at 1.
+        last = self._cseq.get(addr, 0 if addr[0].startswith("127.") else cseq - 1)
         if cseq > last:
             if cseq != last + 1:
                 self.violation(f"{name}: CSeq {cseq} after {last} from {addr} (must be +1)")
@@ -729,7 +770,8 @@ class Emulator:
             self.schedule(0.05, lambda: self._reply(sock, addr, "main", cseq, code, reason, body))
         elif path == f"/device/{sn}/relay-channel" and req.method == "DHPOST":
             code, reason, body = self._relay_channel(req, addr)
-            self._reply(sock, addr, "main", cseq, code, reason, body)
+            if code != 200:  # success is the agent's to tell (PROTOCOLS 2.2 step 8)
+                self._reply(sock, addr, "main", cseq, code, reason, body)
         else:
             self._reply(sock, addr, "main", cseq, 404, "Not Found")
 
@@ -742,13 +784,22 @@ class Emulator:
     def _on_relay(self, sock, req: helpers.Request, addr, cseq: int) -> None:
         if req.path == "/relay/agent":
             token = f"{self.rng.getrandbits(64):016x}"
-            self.relay_tokens[token] = {"client": addr, "started": False, "sign": None}
+            self.relay_tokens[token] = {
+                "client": addr, "agent_client": None, "started": False, "sign": None,
+                "channelled": False,
+            }  # fmt: skip
             body = helpers.xml_body({"Token": token, "Agent": self._addr_text("agent")})
             self._reply(sock, addr, "relay", cseq, 200, "OK", body)
         elif req.path.startswith("/relay/unbind/"):
             token = req.path.rsplit("/", 1)[1]
             if token not in self.relay_tokens:
                 self.violation(f"unbind of unknown token {token}")
+            else:
+                self.relay_tokens[token]["dead"] = True
+                client = self.relay_tokens[token]["agent_client"]
+                session = self.sessions.pop((self.addr["agent"][1], client), None)
+                if session is not None:
+                    session.drop()
             self.unbound.append(token)
             self._reply(sock, addr, "relay", cseq, 200, "OK")
         else:
@@ -763,8 +814,10 @@ class Emulator:
             return
         if req.method != "DHPOST" or req.body != "<body><Client>:0</Client></body>":
             self.violation(f"agent: relay/start body {req.body!r}")
-        if addr != entry["client"]:
-            self.violation("agent: relay/start from another socket than /relay/agent")
+        if addr[0] != entry["client"][0]:
+            # the same socket; behind a symmetric NAT it shows another port to the agent
+            self.violation("agent: relay/start from another host than /relay/agent")
+        entry["agent_client"] = addr
         entry["started"] = True
         self._reply(sock, addr, "agent", cseq, 200, "OK")
 
@@ -822,14 +875,18 @@ class Emulator:
         elif fields.get("IpEncrpt") != "true":
             self.violation("p2p-channel: missing <IpEncrpt>true")
         try:
-            client_local = helpers.parse_host_port(local_text)
+            client_local = parse_local_addr(local_text)
         except P2PProtocolError:
             self.violation(f"p2p-channel: bad LocalAddr {local_text!r}")
             return 400, "Bad Request", None
-        if client_local != addr:
-            self.violation(f"p2p-channel: LocalAddr {client_local} is not the socket {addr}")
+        if addr[0].startswith("127."):
+            if client_local[-1] != addr:
+                self.violation(f"p2p-channel: LocalAddr {client_local} is not the socket {addr}")
+        elif any(a[0].startswith("127.") or a[0] == "0.0.0.0" for a in client_local):
+            # PROTOCOLS 2.8: a device on the client's LAN could never reach that
+            self.violation(f"p2p-channel: LocalAddr {local_text!r} from remote host {addr[0]}")
         channel = Channel(identify, addr, client_local, None)
-        dev_pub = self._addr_text("device")
+        dev_pub = f"{self.device_pub[0]}:{self.device_pub[1]}"
         dev_lan = self._addr_text("lan")
         items: list[tuple[str, object]] = [("PubAddr", dev_pub)]
         if self.auth:
@@ -843,7 +900,7 @@ class Emulator:
         self.channels[addr] = channel
         if not self.relay_only:
             for dev in ("device", "lan"):
-                for target in {addr, client_local}:
+                for target in {addr, *client_local}:
                     self._device_binding_request(dev, target, channel)
         return 200, "OK", helpers.xml_body(items)
 
@@ -856,9 +913,17 @@ class Emulator:
             return 400, "Bad Request", None
         if agent != self.addr["agent"]:
             self.violation(f"relay-channel: agentAddr {agent} is not the agent")
-        entry = next((e for e in self.relay_tokens.values() if e["client"] == addr), None)
-        if entry is None or not entry["started"]:
-            self.violation("relay-channel from a socket that did not start a relay")
+        # the agent and the host (a symmetric NAT shows each server another port)
+        entry = next(
+            (
+                e
+                for e in reversed(self.relay_tokens.values())
+                if e["client"][0] == addr[0] and e["started"] and not e.get("dead")
+            ),
+            None,
+        )
+        if entry is None:
+            self.violation("relay-channel from a host that did not start a relay")
             return 400, "Bad Request", None
         denied = self._check_auth(fields, "", "relay-channel")
         if denied:
@@ -869,7 +934,12 @@ class Emulator:
                 self.violation("relay-channel: Nonce is not the device's reply nonce")
         if not self.online:
             return 404, "Not Found", None
-        self.schedule(0.02, lambda: self._sendto(self.socks["agent"], addr, NAT_INFO))
+        if not entry["channelled"]:  # a retransmitted relay-channel changes nothing
+            entry["channelled"] = True
+            cseq = self.rng.randrange(1, 1000)  # the agent's own count, not the client's
+            nat_info = helpers.build_reply(200, "Server Nat Info!", cseq=cseq)
+            target = entry["agent_client"]
+            self.schedule(0.02, lambda: self._sendto(self.socks["agent"], target, nat_info))
         return 200, "OK", None
 
     # -- device: punch -------------------------------------------------------
@@ -894,15 +964,16 @@ class Emulator:
         self.punched_addrs.add(self.addr[name])
         if self.relay_only:
             return
-        channel = self.channels.get(addr)
+        channel = self.channels.get(addr) or self._channel_by_identify(msg)
         if channel is None:
             self.violation(f"device: punch from {addr} without a p2p-channel")
             return
+        self.channels[addr] = channel  # a peer-reflexive address (another NAT port)
         if msg.msg_type == helpers.STUN_BINDING_REQUEST:
             if msg.attributes.get(helpers.ATTR_ICE_CONTROLLING) != channel.identify:
                 self.violation("device: Binding Request without our Identify")
                 return
-            if msg.attributes.get(helpers.ATTR_ADDRESS) != self.addr["device"]:
+            if msg.attributes.get(helpers.ATTR_ADDRESS) != self.device_pub:
                 self.violation(f"device: Binding Request address {msg.attributes} != PubAddr")
             channel.client_tids.add(msg.transaction_id)
             reply = helpers.build_punch_response(
@@ -925,6 +996,11 @@ class Emulator:
         else:
             self.violation(f"device: punch of type {msg.msg_type:#x}")
 
+    def _channel_by_identify(self, msg: helpers.StunMessage) -> Channel | None:
+        attrs = msg.attributes
+        identify = attrs.get(helpers.ATTR_ICE_CONTROLLING, attrs.get(helpers.ATTR_ICE_CONTROLLED))
+        return next((c for c in self.channels.values() if c.identify == identify), None)
+
     # -- PTCP ----------------------------------------------------------------
 
     def _ptcp(self, name: str, sock, data: bytes, addr) -> None:
@@ -935,7 +1011,9 @@ class Emulator:
         session = self.sessions.get((port, addr))
         if session is None:
             if name == "agent":
-                entry = next((e for e in self.relay_tokens.values() if e["client"] == addr), None)
+                entry = next(
+                    (e for e in self.relay_tokens.values() if e["agent_client"] == addr), None
+                )
                 if entry is None:
                     self.violation("agent: PTCP from a socket without a relay token")
                     return
@@ -955,7 +1033,9 @@ class Emulator:
         session.receive(data)
 
     def sign_for(self, session: PeerSession) -> bytes:
-        entry = next((e for e in self.relay_tokens.values() if e["client"] == session.addr), None)
+        entry = next(
+            (e for e in self.relay_tokens.values() if e["agent_client"] == session.addr), None
+        )
         if entry is None:
             self.violation("agent: sign request without a relay token")
             return bytes(8)
@@ -970,6 +1050,24 @@ class Emulator:
         return any(e["sign"] == sign for e in self.relay_tokens.values() if e["sign"])
 
 
+def parse_local_addr(text: str) -> list[tuple[str, int]]:
+    """LocalAddr as a list of addresses: ``ip,ip,...,ip:port`` shares the one port
+    (PROTOCOLS 2.7 (c)); raises P2PProtocolError."""
+    *others, last = text.split(",")
+    host, port = helpers.parse_host_port(last)
+    return [(ip.strip(), port) for ip in others if ip.strip()] + [(host, port)]
+
+
+def parse_port_map(items: list[str]) -> dict[int, tuple[str, int]]:
+    """``PORT=HOST:PORT`` items -> {device port: where its service really is}."""
+    port_map = {}
+    for item in items:
+        port, _, target = item.partition("=")
+        host, _, tport = target.rpartition(":")
+        port_map[int(port)] = (host, int(tport))
+    return port_map
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the emulator until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -981,11 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    port_map = {}
-    for item in args.map:
-        port, _, target = item.partition("=")
-        host, _, tport = target.rpartition(":")
-        port_map[int(port)] = (host, int(tport))
+    port_map = parse_port_map(args.map)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     emu = Emulator(
         args.serial, port_map=port_map, auth=auth, relay_only=args.relay_only, loss=args.loss

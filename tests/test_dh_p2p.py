@@ -95,9 +95,9 @@ def test_first_request_and_retry_schedule() -> None:
 def test_unknown_serial_is_offline() -> None:
     hs = make()
     hs.start(0.0)
-    (sock, addr, req), = sent(hs)
+    ((sock, addr, req),) = sent(hs)
     answer(hs, sock, addr, req)
-    (sock, addr, req), = sent(hs)
+    ((sock, addr, req),) = sent(hs)
     assert req.path == f"/online/p2psrv/{SN}"
     answer(hs, sock, addr, req, 404, "Not Found")
     assert hs.error is not None and hs.error.kind == "offline"
@@ -224,7 +224,7 @@ def test_auto_falls_back_to_relay_when_punch_unanswered() -> None:
         assert msg.attributes[helpers.ATTR_ICE_CONTROLLING] == hs.identify
         assert msg.attributes[helpers.ATTR_ADDRESS] == DEV_PUB
     now = 0.0
-    while hs.state == "punch":
+    while hs.direct_path.step == "punch":
         now = hs.next_deadline()
         hs.handle_timers(now)
     assert now == pytest.approx(5.0)
@@ -387,3 +387,171 @@ def test_default_forward_falls_back_when_554_is_not_permitted(monkeypatch, capsy
             client.open_listeners([dh_p2p.Forward("127.0.0.1", 554, 554)])
     finally:
         client.shutdown()
+
+
+# --- real networks (PROTOCOLS 2.8) and who may answer (issue: hijack) -----------
+
+
+def test_udp_sockets_bind_every_interface_unless_the_cloud_is_on_loopback() -> None:
+    assert dh_p2p.udp_bind_address("203.0.113.7") == "0.0.0.0"
+    assert dh_p2p.udp_bind_address("127.0.0.1") == "127.0.0.1"
+    assert dh_p2p.udp_bind_address("203.0.113.7", "192.168.1.20") == "192.168.1.20"
+    args = dh_p2p.build_parser().parse_args(["SN"])
+    assert args.udp_bind is None and args.local_addr == "all"
+    with pytest.raises(SystemExit):
+        dh_p2p.build_parser().parse_args(["--bind-any", "SN"])  # gone: the default works
+
+
+def test_local_addr_lists_interfaces_then_the_egress_address_and_port() -> None:
+    fmt = dh_p2p.format_local_addr
+    lan = ["192.168.1.10", "10.8.0.2"]
+    assert fmt(lan, ("192.168.1.10", 50000)) == "10.8.0.2,192.168.1.10:50000"
+    assert fmt([], ("192.168.1.10", 50000)) == "192.168.1.10:50000"
+    hs = Handshake(SN, CLOUD, ("192.168.1.10", 5555), lan_addrs=("10.8.0.2",), rng=random.Random(1))
+    seen = drive_to_channel(hs)
+    assert seen[f"/device/{SN}/p2p-channel"][2].fields["LocalAddr"] == "10.8.0.2,192.168.1.10:5555"
+
+
+def _to_relay_channel(hs: Handshake):
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    body = helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": "127.0.0.1:40001"})
+    answer(hs, sock, addr, chan, body=body)
+    ((sock, addr, rc),) = sent(hs)
+    return rc
+
+
+def test_agent_answers_relay_channel_with_an_http_like_reply() -> None:
+    hs = make(mode="relay")
+    rc = _to_relay_channel(hs)
+    # the main server stays silent; the agent sends 100 then 200 with a CSeq of its own
+    foreign = rc.cseq + 40
+    nat_info = helpers.build_reply(200, "Server Nat Info!", cseq=foreign)
+    hs.receive(RELAY, ("127.0.0.1", 9), nat_info, 0.1)
+    assert hs.state == "relay_channel"  # not from the agent: ignored
+    hs.receive(RELAY, AGENT, helpers.build_reply(100, "Trying", cseq=foreign), 0.1)
+    hs.handle_timers(3.0)
+    assert not [d for d in hs.datagrams_to_send() if b"relay-channel" in d[2]]  # no resend
+    hs.receive(RELAY, AGENT, nat_info, 3.1)
+    assert hs.state == "sign"
+    _pump(hs, _agent_session(), 3.1)
+    assert hs.result is not None and hs.result.path == "relay"
+
+
+def test_agent_refusing_relay_channel_fails_the_handshake() -> None:
+    hs = make(mode="relay", username="admin", password="pw")
+    _to_relay_channel(hs)
+    hs.receive(RELAY, AGENT, helpers.build_reply(403, "DevPwd_InvalidDigest", cseq=7), 0.1)
+    assert hs.error is not None and hs.error.kind == "auth"
+
+
+def test_reply_from_another_address_answers_nothing() -> None:
+    hs = make()
+    hs.start(0.0)
+    ((sock, addr, req),) = sent(hs)
+    hs.receive(MAIN, ("127.0.0.1", 9999), helpers.build_reply(200, "OK", cseq=req.cseq), 0.0)
+    assert not sent(hs) and hs.ignored
+    answer(hs, sock, addr, req)
+    assert sent(hs)[0][2].path == f"/online/p2psrv/{SN}"
+
+
+def _punch_from(hs: Handshake, addr, identify: bytes, tid: bytes = bytes(12), now=0.1):
+    msg = helpers.StunMessage(1, b"abcd", tid, {helpers.ATTR_ICE_CONTROLLED: identify})
+    hs.receive(MAIN, addr, msg.to_wire(), now)
+    return [d for d in hs.datagrams_to_send() if d[0] == MAIN]
+
+
+def test_rogue_punches_are_ignored_and_counted() -> None:
+    hs = make(mode="direct")
+    drive_to_punch(hs)
+    hs.datagrams_to_send()
+    # another host, even with our Identify; the device's host without it
+    assert _punch_from(hs, ("192.0.2.66", 40000), hs.identify) == []
+    assert _punch_from(hs, ("127.0.0.1", 40555), bytes(8)) == []
+    attrs = {helpers.ATTR_ICE_CONTROLLED: hs.identify}
+    wrong_tid = helpers.StunMessage(0x0101, b"abcd", bytes(12), attrs)
+    hs.receive(MAIN, DEV_PUB, wrong_tid.to_wire(), 0.1)  # answers a transaction not ours
+    assert [d for d in hs.datagrams_to_send() if d[0] == MAIN] == []
+    assert sum(hs.ignored.values()) == 3 and hs.device_peer is None
+    # PTCP from a stranger is not our peer either
+    hs.receive(MAIN, ("192.0.2.66", 40000), b"PTCP" + bytes(20), 0.1)
+    assert sum(hs.ignored.values()) == 4
+    # the device, from another port of its public address (its NAT), is taken
+    out = _punch_from(hs, ("127.0.0.1", 41234), hs.identify)
+    assert out and hs.device_peer == ("127.0.0.1", 41234)
+
+
+def test_address_only_punch_check_is_a_switch() -> None:
+    hs = make(mode="direct", punch_check="address")
+    drive_to_punch(hs)
+    hs.datagrams_to_send()
+    assert _punch_from(hs, ("192.0.2.66", 40000), bytes(8)) == []
+    assert _punch_from(hs, DEV_PUB, bytes(8))
+
+
+def _device_side(hs: Handshake, now: float) -> list[tuple[str, tuple[str, int], bytes]]:
+    """Play the device after its punch: 1a for 19, then acknowledge 1b.  Returns
+    what the handshake sent elsewhere meanwhile."""
+    device = ptcp.Session(now=now, heartbeat_interval=None)
+    others = []
+    for _ in range(6):
+        for sock, addr, data in hs.datagrams_to_send():
+            if data[:4] == b"PTCP" and addr == hs.device_peer:
+                device.receive_datagram(data, now)
+            else:
+                others.append((sock, addr, data))
+        for ev in device.events():
+            if isinstance(ev, ptcp.CommandReceived) and ev.body_type == 0x19:
+                device.send_command(0x1A, b"", now)
+        for data in device.datagrams_to_send():
+            hs.receive(MAIN, hs.device_peer, data, now)
+    return others
+
+
+def test_auto_opens_both_paths_and_prefers_direct_within_the_grace() -> None:
+    hs = make(mode="auto", relay_grace=1.5)
+    agent = drive_to_punch(hs)
+    _pump(hs, agent, 0.2)  # the relay opens first
+    assert hs.relay_path.step == "open" and hs.result is None
+    punch = helpers.StunMessage(1, b"abcd", bytes(12), {helpers.ATTR_ICE_CONTROLLED: hs.identify})
+    hs.receive(MAIN, DEV_PUB, punch.to_wire(), 1.0)
+    elsewhere = _device_side(hs, 1.0)
+    assert hs.result is not None and hs.result.path == "direct" and hs.result.token is None
+    unbind = [helpers.parse_request(d) for s, a, d in elsewhere if s == RELAY and d[:2] == b"DH"]
+    assert [r.path for r in unbind] == ["/relay/unbind/tok1"]  # the spare relay released
+
+
+def test_auto_settles_for_the_relay_after_the_grace() -> None:
+    hs = make(mode="auto", relay_grace=1.5, punch_timeout=5.0)
+    agent = drive_to_punch(hs)
+    _pump(hs, agent, 0.2)
+    now = 0.2
+    while hs.result is None:
+        now = hs.next_deadline()
+        hs.handle_timers(now)
+        hs.datagrams_to_send()
+    assert hs.result.path == "relay" and now == pytest.approx(1.7)
+
+
+def test_tunnel_with_a_realm_dies_when_the_peer_acknowledges_nothing() -> None:
+    s = ptcp.Session(
+        now=0.0, heartbeat_interval=5.0, dead_after=120.0, stall_after=20.0, open_timeout=60.0
+    )
+    s.open_realm(554, now=0.0)
+    s.datagrams_to_send()
+    now = 0.0
+    while not s.dead:
+        now = s.next_deadline()
+        s.handle_timers(now)
+        s.datagrams_to_send()
+        if now < 19.0:  # the peer keeps talking (so not silent) but never acknowledges
+            s.receive_datagram(ptcp.encode_packet(ptcp.Packet(0, 0, 0xFFFF, 1, 0, None)), now)
+    assert s.events()[-1] == ptcp.PeerDead(pytest.approx(now - 19.0, abs=5.1), "stall")
+    assert now == pytest.approx(20.0)
+    idle = ptcp.Session(now=0.0, heartbeat_interval=5.0, dead_after=120.0, stall_after=20.0)
+    now = 0.0
+    while now < 60.0:  # heartbeats in flight, never acknowledged, but no realm: exempt
+        now = idle.next_deadline()
+        idle.handle_timers(now)
+        idle.datagrams_to_send()
+    assert not idle.dead
