@@ -16,7 +16,13 @@ limit measured on the same machine a moment before:
 * proxy: ``rtsp_proxy.py`` as a process in front of the emulated DVR
   (tests/dvr_rtsp_emulator.py) streaming a ~4 Mbit/s H.264 channel, with 1, 8
   and 32 raw RTSP viewers in this process (half TCP interleaved, half UDP); the
-  proxy's CPU share of one core and the cost per viewer.
+  proxy's CPU share of one core and the cost per viewer;
+* lab (as root, with iproute2, nftables and conntrack): time from starting
+  ``dh_p2p.py`` (default flags) to its ``ready:`` line in the NAT lab
+  (tests/natlab.py), 15 ms one way on each gateway's WAN leg: 30 ms round trip
+  to the cloud, 60 ms between client and device.  Direct: both NATs keep
+  ports.  Relay: the client's NAT is symmetric, so the punch cannot work and
+  the tunnel falls back to the relay.  The median of ``--lab-runs`` starts.
 
 Usage: .venv/bin/python tests/bench.py [--json FILE] [--mb 200] [--delayed-ack] [--no-gso]
 Exit code 0 when every target holds (or was skipped on request), 1 when one does
@@ -71,6 +77,8 @@ TARGETS = [
     ("realms_32_vs_1", ">=", 0.90, "32 realms >= 90% of one realm's throughput"),
     ("realms_32_min_vs_fair", ">=", 0.5, "no realm starves (slowest >= 50% of fair share)"),
     ("proxy_32_cpu_share", "<=", 0.25, "proxy, 32 viewers <= 25% of one core"),
+    ("lab_ready_direct_s", "<=", 2.0, "NAT lab: start to ready, direct <= 2 s"),
+    ("lab_ready_relay_s", "<=", 4.0, "NAT lab: start to ready, relay fallback <= 4 s"),
 ]
 
 
@@ -605,6 +613,51 @@ def proxy_bench(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------
+# NAT lab: time to ready
+# ---------------------------------------------------------------------------
+
+
+def lab_bench(args: argparse.Namespace) -> dict:
+    """Start-to-ready of dh_p2p.py in the NAT lab, direct and relay fallback."""
+    from natlab import DEVICE_IP, INET_IP, Lab, LabConfig
+
+    from p2p_emulator import Emulator
+
+    res: dict = {}
+    for path, client_nat in (("direct", "eim"), ("relay", "symmetric")):
+        config = LabConfig(
+            prefix="bench", client_nat=client_nat, client_delay_ms=15, device_delay_ms=15
+        )
+        times = []
+        with Lab(config) as lab:
+            emu = Emulator(
+                port_map={554: ("127.0.0.1", 9)},
+                cloud_at=(lab.ns("inet"), INET_IP),
+                device_at=(lab.ns("dev"), DEVICE_IP),
+            ).start()
+            try:
+                if not emu.registered.wait(10):
+                    raise RuntimeError("the emulated device never reached the cloud")
+                for _ in range(args.lab_runs):
+                    argv = lab.cmd(
+                        "cli", sys.executable, str(REPO / "dh_p2p.py"),
+                        "--cloud", f"{INET_IP}:{emu.cloud_port}", "-p", "127.0.0.1:1554:554",
+                        emu.serial,
+                    )  # fmt: skip
+                    began = time.monotonic()
+                    proc, match = start(argv, r"^ready: (\w+) tunnel")
+                    times.append(time.monotonic() - began)
+                    stop(proc)
+                    if match.group(1) != path:
+                        raise RuntimeError(f"expected a {path} tunnel, got {match.group(1)}")
+            finally:
+                emu.close()
+        res[f"lab_ready_{path}_s"] = statistics.median(times)
+        res[f"lab_ready_{path}_runs_s"] = times
+    return res
+
+
 def machine() -> dict[str, str | float]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -631,6 +684,8 @@ def check(res: dict) -> list[tuple[str, float | None, str, bool | None]]:
             value >= limit if op == ">=" else value <= limit
         )
         if value is None and key.startswith("proxy_") and res.get("proxy_skipped"):
+            ok = None
+        if value is None and key.startswith("lab_") and res.get("lab_skipped"):
             ok = None
         rows.append((text, value, f"{op} {limit:g}", ok))
     return rows
@@ -666,12 +721,27 @@ def print_table(res: dict, info: dict) -> None:
                          f"viewer {res[f'proxy_{n}_slowest_viewer_Mbps']:.2f} Mbit/s"))  # fmt: skip
         extra = res["proxy_marginal_viewer_cpu_share"]
         rows.append(("proxy, each extra viewer", f"{extra:.2%} of a core"))
+    rows += lab_rows(res)
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print()
+    print_targets(check(res))
+
+
+def lab_rows(res: dict) -> list[tuple[str, str]]:
+    rows = []
+    for path in ("direct", "relay"):
+        if f"lab_ready_{path}_s" in res:
+            runs = ", ".join(f"{t:.2f}" for t in res[f"lab_ready_{path}_runs_s"])
+            rows.append((f"NAT lab, start to ready ({path})",
+                         f"{res[f'lab_ready_{path}_s']:.2f} s (median of {runs})"))  # fmt: skip
+    return rows
+
+
+def print_targets(rows: list[tuple[str, float | None, str, bool | None]]) -> None:
     print("targets:")
-    for text, value, limit, ok in check(res):
+    for text, value, limit, ok in rows:
         shown = "n/a" if value is None else f"{value:.3g}"
         verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
         print(f"  {verdict}  {text} (got {shown}, need {limit})")
@@ -697,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
         help="run the tunnel with --no-gso (one datagram per send and receive call)",
     )
     p.add_argument("--no-proxy", action="store_true", help="skip the proxy fan-out part")
+    p.add_argument("--no-lab", action="store_true", help="skip the NAT lab part")
+    p.add_argument("--only-lab", action="store_true", help="run the NAT lab part alone")
+    p.add_argument("--lab-runs", type=int, default=5, help="dh_p2p starts per lab path (5)")
     p.add_argument("--raw-rx", type=float, help=argparse.SUPPRESS)
     p.add_argument("--flood-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--raw-tx", nargs=2, type=float, help=argparse.SUPPRESS)
@@ -715,6 +788,21 @@ def main(argv: list[str] | None = None) -> int:
     res["datagram_calls"] = (
         "one per datagram (--no-gso)" if args.no_gso else "runs via UDP GSO/GRO where Linux allows"
     )
+    from natlab import missing_requirements
+
+    lab_missing = missing_requirements()
+    if args.no_lab or lab_missing:
+        res["lab_skipped"] = True
+        if lab_missing and not args.no_lab:
+            print("NAT lab skipped: it needs " + ", ".join(lab_missing), file=sys.stderr)
+    else:
+        res |= lab_bench(args)
+    if args.only_lab:
+        for name, value in lab_rows(res):
+            print(f"{name}  {value}")
+        rows = [row for row in check(res) if row[0].startswith("NAT lab")]
+        print_targets(rows)
+        return 0 if all(ok is not False for *_, ok in rows) else 1
     res["raw_udp_MBps"] = raw_bench()
     res |= tunnel_bench(args)
     res["download_share_of_raw"] = res["download_MBps"] / res["raw_udp_MBps"]
