@@ -906,7 +906,10 @@ class Client:
                 relay_grace=self.args.relay_grace,
                 lan_addrs=tuple(lan),
                 punch_check=self.args.punch_check,
-                session_options={"dead_after": self.args.peer_timeout},
+                session_options={
+                    "dead_after": self.args.peer_timeout,
+                    **ptcp.ids_options(self.args.ptcp_ids),
+                },
             )
             hs.start(time.monotonic())
             by_fd = {s.fileno(): name for name, s in socks.items()}
@@ -1206,6 +1209,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which punches are the device's: from its IP and carrying our Identify "
         "(default), or from its IP only",
     )
+    ptcp.add_ids_argument(p)
     p.add_argument(
         "--no-gso",
         action="store_true",

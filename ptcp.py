@@ -43,6 +43,7 @@ __all__ = [
     "Status",
     "Heartbeat",
     "Command",
+    "ResendRequest",
     "encode_body",
     "decode_body",
     "encode_packet",
@@ -84,10 +85,17 @@ T_DATA = 0x10
 T_BIND = 0x11
 T_STATUS = 0x12
 T_HEARTBEAT = 0x13
+T_RESEND = 0x0A  # PROTOCOLS 2.5, 2.7 (b): the device's retransmission request, out of band
+RESEND_EVERY = 0.1  # answer 0x0a requests at most this often, seconds
 _CONN = b"CONN"
 _DISC = b"DISC"
 HEARTBEAT_BODY = b"\x13" + bytes(11)
 DEFAULT_MAX_DATA = 1280  # PROTOCOLS 2.5: the official app's chunk size
+BIND_LENGTH = 8  # PROTOCOLS 2.7 (a): the app's BIND has 8 in its length field (older tools: 0)
+IDS_CAPTURE, IDS_COUNTER = "capture", "counter"  # how pid and lmid are made (PROTOCOLS 2.5)
+LMID_START = 60_000  # capture-style lmid: ms since the session began, plus this
+LMID_MASK = 0x7FFFFFFF  # PROTOCOLS 2.7 (a): a device stops consuming once lmid >= 2^31
+PID_BAND = 4096  # capture-style pid stays within this many bytes below 0xFFFF
 
 
 class PTCPError(Exception):
@@ -109,11 +117,16 @@ class Data:
 
 @dataclass(frozen=True, slots=True)
 class Bind:
-    """0x11: ask the device to open a TCP connection to ``ip:port`` as ``realm``."""
+    """0x11: ask the device to open a TCP connection to ``ip:port`` as ``realm``.
+
+    ``length_field`` is what the body's 24-bit length field says: 8 in a capture
+    of the official app, 0 in the older public tools (PROTOCOLS 2.7 (a), (f) 4).
+    """
 
     realm: int
     port: int
     ip: str = "127.0.0.1"
+    length_field: int = BIND_LENGTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +155,19 @@ class Command:
     params: bytes = bytes(11)
 
 
-Body = Syn | Data | Bind | Status | Heartbeat | Command
+@dataclass(frozen=True, slots=True)
+class ResendRequest:
+    """0x0a: the device asks for what we sent after a hole in our stream.
+
+    Out of band: it is not counted in the sender's offsets.  Its field layout is
+    not settled (PROTOCOLS 2.7 (b)), so ``fields`` keeps the bytes after the
+    type byte as they came.
+    """
+
+    fields: bytes = b""
+
+
+Body = Syn | Data | Bind | Status | Heartbeat | Command | ResendRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,16 +207,20 @@ def encode_body(body: Body | None) -> bytes:
     if isinstance(body, Syn):
         return SYN_BODY
     if isinstance(body, Bind):
-        # PROTOCOLS 2.5: only data bodies fill the length field
-        head = _REALM_HEAD.pack(T_BIND << 24, _u32(body.realm, "realm"), 0)
+        if not 0 <= body.length_field <= 0xFFFFFF:
+            raise PTCPError("bind length field must fit 24 bits")
+        head = _REALM_HEAD.pack((T_BIND << 24) | body.length_field, _u32(body.realm, "realm"), 0)
         return head + _BIND_TAIL.pack(_u32(body.port, "port"), _ip_bytes(body.ip))
     if isinstance(body, Status):
         head = _REALM_HEAD.pack(T_STATUS << 24, _u32(body.realm, "realm"), 0)
         return head + (_CONN if body.connected else _DISC)
     if isinstance(body, Heartbeat):
         return HEARTBEAT_BODY
+    if isinstance(body, ResendRequest):
+        return bytes((T_RESEND,)) + bytes(body.fields)
     if isinstance(body, Command):
-        if not 0 <= body.type <= 0xFF or body.type in (T_DATA, T_BIND, T_STATUS, T_HEARTBEAT):
+        reserved = (T_DATA, T_BIND, T_STATUS, T_HEARTBEAT, T_RESEND)
+        if not 0 <= body.type <= 0xFF or body.type in reserved:
             raise PTCPError(f"command type {body.type!r} is not an opaque command type")
         if len(body.params) != 11:
             raise PTCPError("command params must be 11 bytes")
@@ -204,9 +233,11 @@ def decode_body(raw: bytes | memoryview) -> Body | None:
     n = len(raw)
     if n == 0:
         return None
+    kind = raw[0]
+    if kind == T_RESEND:  # any length, any layout (PROTOCOLS 2.7 (b))
+        return ResendRequest(bytes(raw[1:]))
     if n < 4:
         raise PTCPError(f"body of {n} bytes is shorter than its 4-byte type field")
-    kind = raw[0]
     if kind == T_DATA:
         if n < 12:
             raise PTCPError("data body shorter than 12 bytes")
@@ -217,9 +248,9 @@ def decode_body(raw: bytes | memoryview) -> Body | None:
     if kind == T_BIND:
         if n != 20:
             raise PTCPError(f"bind body of {n} bytes, expected 20")
-        _typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
+        typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
         port, ip = _BIND_TAIL.unpack_from(raw, 12)
-        return Bind(realm, port, socket.inet_ntop(socket.AF_INET, ip))
+        return Bind(realm, port, socket.inet_ntop(socket.AF_INET, ip), typelen & 0xFFFFFF)
     if kind == T_STATUS:
         if n != 16:
             raise PTCPError(f"status body of {n} bytes, expected 16")
@@ -381,6 +412,8 @@ class SessionStats:
     dropped_ahead: int = 0
     ignored: int = 0
     ack_beyond: int = 0
+    resend_requests: int = 0  # 0x0a bodies received
+    resend_answers: int = 0  # of those, the ones answered by resending what is unacked
 
 
 class Session:
@@ -427,6 +460,8 @@ class Session:
         initial_sent: int = 0,
         initial_recv: int = 0,
         initial_lmid: int = 0,
+        ids: str = IDS_CAPTURE,
+        bind_length: int = BIND_LENGTH,
         delayed_ack: bool = False,
         rng: random.Random | None = None,
     ) -> None:
@@ -434,6 +469,10 @@ class Session:
             raise ValueError("max_data out of range")
         if window_bytes < max_data + 12:
             raise ValueError("window_bytes must hold at least one data body")
+        if ids not in (IDS_CAPTURE, IDS_COUNTER):
+            raise ValueError(f"ids must be {IDS_CAPTURE!r} or {IDS_COUNTER!r}, not {ids!r}")
+        self.ids = ids
+        self.bind_length = bind_length
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
         self.stall_after = stall_after
@@ -458,8 +497,15 @@ class Session:
         self._pending: collections.deque[_Seg] = collections.deque()
         self._inflight_bytes = 0
         self._buffered = 0  # bytes in inflight + pending
-        self._count = 0  # non-empty non-SYN packets transmitted (PROTOCOLS 2.5 pid)
+        self._count = 0  # non-empty non-SYN packets transmitted (counter-style pid)
+        self._rx_bytes = 0  # body bytes received since our last transmission (capture pid)
+        self._resent_at = -RESEND_EVERY  # when we last answered a 0x0a
+        self._clock = ids == IDS_CAPTURE
+        self._t0 = now
         self._lmid = initial_lmid & MASK32
+        if self._clock:
+            self._lmid = (initial_lmid or LMID_START) & LMID_MASK
+            self._lmid0 = self._lmid
         # receive side
         self._rcv_nxt = initial_recv & MASK32
         self._rmid = 0
@@ -512,7 +558,16 @@ class Session:
     @property
     def pid(self) -> int:
         """pid the next non-SYN packet will carry."""
+        if self._clock:
+            return 0xFFFF - min(self._rx_bytes, PID_BAND)
         return (0xFFFF - self._count) & 0xFFFF
+
+    def _tick(self, now: float) -> None:
+        """Capture-style lmid (PROTOCOLS 2.7 (a)): a millisecond clock in 10 ms steps,
+        so packets of one tick share it; it starts well above 0 (0 is the "nothing
+        received" rmid) and stays below 2^31."""
+        ms = int((now - self._t0) * 100) * 10
+        self._lmid = (self._lmid0 + ms) & LMID_MASK
 
     @property
     def dead(self) -> bool:
@@ -572,11 +627,17 @@ class Session:
         self._push(now)
 
     def _transmit(self, seg: _Seg, now: float) -> None:
+        if self._clock:
+            self._tick(now)
         if seg.syn:
             pid = SYN_PID
+        elif self._clock:
+            # PROTOCOLS 2.7 (a): 0xFFFF less the body bytes received since we last sent
+            pid = 0xFFFF - min(self._rx_bytes, PID_BAND)
         else:
             pid = (0xFFFF - self._count) & 0xFFFF
             self._count += 1
+        self._rx_bytes = 0
         if seg.realm is None:
             head = HEADER.pack(MAGIC, seg.offset, self._rcv_nxt, pid, self._lmid, self._rmid)
         else:
@@ -585,17 +646,23 @@ class Session:
                 (T_DATA << 24) | len(seg.body), seg.realm, 0,
             )  # fmt: skip
         self._out.append(head + seg.body)
-        self._lmid = (self._lmid + 1) & MASK32
+        if not self._clock:
+            self._lmid = (self._lmid + 1) & MASK32
         self._ack_owed = False  # this packet carries the acknowledgement too
         self.stats.packets_out += 1
 
     def _ack(self) -> None:
-        pid = (0xFFFF - self._count) & 0xFFFF
+        if self._clock:
+            pid = 0xFFFF - min(self._rx_bytes, PID_BAND)
+        else:
+            pid = (0xFFFF - self._count) & 0xFFFF
+        self._rx_bytes = 0
         self._out.append(
             HEADER.pack(MAGIC, self._tx_nxt, self._rcv_nxt, pid, self._lmid, self._rmid)
         )
         self._ack_owed = False
-        self._lmid = (self._lmid + 1) & MASK32
+        if not self._clock:
+            self._lmid = (self._lmid + 1) & MASK32
         self.stats.packets_out += 1
 
     def _push(self, now: float) -> None:
@@ -645,13 +712,14 @@ class Session:
         self, port: int, now: float, ip: str = "127.0.0.1", timeout: float | None = None
     ) -> int:
         """Client side: bind a fresh realm to the peer's ``ip:port``; wait for RealmConnected."""
-        encode_body(Bind(0, port, ip))  # validates before any state changes
+        bind = Bind(0, port, ip, self.bind_length)
+        encode_body(bind)  # validates before any state changes
         if self._dead:
             raise PTCPError("the peer is dead")
         realm = self._new_realm()
         self._realms[realm] = OPENING
         self._realm_deadline[realm] = now + (self.open_timeout if timeout is None else timeout)
-        self._queue(encode_body(Bind(realm, port, ip)), now)
+        self._queue(encode_body(Bind(realm, port, ip, self.bind_length)), now)
         return realm
 
     def accept(self, realm: int, now: float) -> None:
@@ -730,6 +798,8 @@ class Session:
         """
         bad = 0
         last = len(datagrams) - 1
+        if self._clock:
+            self._tick(now)
         unpack = HEADER.unpack_from
         unpack_data = _DATA_HEAD.unpack_from
         events = self._events
@@ -757,6 +827,7 @@ class Session:
                     if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
                         self._rmid = lmid
                         self._seen_peer = True
+                    self._rx_bytes += n - HEADER_LEN
                     self._rcv_nxt = (off + n - HEADER_LEN) & MASK32
                     if self._realms.get(realm) == OPEN:
                         if realm != run_realm or len(run) == _RUN_PACKETS:
@@ -817,6 +888,9 @@ class Session:
             raise PTCPError("bad magic, not a PTCP packet")
         n = len(data) - HEADER_LEN
         body: Body | DataReceived | None = None
+        if n and data[HEADER_LEN] == T_RESEND:
+            self._on_resend_request(ack, lmid, now)
+            return
         if n:
             if data[HEADER_LEN] == T_DATA and n >= 12:  # hot path: straight to the event
                 typelen, realm, _z = _REALM_HEAD.unpack_from(data, HEADER_LEN)
@@ -827,8 +901,11 @@ class Session:
                 body = decode_body(memoryview(data)[HEADER_LEN:])
         if self._dead:
             return
+        if self._clock:
+            self._tick(now)
         self.stats.packets_in += 1
         self._last_rx = now
+        self._rx_bytes += n
         if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
             self._rmid = lmid
             self._seen_peer = True
@@ -865,6 +942,30 @@ class Session:
             self.stats.duplicates += 1
         self._ack()
         self._push(now)
+
+    def _on_resend_request(self, ack: int, lmid: int, now: float) -> None:
+        # PROTOCOLS 2.5 / 2.7 (b): the peer holds a hole in our stream.  The body is
+        # not part of its stream (its next data packet carries the same sent), its
+        # layout is not settled, so only its header counts: take the acknowledgement
+        # and resend everything not acknowledged, at most once per RESEND_EVERY.
+        if self._dead:
+            return
+        self.stats.packets_in += 1
+        self.stats.resend_requests += 1
+        self._last_rx = now
+        if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
+            self._rmid = lmid
+            self._seen_peer = True
+        if ack != self._snd_una:
+            self._on_ack(ack, now, False)
+        if self._inflight and now - self._resent_at >= RESEND_EVERY:
+            self._resent_at = now
+            self.stats.resend_answers += 1
+            self._timed_end = None  # Karn: no round trip sample across a resend
+            for seg in self._inflight:
+                self.stats.retransmits += 1
+                self._transmit(seg, now)
+            self._rto_deadline = now + self._rto
 
     def _drain_ooo(self, now: float) -> None:
         ooo = self._ooo
@@ -1037,6 +1138,8 @@ class Session:
         """Retransmit, send heartbeats, expire realms, declare the peer dead."""
         if self._dead:
             return
+        if self._clock:
+            self._tick(now)
         if now - self._last_rx >= self.dead_after:
             self._dead = True
             self._events.append(PeerDead(now - self._last_rx))
@@ -2006,6 +2109,7 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one ack per received batch instead of one per packet (both ends must be ptcp.py)",
     )
+    add_ids_argument(p)
     p.add_argument(
         "--queue",
         type=int,
@@ -2052,7 +2156,27 @@ def _session_options(args: argparse.Namespace) -> dict[str, object]:
         "max_data": args.max_data,
         "window_bytes": args.window,
         "delayed_ack": args.delayed_ack,
+        **ids_options(args.ptcp_ids),
     }
+
+
+def ids_options(style: str) -> dict[str, object]:
+    """Session options of a ``--ptcp-ids`` style (PROTOCOLS 2.5, 2.7 (a))."""
+    if style == IDS_COUNTER:  # the older public tools, whole: counters and BIND length 0
+        return {"ids": IDS_COUNTER, "bind_length": 0}
+    return {"ids": IDS_CAPTURE, "bind_length": BIND_LENGTH}
+
+
+def add_ids_argument(parser: argparse.ArgumentParser) -> None:
+    """``--ptcp-ids capture|counter``, shared by ptcp.py and dh_p2p.py."""
+    parser.add_argument(
+        "--ptcp-ids",
+        choices=(IDS_CAPTURE, IDS_COUNTER),
+        default=IDS_CAPTURE,
+        help="PTCP header fields: as a capture of the official app shows them (capture, "
+        "default: lmid a millisecond clock, pid 0xFFFF less the bytes received since our "
+        "last packet, BIND length 8) or as the older public tools made them (counter)",
+    )
 
 
 def _tunnel_options(args: argparse.Namespace) -> dict[str, object]:

@@ -67,8 +67,13 @@ REGISTER_INTERVAL = 2.0
 MASK32 = 0xFFFFFFFF
 CHUNK = 1280
 WINDOW = 48  # packets in flight from the device
-PID_WINDOW = 64  # a new packet's pid must not repeat one of the last PID_WINDOW
-MIN_RTO = 0.05  # loopback round trips are far below a millisecond
+MIN_RTO = 0.25  # PROTOCOLS 2.7 (b): the device resends what we do not acknowledge after ~250 ms
+MAX_RTO = 1.0
+DEVICE_LMID_START = 143_000_000  # PROTOCOLS 2.7 (a): the device's uptime clock seen in a capture
+LMID_LIMIT = 1 << 31  # an lmid at or above this made a device stop consuming (2.7 (a))
+PID_FLOOR = 0xFFFF - 4500  # the captured pid never went more than ~4000 below 0xFFFF
+NACK_EVERY = 0.01  # 0x0a requests while a hole in the client's stream lasts (2.7 (b))
+NACK_GIVE_UP = 3.0  # then the device goes silent
 REALM_BUFFER = 1 << 20  # bytes queued for a slow local service before data is refused
 
 
@@ -119,16 +124,23 @@ class PeerSession:
         self.sock = sock
         self.addr = addr
         self.role = role  # "device" or "agent"
-        self.lmid = 0
+        self.t0 = time.monotonic()
         self.sent = 0
         self.recv = 0
         self.rx_lmid: int | None = None
-        self.nonempty = 0
+        self.rx_bytes = 0  # body bytes received since our last packet (our pid)
         self.acked = 0
         self.unacked: collections.deque[tuple[int, bytes, int]] = collections.deque()
         self.rto = MIN_RTO
         self.retx_at: float | None = None
-        self.recent_pids: collections.deque[int] = collections.deque(maxlen=PID_WINDOW)
+        self.punished = False  # a header rule of 2.7 broken: consumes nothing more
+        self.silent = False  # a hole never filled: says nothing more
+        self.hole_since: float | None = None
+        self.next_nack = 0.0
+        self.nacks_sent = 0
+        self.holes_filled = 0
+        self.binds_granted = 0
+        self.client_drops: dict[int, int] = {}  # offset -> copies still to drop
         self.synced = False
         self.open = False
         self.realms: dict[int, Realm] = {}
@@ -144,21 +156,26 @@ class PeerSession:
 
     # -- sending -------------------------------------------------------------
 
-    def _packet(self, sent: int, body: bytes, pid: int) -> bytes:
+    @property
+    def lmid(self) -> int:
+        """The device's lmid: a millisecond uptime clock in 10 ms steps (2.7 (a))."""
+        return DEVICE_LMID_START + int((time.monotonic() - self.t0) * 100) * 10
+
+    def _packet(self, sent: int, body: bytes, pid: int | None = None) -> bytes:
+        if pid is None:
+            pid = 0xFFFF - min(self.rx_bytes, 0xFFFF)
+        self.rx_bytes = 0
         rmid = self.rx_lmid if self.rx_lmid is not None else 0
         header = PTCP_HEADER.pack(b"PTCP", sent & MASK32, self.recv & MASK32, pid, self.lmid, rmid)
-        self.lmid = (self.lmid + 1) & MASK32
         return header + body
 
     def send(self, body: bytes = b"") -> None:
-        if not body:
-            self.emu.device_send(self.sock, self.addr, self._packet(self.sent, b"", 0xFFFF))
+        if self.silent:
             return
-        if body == SYN_BODY:
-            pid = SYN_PID
-        else:
-            pid = (0xFFFF - self.nonempty) & 0xFFFF
-            self.nonempty += 1
+        if not body:
+            self.emu.device_send(self.sock, self.addr, self._packet(self.sent, b""))
+            return
+        pid = SYN_PID if body == SYN_BODY else None
         self.unacked.append((self.sent, body, pid))
         data = self._packet(self.sent, body, pid)
         self.sent = (self.sent + len(body)) & MASK32
@@ -170,12 +187,21 @@ class PeerSession:
         return len(self.unacked) < WINDOW
 
     def tick(self, now: float) -> None:
+        if self.silent:
+            return
+        if self.hole_since is not None:
+            if now - self.hole_since >= NACK_GIVE_UP:
+                self.emu.violation(f"{self.role}: a hole in the client's stream lasted 3 s")
+                self.silent = True
+                return
+            if now >= self.next_nack:
+                self._send_nack(now)
         if self.retx_at is not None and now >= self.retx_at and self.unacked:
             # The client keeps what arrives out of order, so resending the head is enough;
             # partial acks then pull the next holes (see _ack).
             self.recovering = True
             self._resend_head()
-            self.rto = min(self.rto * 2, 1.0)
+            self.rto = min(self.rto * 2, MAX_RTO)
             self.retx_at = now + self.rto
         if self.open and now >= self.next_heartbeat:
             self.next_heartbeat = now + 5.0
@@ -189,12 +215,25 @@ class PeerSession:
     def receive(self, data: bytes) -> None:
         magic, sent, recv, pid, lmid, rmid = PTCP_HEADER.unpack_from(data)
         body = data[PTCP_HEADER.size :]
+        if self.punished or self.silent:
+            return
+        if self.emu.frozen:
+            return  # its recv never moves again; it still sends (see Emulator.freeze)
+        hole_at = self.emu.hole_at
+        if hole_at is not None and body[:1] == b"\x10" and not self.client_drops:
+            if _diff(sent, hole_at) >= 0:
+                self.client_drops[sent] = 2  # this packet and its first resend are lost
+        if body and body[0] == 0x10 and self.client_drops.get(sent):
+            self.client_drops[sent] -= 1  # the hole a test asked for
+            return
         self.last_rx = time.monotonic()
-        if self.rx_lmid is not None and _diff(lmid, self.rx_lmid) <= 0:
-            self.violation(f"lmid {lmid} not after {self.rx_lmid}")
+        self.rx_bytes += len(body)
+        if not self._header_ok(pid, lmid, body):
+            return
+        # repeated lmids and pids are normal (2.7 (a)): only the rules above hold
         self.rx_lmid = lmid
-        if self.lmid and _diff(rmid, self.lmid) >= 0:
-            self.violation(f"rmid {rmid} names a packet never sent (last lmid {self.lmid - 1})")
+        if _diff(rmid, self.lmid) > 0:
+            self.violation(f"rmid {rmid} is later than any lmid sent ({self.lmid})")
         self._ack(recv, not body)
         if not body:
             return
@@ -202,32 +241,58 @@ class PeerSession:
         if ahead < 0:  # a retransmission of something we already have
             self.send()
             return
-        if not self._check_pid(pid, body):
-            return
         if ahead > 0:
-            # A datagram before this one was lost (a full socket buffer drops them on
-            # loopback too): keep this one until the hole is filled.
+            # A hole before this one: hold it, and ask for the hole with 0x0a every
+            # ~10 ms (2.7 (b)) instead of acknowledging.
             self.out_of_order += 1
             if len(self.ooo) < 4096:
                 self.ooo.setdefault(sent, body)
-            self.send()
+            if self.hole_since is None:
+                self.hole_since = time.monotonic()
+                self._send_nack(self.hole_since)
             return
         if self._accept(body):
             while self.recv in self.ooo:
                 if not self._accept(self.ooo[self.recv], drain=True):
                     break
+        if self.hole_since is not None and not self.ooo:
+            self.hole_since = None
+            self.holes_filled += 1
+        elif self.ooo:
+            self.hole_since = self.hole_since or time.monotonic()
         self.send()
 
-    def _check_pid(self, pid: int, body: bytes) -> bool:
-        if body == SYN_BODY:
+    def _header_ok(self, pid: int, lmid: int, body: bytes) -> bool:
+        """The header rules a device is reported to punish (2.7 (a)); a breach makes
+        it stop consuming anything from this client."""
+        why = None
+        if lmid >= LMID_LIMIT:
+            why = f"lmid {lmid} >= 2^31"
+        elif body == SYN_BODY:
             if pid != SYN_PID:
-                self.violation(f"SYN with pid {pid:#x}")
+                why = f"SYN with pid {pid:#x}"
+        elif not PID_FLOOR <= pid <= 0xFFFF:
+            why = f"pid {pid:#x} outside the captured band"
+        if why is None:
             return True
-        if pid in self.recent_pids:
-            self.violation(f"pid {pid:#x} reused too soon")
-            return False
-        self.recent_pids.append(pid)
-        return True
+        self.violation(why + ": the device stops consuming")
+        self.punished = True
+        return False
+
+    def _send_nack(self, now: float) -> None:
+        """0x0a for the hole at our recv: out of band, not counted in our sent, in one
+        of the layouts reported (2.7 (b))."""
+        hole = min(self.ooo, key=lambda off: _diff(off, self.recv)) if self.ooo else self.recv
+        missing = _diff(hole, self.recv) & 0xFFFFFF
+        forms = [
+            b"\x0a\x00\x08" + bytes([self.recv & 0xFF]) + bytes(4) + bytes([0, missing & 0xFF, 0]),
+            b"\x0a\x00\x00\x08" + (self.recv & MASK32).to_bytes(4, "big") + bytes(4)
+            + missing.to_bytes(4, "big"),
+        ]  # fmt: skip
+        body = forms[self.nacks_sent % len(forms)]
+        self.nacks_sent += 1
+        self.next_nack = now + NACK_EVERY
+        self.emu.device_send(self.sock, self.addr, self._packet(self.sent, body))
 
     def _accept(self, body: bytes, drain: bool = False) -> bool:
         """Take the next in-order body; False when there is no room for it."""
@@ -272,7 +337,7 @@ class PeerSession:
                 self._resend_head()
 
     def _resend_head(self) -> None:
-        offset, body, pid = self.unacked[0]
+        offset, body, pid = self.unacked[0]  # same sent, fresh recv/lmid/rmid/pid (2.7 (b))
         self.emu.device_send(self.sock, self.addr, self._packet(offset, body, pid))
 
     def _body(self, body: bytes) -> None:
@@ -352,6 +417,11 @@ class PeerSession:
             self.violation(f"bind reuses realm {realm:#x}")
             return
         port = int.from_bytes(body[12:16], "big")
+        self.emu.bind_lengths.append(int.from_bytes(body[1:4], "big"))
+        limit = self.emu.bind_limit
+        if limit is not None and self.binds_granted >= limit:
+            return  # this tunnel stopped granting binds: no answer at all (2.7 (b))
+        self.binds_granted += 1
         self.emu.binds.append(port)
         target = self.emu.port_map.get(port)
         conn = None
@@ -429,14 +499,23 @@ class Emulator:
         seed: int | None = None,
         cloud_at: tuple[str, str] | None = None,
         device_at: tuple[str, str] | None = None,
+        bind_limit: int | None = None,
+        hole_at: int | None = None,
     ) -> None:
         """``cloud_at``/``device_at``: (network namespace, IP) for the cloud's and the
-        device's sockets (default: this namespace, 127.0.0.1)."""
+        device's sockets (default: this namespace, 127.0.0.1).  ``bind_limit``: each
+        tunnel grants that many binds, then never answers one again.  ``hole_at``:
+        the client's first data packet at or after that stream offset, and its
+        first resend, are lost (a hole the device asks for with 0x0a)."""
         self.serial = serial
         self.port_map = dict(port_map or {})
         self.auth = auth
         self.randsalt = randsalt
         self.relay_only = relay_only
+        self.bind_limit = bind_limit
+        self.hole_at = hole_at
+        self.frozen = False
+        self.bind_lengths: list[int] = []
         self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
         self.stray = stray
         self.cloud_user, self.cloud_key = cloud_user, cloud_key
@@ -477,6 +556,7 @@ class Emulator:
             self.socks[name] = sock
         self.addr = {name: s.getsockname() for name, s in self.socks.items()}
         self.device_pub = self.addr["device"]  # until the cloud has seen it register
+        self._behind_nat = device_at is not None
         self.registered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="p2p-emulator", daemon=True)
 
@@ -488,7 +568,10 @@ class Emulator:
 
     def start(self) -> Emulator:
         self._thread.start()
-        self.schedule(0, self._register)
+        if self._behind_nat:
+            self.schedule(0, self._register)
+        else:  # on one host the cloud sees the device's socket as it is
+            self.registered.set()
         return self
 
     def _register(self) -> None:
@@ -538,6 +621,18 @@ class Emulator:
 
     def open_sessions(self) -> int:
         return int(self.call(lambda: sum(1 for s in self.sessions.values() if s.open)))  # type: ignore[arg-type]
+
+    def freeze(self) -> None:
+        """From now on no session takes anything from its client: their recv stops
+        moving (PROTOCOLS 2.7 (b), outbound stall) while they keep sending."""
+        self.frozen = True
+
+    def header_stats(self) -> dict[str, int]:
+        """0x0a requests sent and holes filled, over every session."""
+        def total(attr: str) -> int:
+            return sum(getattr(s, attr) for s in self.sessions.values())
+
+        return self.call(lambda: {"nacks": total("nacks_sent"), "holes": total("holes_filled")})  # type: ignore[return-value]
 
     def reboot(self, offline_for: float = 1.0) -> None:
         """Drop every session silently and go offline for a while."""

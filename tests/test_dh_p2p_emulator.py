@@ -27,8 +27,7 @@ class RawClient:
         self.cseq = 0
         self.sent = 0
         self.recv = 0
-        self.lmid = 0
-        self.count = 0
+        self.lmid = 60_000
 
     def request(self, to: str, path: str, body: str | None = None) -> helpers.Reply:
         self.cseq += 1
@@ -39,14 +38,10 @@ class RawClient:
                 return reply
 
     def ptcp(self, body: bytes = b"", *, lmid: int | None = None, pid: int | None = None) -> None:
+        """One packet; by default with a repeated lmid and pid, as the app sends (2.7 (a))."""
         if pid is None:
-            if body == b"\x00\x03\x01\x00":
-                pid = 0x0002FFFF
-            else:
-                pid = (0xFFFF - self.count) & 0xFFFF
-                self.count += bool(body)
+            pid = 0x0002FFFF if body == b"\x00\x03\x01\x00" else 0xFFFF
         use = self.lmid if lmid is None else lmid
-        self.lmid = use + 1
         packet = HDR.pack(b"PTCP", self.sent, self.recv, pid, use, 0) + body
         self.sent += len(body)
         self.sock.sendto(packet, self.emu.addr["agent"])
@@ -127,23 +122,28 @@ def test_bad_wsse_and_header_order_are_flagged(emu, client) -> None:
     wait_for_violation(emu, "header order")
 
 
-def test_lmid_going_back_is_flagged(emu, client) -> None:
-    client.open_relay_session()
-    client.ptcp(b"\x13" + bytes(11), lmid=1)
-    wait_for_violation(emu, "lmid 1 not after")
+def test_lmid_from_2_31_up_makes_the_device_stop_consuming(emu, client) -> None:
+    client.open_relay_session()  # every packet so far had the same lmid: no violation
+    assert emu.violations == []
+    client.ptcp(b"\x13" + bytes(11), lmid=2**31)
+    wait_for_violation(emu, "lmid 2147483648 >= 2^31: the device stops consuming")
+    client.ptcp(b"\x13" + bytes(11))
+    with pytest.raises(TimeoutError):  # nothing is acknowledged any more
+        client.sock.settimeout(0.5)
+        client.read_ptcp()
 
 
-def test_pid_reuse_and_realm_reuse_are_flagged(emu, client) -> None:
+def test_pid_outside_the_captured_band_and_realm_reuse_are_flagged(emu, client) -> None:
     client.open_relay_session()
-    bind = b"\x11\x00\x00\x00" + (0x1234).to_bytes(4, "big") + bytes(4)
+    bind = b"\x11\x00\x00\x08" + (0x1234).to_bytes(4, "big") + bytes(4)
     bind += (7).to_bytes(4, "big") + b"\x7f\x00\x00\x01"
     client.ptcp(bind)
     assert client.read_ptcp()[12:] == b"CONN"
+    assert emu.bind_lengths == [8]
     client.ptcp(bind)
     wait_for_violation(emu, "bind reuses realm")
-    client.ptcp(b"\x13" + bytes(11), pid=0xFFF0)
-    client.ptcp(b"\x13" + bytes(11), pid=0xFFF0)
-    wait_for_violation(emu, "reused too soon")
+    client.ptcp(b"\x13" + bytes(11), pid=0xFFFF - 5000)  # a packet counter after 5000 packets
+    wait_for_violation(emu, "outside the captured band")
 
 
 def test_data_length_field_is_checked(emu, client) -> None:

@@ -333,7 +333,9 @@ def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn):
     with udp_socket() as silent:
         silent.settimeout(20)
         port = silent.getsockname()[1]
-        proc = spawn([sys.executable, PTCP, "connect", f"--peer=127.0.0.1:{port}", "--timeout=1"])
+        # the vector has the older public tools' header fields
+        argv = [sys.executable, PTCP, "--ptcp-ids=counter", "connect", f"--peer=127.0.0.1:{port}"]
+        proc = spawn([*argv, "--timeout=1"])
         first, _addr = silent.recvfrom(2048)
         assert first == bytes.fromhex(vectors["syn_hex"])
         assert proc.wait(timeout=20) == 3

@@ -29,6 +29,7 @@ from ptcp import (
     PTCPError,
     RealmClosed,
     RealmConnected,
+    ResendRequest,
     Session,
     Status,
     Syn,
@@ -96,7 +97,8 @@ def shuttle(a: Session, b: Session, now: float) -> None:
 
 
 def test_client_handshake_reproduces_vectors():
-    s = Session(now=0.0, rng=FixedRealms(REALM))
+    # the golden vectors follow the older public tools' pid/lmid counters and BIND
+    s = Session(now=0.0, rng=FixedRealms(REALM), ids="counter", bind_length=0)
     s.send_syn(0.0)
     assert s.datagrams_to_send() == [bytes.fromhex(VECTORS["syn_hex"])]
     s.receive_datagram(pkt(0, 0, 0, 0, Syn(), pid=0x0002FFFF), 0.0)  # device SYN
@@ -109,7 +111,7 @@ def test_client_handshake_reproduces_vectors():
 
 
 def test_every_nonempty_packet_is_acked_with_updated_counters():
-    s = Session(now=0.0)
+    s = Session(now=0.0, ids="counter")
     s.receive_datagram(pkt(0, 0, 7, 0, Heartbeat()), 0.0)
     (ack,) = decoded(s)
     assert ack.body is None and ack.recv == 12 and ack.rmid == 7 and ack.sent == 0
@@ -120,7 +122,7 @@ def test_every_nonempty_packet_is_acked_with_updated_counters():
 
 
 def test_pid_counts_down_wraps_in_16_bits_and_lmid_increases():
-    a, b = Session(now=0.0), Session(now=0.0)
+    a, b = Session(now=0.0, ids="counter"), Session(now=0.0, ids="counter")
     realm = connect_pair(a, b)
     seen = []
     for _ in range(70000 // 100):
@@ -181,26 +183,29 @@ def test_retransmission_after_rto_with_backoff_and_fresh_ids():
     assert decoded(s) == []
     s.handle_timers(1.0)
     (again,) = decoded(s)
-    assert again.sent == first.sent and again.body == Syn() and again.lmid == first.lmid + 1
+    # lmid is a millisecond clock (PROTOCOLS 2.7 (a)): the resend goes out 1 s later
+    assert again.sent == first.sent and again.body == Syn() and again.lmid == first.lmid + 1000
     assert s.next_deadline() == pytest.approx(3.0)  # backed off to 2 s
     s.handle_timers(3.0)
     (third,) = decoded(s)
-    assert third.lmid == again.lmid + 1
+    assert third.lmid == again.lmid + 2000
     assert s.next_deadline() == pytest.approx(7.0)
     s.receive_datagram(pkt(0, 4, 0, third.lmid), 7.5)
     s.handle_timers(30.0)
     assert decoded(s) == [] and s.unacked_bytes == 0
 
 
-def test_retransmitted_data_gets_new_pid():
-    a, b = Session(now=0.0), Session(now=0.0)
+@pytest.mark.parametrize("ids", ["capture", "counter"])
+def test_retransmission_gets_a_fresh_lmid_and_pid(ids: str):
+    a, b = Session(now=0.0, ids=ids), Session(now=0.0, ids=ids)
     realm = connect_pair(a, b)
     a.send(realm, b"x" * 10, 0.0)
     (orig,) = decoded(a)
     a.handle_timers(a.next_deadline())
     (re,) = decoded(a)
-    assert re.sent == orig.sent and re.body == orig.body
-    assert re.pid == (orig.pid - 1) & 0xFFFF and re.lmid > orig.lmid
+    assert re.sent == orig.sent and re.body == orig.body and re.lmid > orig.lmid
+    # counter: one less per packet sent; capture: nothing received since the last packet
+    assert re.pid == ((orig.pid - 1) & 0xFFFF if ids == "counter" else 0xFFFF)
 
 
 def test_rto_follows_measured_round_trips():
@@ -673,3 +678,74 @@ def test_delayed_ack_sessions_over_a_lossy_link():
     realm = connect_pair(a, b)
     src, got, _ = run_bulk(a, b, realm, Link(seed=9), 3 * 1024 * 1024, seed=9)
     assert got[1] == src[0] and got[0] == src[1]
+
+
+# -- pid and lmid as the official app makes them (PROTOCOLS 2.7 (a)) ----------------
+
+
+def test_lmid_is_a_10_ms_clock_starting_well_above_zero_and_below_2_31():
+    s = Session(now=100.0, heartbeat_interval=None)
+    s.send_syn(100.0)
+    (syn,) = decoded(s)
+    assert syn.lmid == 60_000 and syn.pid == 0x0002FFFF
+    s.receive_datagram(pkt(0, 4, 5, syn.lmid, Heartbeat()), 100.0234)
+    (ack,) = decoded(s)
+    assert ack.lmid == 60_020  # rounded down to 10 ms: packets in one tick share it
+    s.receive_datagram(pkt(12, 4, 6, syn.lmid, Heartbeat()), 100.0239)
+    assert decoded(s)[0].lmid == 60_020
+    late = Session(now=0.0, heartbeat_interval=None, initial_lmid=0x7FFFFFF0)
+    late.handle_timers(1.0)
+    late.send_syn(1.0)
+    assert decoded(late)[0].lmid < 2**31  # masked below 2^31, never above
+
+
+def test_pid_is_ffff_less_the_bytes_received_since_our_last_packet():
+    s = Session(now=0.0, heartbeat_interval=None)
+    realm_data = Data(7, b"v" * 1000)
+    s.receive_datagram(pkt(0, 0, 1, 0, Heartbeat()), 0.0)
+    (ack,) = decoded(s)
+    assert ack.pid == 0xFFFF - 12
+    # three packets read in one batch are acknowledged one by one: each ack
+    # carries the bytes it acknowledges, not the whole batch
+    batch = [pkt(12 + i * 1012, 0, 2 + i, 0, realm_data) for i in range(3)]
+    s.receive_datagrams(batch, 0.1)
+    acks = decoded(s)
+    assert [a.pid for a in acks] == [0xFFFF - 1012] * 3
+    s.handle_timers(0.2)
+    s.send_heartbeat(0.2)
+    (hb,) = decoded(s)
+    assert hb.pid == 0xFFFF  # nothing received since the last ack
+
+
+# -- 0x0a: the device's retransmission request (PROTOCOLS 2.7 (b)) ---------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        bytes.fromhex("00085300000000003a00"),  # the one captured sample (11-byte body)
+        bytes.fromhex("00000800000053000000000000003a"),  # the README template's layout
+        b"",  # a bare type byte
+    ],
+)
+def test_resend_request_resends_unacked_and_is_not_counted(fields: bytes) -> None:
+    a, b = Session(now=0.0, heartbeat_interval=None), Session(now=0.0)
+    realm = connect_pair(a, b)
+    a.send(realm, b"1" * 100, 1.0)
+    a.send(realm, b"2" * 100, 1.0)
+    first, second = decoded(a)
+    recv_before = a.recv
+    nack = encode_packet(Packet(b.sent, first.sent, 0xFFFF, 7, 0, ResendRequest(fields)))
+    a.receive_datagram(nack, 1.01)
+    again = decoded(a)
+    assert [(p.sent, p.body) for p in again] == [(p.sent, p.body) for p in (first, second)]
+    assert a.recv == recv_before  # out of band: our recv does not move
+    a.receive_datagram(nack, 1.05)  # every ~10 ms while the hole lasts: rate-limited
+    assert decoded(a) == []
+    a.receive_datagram(nack, 1.12)
+    assert len(decoded(a)) == 2
+    assert (a.stats.resend_requests, a.stats.resend_answers) == (3, 2)
+    # the peer's next real data packet carries the same sent as its request
+    b_data = encode_packet(Packet(b.sent, first.sent, 0xFFFF, 8, 0, Data(realm, b"ok")))
+    a.receive_datagram(b_data, 1.2)
+    assert DataReceived(realm, b"ok") in a.events()
