@@ -326,16 +326,13 @@ def test_cli_help_and_usage_errors():
     assert bad.returncode == 2 and "PORT=HOST:PORT" in bad.stderr
 
 
-def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn):
-    import json
-
-    vectors = json.loads((REPO.parent / "shared" / "vectors.json").read_text())["ptcp"]
+def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn, vectors):
     with udp_socket() as silent:
         silent.settimeout(20)
         port = silent.getsockname()[1]
         proc = spawn([sys.executable, PTCP, "connect", f"--peer=127.0.0.1:{port}", "--timeout=1"])
         first, _addr = silent.recvfrom(2048)
-        assert first == bytes.fromhex(vectors["syn_hex"])
+        assert first == bytes.fromhex(vectors["ptcp"]["syn_hex"])
         assert proc.wait(timeout=20) == 3
     assert "no SYN" in proc.output
 

@@ -6,14 +6,13 @@ Everything here runs on a fake clock: no sockets, no sleeps.
 from __future__ import annotations
 
 import heapq
-import json
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import load_vectors
 from ptcp import (
     MASK32,
     Bind,
@@ -37,9 +36,7 @@ from ptcp import (
     encode_packet,
 )
 
-VECTORS = json.loads(
-    (Path(__file__).resolve().parents[1].parent / "shared" / "vectors.json").read_text()
-)["ptcp"]
+VECTORS = load_vectors()["ptcp"]
 REALM = VECTORS["realm"]
 
 

@@ -3,7 +3,6 @@ and the command line as a subprocess."""
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import sys
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import svtool
+from conftest import load_vectors
 from dvr_emulator import (
     REASON_UNKNOWN_USER,
     REASON_WRONG_PASSWORD,
@@ -44,7 +44,7 @@ from svtool import (
 
 REPO = Path(__file__).resolve().parents[1]
 SVTOOL = str(REPO / "svtool.py")
-VECTORS = json.loads((REPO.parent / "shared" / "vectors.json").read_text())["smartviewer"]
+VECTORS = load_vectors()["smartviewer"]
 AUTH_OK = bytes.fromhex(VECTORS["authenticate_ok_hex"])
 DESCRIBE_OK = bytes.fromhex(VECTORS["describe_ok_hex"])
 
