@@ -19,6 +19,7 @@ from _ptcp_support import (
     udp_socket,
 )
 
+from exitcodes import ExitCode
 from ptcp import (
     PTCPError,
     PTCPTunnel,
@@ -260,7 +261,7 @@ def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn, vectors
         proc = spawn([sys.executable, PTCP, "connect", f"--peer=127.0.0.1:{port}", "--timeout=1"])
         first, _addr = silent.recvfrom(2048)
         assert first == bytes.fromhex(vectors["ptcp"]["syn_hex"])
-        assert proc.wait(timeout=20) == 3
+        assert proc.wait(timeout=20) == ExitCode.UNREACHABLE
     assert "no SYN" in proc.output
 
 
