@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import helpers
 import ptcp
+from exitcodes import EPILOG, ExitCode
 from helpers import P2PProtocolError
 
 log = logging.getLogger("dh_p2p")
@@ -47,12 +48,12 @@ MAIN = "S"  # main server, then the device (PROTOCOLS 2.2: same local port for b
 P2PSRV = "P"  # the P2P server (step 3: a socket of its own)
 RELAY = "R"  # relay server and relay agent; the tunnel in relay mode
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_OFFLINE = 3
-EXIT_AUTH = 4
-EXIT_UNREACHABLE = 5
+EXIT_OK = ExitCode.OK
+EXIT_ERROR = ExitCode.ERROR
+EXIT_USAGE = ExitCode.USAGE
+EXIT_OFFLINE = ExitCode.UNREACHABLE  # device offline or serial unknown to the cloud
+EXIT_AUTH = ExitCode.LOGIN_REFUSED
+EXIT_CLOUD_UNREACHABLE = ExitCode.CLOUD_UNREACHABLE
 
 
 class HandshakeError(Exception):
@@ -1025,7 +1026,7 @@ class Client:
                     return {
                         "auth": EXIT_AUTH,
                         "offline": EXIT_OFFLINE,
-                        "unreachable": EXIT_UNREACHABLE,
+                        "unreachable": EXIT_CLOUD_UNREACHABLE,
                     }.get(exc.kind, EXIT_ERROR)
                 # before the first success only the final error line is shown by default
                 level = logging.WARNING if self.ready_printed else logging.INFO
@@ -1141,8 +1142,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Forward local TCP ports to a Dahua device reached by serial number "
         "through the Easy4IPCloud P2P service.",
         epilog="Secrets may come from DH_P2P_USERNAME, DH_P2P_PASSWORD, DH_P2P_CLOUD_USER and "
-        "DH_P2P_CLOUD_KEY. Exit codes: 0 ok, 1 error, 2 usage, 3 device offline/unknown, "
-        "4 device credentials needed or refused, 5 cloud unreachable.",
+        "DH_P2P_CLOUD_KEY. " + EPILOG,
     )
     p.add_argument("serial", help="the device's serial number")
     p.add_argument(

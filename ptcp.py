@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from exitcodes import EPILOG, ExitCode
+
 log = logging.getLogger("ptcp")
 
 __all__ = [
@@ -2096,7 +2098,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ptcp.py",
         description="Run one end of a bare PTCP tunnel over UDP (no cloud handshake).",
-        epilog="Exit codes: 0 closed cleanly, 1 error, 2 usage, 3 peer silent/dead.",
+        epilog=EPILOG + " A peer that stays silent counts as unreachable.",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -2212,7 +2214,7 @@ def _run_until(stop: threading.Event, tunnel: PTCPTunnel) -> int:
     dead = tunnel.dead.is_set()
     tunnel.close()
     log.info("tunnel %s; session %s", tunnel.stats, tunnel.session.stats)
-    return 3 if dead else 0
+    return ExitCode.UNREACHABLE if dead else ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2263,20 +2265,20 @@ def main(argv: list[str] | None = None) -> int:
             answered = up.wait(args.timeout)
         except KeyboardInterrupt:
             tunnel.close(timeout=0)
-            return 0
+            return ExitCode.OK
         if not answered:
             log.error("no SYN from %s:%d within %.0f s", *args.peer, args.timeout)
             tunnel.close(timeout=0)
-            return 3
+            return ExitCode.UNREACHABLE
         for lhost, lport, rport in args.forward:
             h, p = tunnel.listen(rport, lport, lhost)
             print(f"ptcp: forwarding {h}:{p} -> remote port {rport}", flush=True)
         return _run_until(stop, tunnel)
     except KeyboardInterrupt:
-        return 0
+        return ExitCode.OK
     except OSError as exc:
         log.error("%s", exc)
-        return 1
+        return ExitCode.ERROR
     finally:
         sock.close()
 

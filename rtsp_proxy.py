@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import svtool
+from exitcodes import EPILOG, ExitCode
 
 log = logging.getLogger("rtsp_proxy")
 
@@ -1838,7 +1839,7 @@ class ProxyServer:
 # Command line
 
 
-EXIT_OK, EXIT_USAGE, EXIT_NETWORK = 0, 2, 4
+EXIT_OK, EXIT_USAGE, EXIT_CANNOT_LISTEN = ExitCode.OK, ExitCode.USAGE, ExitCode.ERROR
 
 
 def parse_hostport(text: str, default_host: str, default_port: int | None) -> tuple[str, int]:
@@ -1868,7 +1869,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Without --username the clients must send Basic credentials, which are used for "
-            "the DVR login. Example: rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554"
+            "the DVR login. Example: rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554. " + EPILOG
         ),
     )
     parser.add_argument("local", metavar="LOCAL", help="listen address host:port (127.0.0.1:8554)")
@@ -1959,7 +1960,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OSError as exc:
         print(f"rtsp_proxy.py: cannot listen on {args.local}: {exc}", file=sys.stderr)
-        return EXIT_NETWORK
+        return EXIT_CANNOT_LISTEN
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -36,6 +36,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+from exitcodes import EPILOG, ExitCode
+
 log = logging.getLogger("svtool")
 
 __all__ = [
@@ -656,7 +658,9 @@ class TokenKeeper:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-EXIT_OK, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_PROTOCOL, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
+EXIT_OK, EXIT_USAGE, EXIT_AUTH = ExitCode.OK, ExitCode.USAGE, ExitCode.LOGIN_REFUSED
+EXIT_NETWORK, EXIT_PROTOCOL = ExitCode.UNREACHABLE, ExitCode.PROTOCOL
+EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -665,9 +669,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Talk to a Samsung SmartViewer DVR's DCP service (RTSP port + 1): "
         "describe it, or obtain an RTSP authority token and keep it valid.",
         epilog="Credentials come from --username/--password, else the URL, else the "
-        "environment variables SV_USER / SV_PASS. Exit codes: 0 ok, 2 usage error, "
-        "3 login refused, 4 network error or timeout, 5 DVR protocol error, 130 interrupted "
-        "before the token was printed.",
+        "environment variables SV_USER / SV_PASS. " + EPILOG,
     )
     parser.add_argument("--username", help="DVR user name (at most 16 bytes)")
     parser.add_argument(

@@ -1,13 +1,12 @@
 """Support for tests/test_dissector.py: a synthetic tunnel session and a tshark runner.
 
-The session is built from the byte-exact packets of ../shared/vectors.json plus
+The session is built from the byte-exact packets of tests/data/vectors.json plus
 plausible packets around them (PROTOCOLS.md section 2), with our own small PTCP
 builder so the tests do not depend on ptcp.py.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 import subprocess
@@ -19,15 +18,10 @@ from pcap import Addr, Datagram
 
 REPO = Path(__file__).resolve().parents[1]
 DISSECTOR = REPO / "dh-p2p.lua"
-VECTORS_PATH = REPO.parent / "shared" / "vectors.json"
 
 # Options every run uses: try heuristics before port-based dissectors, so a random
 # ephemeral port that happens to be registered for something else cannot steal packets.
 TSHARK_OPTS = ["-o", "udp.try_heuristic_first:TRUE"]
-
-
-def load_vectors() -> dict:
-    return json.loads(VECTORS_PATH.read_text())
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Helpers for the PTCP driver tests and benchmark: local TCP echo and bulk services.
+"""Helpers for the PTCP tests and benchmark: local TCP echo and bulk services, a lossy
+UDP relay, sessions joined in memory and tunnels joined over loopback UDP.
 
-Both services listen on an ephemeral loopback port, serve each connection in a
+The services listen on an ephemeral loopback port, serve each connection in a
 thread, and record how every connection ended.
 """
 
@@ -10,7 +11,10 @@ import hashlib
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+
+from ptcp import BindRequested, PTCPTunnel, RealmConnected, Session, SynReceived
 
 CHUNK = 256 * 1024
 
@@ -272,3 +276,114 @@ class LossyRelay:
         for s in (self.face_a, self.face_b, self.stop_r, self.stop_w):
             s.close()
         self.sel.close()
+
+
+# --------------------------------------------------------------------------
+# Two sans-IO sessions joined in memory (fake clock, lossless, in order)
+
+
+def connect_pair(a: Session, b: Session, now: float = 0.0) -> int:
+    """Lossless handshake + one realm a->b; returns the realm."""
+    a.send_syn(now)
+    shuttle(a, b, now)
+    assert any(isinstance(e, SynReceived) for e in b.events())
+    b.send_syn(now)
+    shuttle(a, b, now)
+    assert any(isinstance(e, SynReceived) for e in a.events())
+    realm = a.open_realm(554, now)
+    shuttle(a, b, now)
+    (bind,) = [e for e in b.events() if isinstance(e, BindRequested)]
+    assert (bind.realm, bind.port, bind.ip) == (realm, 554, "127.0.0.1")
+    b.accept(realm, now)
+    shuttle(a, b, now)
+    assert RealmConnected(realm) in a.events()
+    return realm
+
+
+def shuttle(a: Session, b: Session, now: float) -> None:
+    """Deliver everything both ways until quiet (lossless, in order)."""
+    while True:
+        da, db = a.datagrams_to_send(), b.datagrams_to_send()
+        if not da and not db:
+            return
+        for d in da:
+            b.receive_datagram(d, now)
+        for d in db:
+            a.receive_datagram(d, now)
+
+
+# --------------------------------------------------------------------------
+# Two threaded tunnels joined over loopback UDP
+
+
+def udp_socket(sock_type: type[socket.socket] = socket.socket) -> socket.socket:
+    sock = sock_type(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Pair:
+    """A client tunnel and a device tunnel in this process, joined over loopback UDP.
+
+    ``tunnel`` holds PTCPTunnel options, ``sock_type`` makes the client's socket.
+    """
+
+    def __init__(
+        self,
+        ports: dict[int, int],
+        relay: dict | None = None,
+        *,
+        tunnel: dict | None = None,
+        sock_type: type[socket.socket] = socket.socket,
+        **options,
+    ) -> None:
+        self.device_events: list = []
+        self.event_seen = threading.Condition()
+        a_sock, b_sock = udp_socket(sock_type), udp_socket()
+        a, b = Session(now=time.monotonic(), **options), Session(now=time.monotonic(), **options)
+        now = time.monotonic()
+        a.send_syn(now)  # handshake in memory; the tunnels continue the counters
+        for d in a.datagrams_to_send():
+            b.receive_datagram(d, now)
+        b.send_syn(now)
+        for d in b.datagrams_to_send():
+            a.receive_datagram(d, now)
+        for d in a.datagrams_to_send():
+            b.receive_datagram(d, now)
+        assert SynReceived() in a.events() and SynReceived() in b.events()
+
+        def on_bind(port: int, _ip: str):
+            target = ports.get(port)
+            return None if target is None else socket.create_connection(("127.0.0.1", target))
+
+        a_peer, b_peer = b_sock.getsockname(), a_sock.getsockname()
+        self.relay = None
+        if relay is not None:
+            self.relay = LossyRelay(a_sock.getsockname(), b_sock.getsockname(), **relay)
+            a_peer, b_peer = self.relay.addr_for_a, self.relay.addr_for_b
+        tunnel = tunnel or {}
+        self.device = PTCPTunnel(
+            b_sock, b_peer, b, on_bind=on_bind, on_event=self._device_event, **tunnel
+        )
+        self.client = PTCPTunnel(a_sock, a_peer, a, **tunnel)
+        self.client_sock, self.device_sock = a_sock, b_sock
+        self.device.start()
+        self.client.start()
+
+    def _device_event(self, ev) -> None:
+        with self.event_seen:
+            self.device_events.append(ev)
+            self.event_seen.notify_all()
+
+    def wait_device_event(self, pred, timeout: float = 10.0) -> list:
+        with self.event_seen:
+            assert self.event_seen.wait_for(
+                lambda: [e for e in self.device_events if pred(e)], timeout
+            ), self.device_events
+            return [e for e in self.device_events if pred(e)]
+
+    def close(self) -> None:
+        self.client.close()
+        self.device.close()
+        if self.relay is not None:
+            self.relay.close()

@@ -9,6 +9,8 @@ peer fails the test, so CI never skips them silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 import re
 import shutil
@@ -25,7 +27,7 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
-VECTORS_PATH = REPO_DIR.parent / "shared" / "vectors.json"
+VECTORS_PATH = TESTS_DIR / "data" / "vectors.json"  # golden vectors, see tests/data/README.md
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, the one with `gi`
 
 if str(REPO_DIR) not in sys.path:
@@ -89,6 +91,22 @@ def require_gi() -> str:
 @pytest.fixture
 def unused_port() -> Callable[[str], int]:
     return free_port
+
+
+# --------------------------------------------------------------------------
+# Golden vectors
+
+
+@functools.cache
+def load_vectors() -> dict:
+    """The golden vectors of tests/data/vectors.json, read once (do not mutate them)."""
+    return json.loads(VECTORS_PATH.read_text())
+
+
+@pytest.fixture(scope="session")
+def vectors() -> dict:
+    """The golden vectors, by section: "ptcp", "dhp2p", "smartviewer", ..."""
+    return load_vectors()
 
 
 # --------------------------------------------------------------------------

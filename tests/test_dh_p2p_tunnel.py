@@ -23,6 +23,7 @@ from _ptcp_support import EchoServer
 
 import helpers
 from conftest import free_port
+from exitcodes import ExitCode
 from p2p_emulator import Emulator
 
 ECHO_PORT = 9000  # device-side port numbers the emulator maps to local services
@@ -226,7 +227,7 @@ def test_unknown_serial_clear_message(spawn, emulator) -> None:
     argv = dh_p2p_argv(emu.cloud_port, "NOSUCHSERIAL", "-p", f"{free_port()}:{ECHO_PORT}")
     argv += ["--retries", "1"]
     proc = spawn(argv)
-    assert proc.wait(30) == 3
+    assert proc.wait(30) == ExitCode.UNREACHABLE
     assert proc.lines == ["dh_p2p: device NOSUCHSERIAL is unknown or offline"]
 
 
@@ -234,7 +235,7 @@ def test_auth_device_without_credentials(spawn, emulator) -> None:
     emu = emulator(auth=("admin", "admin123"))
     argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"{free_port()}:{ECHO_PORT}")
     proc = spawn(argv, env={"DH_P2P_USERNAME": "", "DH_P2P_PASSWORD": ""})
-    assert proc.wait(30) == 4
+    assert proc.wait(30) == ExitCode.LOGIN_REFUSED
     assert len(proc.lines) == 1, proc.output
     assert proc.lines[0].startswith("dh_p2p: the device wants its own login")
     assert "pass -u USER and --password PASS" in proc.lines[0]
@@ -245,7 +246,7 @@ def test_auth_device_wrong_password(spawn, emulator) -> None:
     emu = emulator(auth=("admin", "admin123"))
     argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"{free_port()}:{ECHO_PORT}")
     proc = spawn(argv + ["-u", "admin", "--password", "wrong"])
-    assert proc.wait(30) == 4
+    assert proc.wait(30) == ExitCode.LOGIN_REFUSED
     assert "refused the credentials" in proc.output
     assert "wrong" not in proc.output.replace("refused", "")
 
@@ -254,7 +255,7 @@ def test_cloud_unreachable(spawn) -> None:
     port = free_port("udp")
     argv = dh_p2p_argv(port, "SN", "-p", f"{free_port()}:{ECHO_PORT}")
     proc = spawn(argv + ["--timeout", "1.5", "--retries", "0"])
-    assert proc.wait(30) == 5
+    assert proc.wait(30) == ExitCode.CLOUD_UNREACHABLE
     assert proc.lines == [f"dh_p2p: no answer from the cloud at 127.0.0.1:{port}"]
 
 
@@ -290,7 +291,7 @@ def test_cloud_credentials_from_environment(spawn, emulator) -> None:
     emu = emulator()
     argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"{free_port()}:{ECHO_PORT}")
     proc = spawn(argv + ["--retries", "0"], env={"DH_P2P_CLOUD_KEY": "not-the-key"})
-    assert proc.wait(30) == 5
+    assert proc.wait(30) == ExitCode.CLOUD_UNREACHABLE
     assert "cloud refused /probe/p2psrv (401)" in proc.output
     assert any("bad WSSE" in v for v in emu.violations)
     assert "not-the-key" not in proc.output

@@ -36,7 +36,6 @@ from _dissector_support import (
     data_body,
     fields,
     interleaved,
-    load_vectors,
     ptcp_header,
     ptcp_packets,
     rtp_packet,
@@ -54,13 +53,8 @@ PI_WARN, PI_ERROR = 0x00600000, 0x00800000  # epan/proto.h expert severities
 
 
 @pytest.fixture(scope="module")
-def vec() -> dict:
-    return load_vectors()
-
-
-@pytest.fixture(scope="module")
-def session(vec: dict) -> Session:
-    return build_session(vec)
+def session(vectors: dict) -> Session:
+    return build_session(vectors)
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +133,9 @@ def test_stray_datagrams_are_not_claimed(
 
 @pytest.mark.parametrize("key", ["syn_hex", "ack_hex", "bind_554_hex"])
 def test_header_fields_match_vectors(
-    key: str, vec: dict, session: Session, table: dict[int, dict[str, str]]
+    key: str, vectors: dict, session: Session, table: dict[int, dict[str, str]]
 ) -> None:
-    raw = bytes.fromhex(vec["ptcp"][key])
+    raw = bytes.fromhex(vectors["ptcp"][key])
     sent, recv, pid, lmid, rmid = struct.unpack(">5I", raw[4:24])
     mark = {"syn_hex": "syn", "ack_hex": "ack_vec", "bind_554_hex": "bind554"}[key]
     row = table[session.marks[mark]]
@@ -153,9 +147,9 @@ def test_header_fields_match_vectors(
 
 
 def test_body_fields_match_vectors(
-    vec: dict, session: Session, table: dict[int, dict[str, str]]
+    vectors: dict, session: Session, table: dict[int, dict[str, str]]
 ) -> None:
-    p = vec["ptcp"]
+    p = vectors["ptcp"]
     realm = f"0x{p['realm']:08x}"
     m = session.marks
 
@@ -189,10 +183,10 @@ def test_body_fields_match_vectors(
 
 
 def test_info_column_reads_like_a_sentence(
-    vec: dict, session: Session, table: dict[int, dict[str, str]]
+    vectors: dict, session: Session, table: dict[int, dict[str, str]]
 ) -> None:
-    realm = f"0x{vec['ptcp']['realm']:08x}"
-    n = len(vec["ptcp"]["data_payload"].encode())
+    realm = f"0x{vectors['ptcp']['realm']:08x}"
+    n = len(vectors["ptcp"]["data_payload"].encode())
     m = session.marks
     info = {mark: table[m[mark]]["_ws.col.Info"] for mark in m}
     assert info["syn"] == "PTCP SYN"
@@ -281,7 +275,7 @@ def test_expert_filters(capture: Path, session: Session) -> None:
 
 @pytest.mark.parametrize("two_pass", [False, True])
 def test_rtsp_in_realm_data_is_decoded(
-    two_pass: bool, capture: Path, vec: dict, session: Session
+    two_pass: bool, capture: Path, vectors: dict, session: Session
 ) -> None:
     m = session.marks
     rows = fields(capture, "rtsp.request", "frame.number", "rtsp.method", "rtsp.request",
@@ -289,7 +283,7 @@ def test_rtsp_in_realm_data_is_decoded(
     got = {int(r[0]): r[1] for r in rows}
     assert got == {m["options"]: "OPTIONS", m["describe"]: "DESCRIBE", m["setup"]: "SETUP",
                    m["play"]: "PLAY"}
-    first_line = vec["ptcp"]["data_payload"].split("\r\n")[0]
+    first_line = vectors["ptcp"]["data_payload"].split("\r\n")[0]
     options_row = next(r for r in rows if int(r[0]) == m["options"])
     assert options_row[2].replace("\\r\\n", "") == first_line
 
@@ -387,7 +381,9 @@ def test_realm_ports_preference(capture: Path, session: Session) -> None:
     assert res.returncode == 0 and res.lines == [] and "Lua Error" not in res.stderr
 
 
-def test_signalling_goes_through_http_with_xml(capture: Path, session: Session, vec: dict) -> None:
+def test_signalling_goes_through_http_with_xml(
+    capture: Path, session: Session, vectors: dict
+) -> None:
     m = session.marks
     rows = fields(
         capture,
@@ -406,7 +402,7 @@ def test_signalling_goes_through_http_with_xml(capture: Path, session: Session, 
     assert by[m["probe"]][:6] == ["DHGET", "/probe/p2psrv", "", "1", "GET", ""]
     relay = by[m["relay_start"]]
     assert relay[:6] == ["DHPOST", "/relay/start/abc", "", "7", "POST", ""]
-    body_tags = [f"<{el.tag}>" for el in ET.fromstring(vec["dhp2p"]["post_body"]).iter()]
+    body_tags = [f"<{el.tag}>" for el in ET.fromstring(vectors["dhp2p"]["post_body"]).iter()]
     assert relay[6].split(",") == body_tags
     chan = by[m["chan"]]
     assert "<LocalAddr>" in chan[6].split(",")
@@ -416,7 +412,7 @@ def test_signalling_goes_through_http_with_xml(capture: Path, session: Session, 
     assert by[m["nat_info"]][7] == "Server Nat Info!"
 
 
-def test_punch_is_uninverted_into_stun(capture: Path, session: Session, vec: dict) -> None:
+def test_punch_is_uninverted_into_stun(capture: Path, session: Session, vectors: dict) -> None:
     m = session.marks
     rows = fields(
         capture,
@@ -431,14 +427,14 @@ def test_punch_is_uninverted_into_stun(capture: Path, session: Session, vec: dic
     by = {int(r[0]): r[1:] for r in rows}
     assert set(by) == {m["punch_req"], m["punch_resp"]}
     for mark, key in (("punch_req", "request_plain_hex"), ("punch_resp", "response_plain_hex")):
-        plain = bytes.fromhex(vec["punch"][key])
+        plain = bytes.fromhex(vectors["punch"][key])
         mtype = struct.unpack(">H", plain[:2])[0]
         port = struct.unpack(">H", plain[38:40])[0]
         ip = ".".join(str(b) for b in plain[40:44])
         assert by[m[mark]] == [
             f"0x{mtype:04x}",
             plain[4:20].hex(),
-            vec["punch"]["identify_hex"],
+            vectors["punch"]["identify_hex"],
             str(port),
             ip,
         ]
@@ -511,9 +507,9 @@ def test_gso_batch_realm_data_goes_to_rtsp_per_packet(
         ]
 
 
-def test_gso_batch_info_column(capture: Path, session: Session, vec: dict) -> None:
+def test_gso_batch_info_column(capture: Path, session: Session, vectors: dict) -> None:
     m = session.marks
-    realm = f"0x{vec['ptcp']['realm']:08x}"
+    realm = f"0x{vectors['ptcp']['realm']:08x}"
     info = {int(r[0]): r[1] for r in fields(capture, None, "frame.number", "_ws.col.Info")}
     assert info[m["gso_rtp"]].startswith(
         f"PTCP x49 (GSO batch): data realm {realm} 1280 bytes (continued in a later packet), "
@@ -790,7 +786,7 @@ def check_frames_add_up(packets: list[PtcpPacket]) -> None:
 
 @pytest.mark.parametrize("mode", ["direct", "relay"])
 def test_real_tunnel_session_capture(
-    mode: str, spawn, emulator, tmp_path: Path, vec: dict
+    mode: str, spawn, emulator, tmp_path: Path, vectors: dict
 ) -> None:
     """dh_p2p.py through the emulator, played by ffprobe, captured and dissected."""
     cap, _, rows = _capture_tunnel_session(spawn, emulator, tmp_path, mode)
@@ -803,7 +799,7 @@ def test_real_tunnel_session_capture(
 
     # Known packets: the client's SYNs are the vector's but for lmid, a clock now
     # (PROTOCOLS 2.7 (a)), decoded like it.
-    syn = bytes.fromhex(vec["ptcp"]["syn_hex"])
+    syn = bytes.fromhex(vectors["ptcp"]["syn_hex"])
     client_syns = [p for p in packets if p.raw[24:] == syn[24:] and p.raw[8:12] == bytes(4)]
     assert client_syns, [p.raw.hex() for p in of_type(packets, 0x00)]
     for p in client_syns:

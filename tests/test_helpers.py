@@ -1,4 +1,4 @@
-"""helpers.py: signalling, crypto and punch messages against ../shared/vectors.json."""
+"""helpers.py: signalling, crypto and punch messages against the golden vectors."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import helpers
+from conftest import load_vectors
 from helpers import P2PProtocolError
 
 ROOT = Path(__file__).resolve().parents[1]
-VECTORS = json.loads((ROOT.parent / "shared" / "vectors.json").read_text())
+VECTORS = load_vectors()
 DHP2P = VECTORS["dhp2p"]
 AUTH = VECTORS["device_auth"]
 INFO = VECTORS["device_info"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 import random
 
+from _ptcp_support import connect_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ptcp_session import connect_pair
 
 from ptcp import HEADER, MAGIC, Session
 

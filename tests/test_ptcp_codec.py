@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptcp
+from conftest import load_vectors
 from ptcp import (
     Bind,
     Command,
@@ -25,9 +23,7 @@ from ptcp import (
     encode_packet,
 )
 
-VECTORS = json.loads(
-    (Path(__file__).resolve().parents[1].parent / "shared" / "vectors.json").read_text()
-)["ptcp"]
+VECTORS = load_vectors()["ptcp"]
 REALM = VECTORS["realm"]
 
 

@@ -12,18 +12,19 @@ import pytest
 from _ptcp_support import (
     BulkServer,
     EchoServer,
-    LossyRelay,
+    Pair,
     digest_of,
     echo_roundtrip,
     read_all,
+    udp_socket,
 )
 
+from exitcodes import ExitCode
 from ptcp import (
     PTCPError,
     PTCPTunnel,
     RealmClosed,
     Session,
-    SynReceived,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,79 +39,6 @@ def echo():
         yield server
     finally:
         server.close()
-
-
-def udp_socket(sock_type: type[socket.socket] = socket.socket) -> socket.socket:
-    sock = sock_type(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-class Pair:
-    """A client tunnel and a device tunnel in this process, joined over loopback UDP.
-
-    ``tunnel`` holds PTCPTunnel options, ``sock_type`` makes the client's socket.
-    """
-
-    def __init__(
-        self,
-        ports: dict[int, int],
-        relay: dict | None = None,
-        *,
-        tunnel: dict | None = None,
-        sock_type: type[socket.socket] = socket.socket,
-        **options,
-    ) -> None:
-        self.device_events: list = []
-        self.event_seen = threading.Condition()
-        a_sock, b_sock = udp_socket(sock_type), udp_socket()
-        a, b = Session(now=time.monotonic(), **options), Session(now=time.monotonic(), **options)
-        now = time.monotonic()
-        a.send_syn(now)  # handshake in memory; the tunnels continue the counters
-        for d in a.datagrams_to_send():
-            b.receive_datagram(d, now)
-        b.send_syn(now)
-        for d in b.datagrams_to_send():
-            a.receive_datagram(d, now)
-        for d in a.datagrams_to_send():
-            b.receive_datagram(d, now)
-        assert SynReceived() in a.events() and SynReceived() in b.events()
-
-        def on_bind(port: int, _ip: str):
-            target = ports.get(port)
-            return None if target is None else socket.create_connection(("127.0.0.1", target))
-
-        a_peer, b_peer = b_sock.getsockname(), a_sock.getsockname()
-        self.relay = None
-        if relay is not None:
-            self.relay = LossyRelay(a_sock.getsockname(), b_sock.getsockname(), **relay)
-            a_peer, b_peer = self.relay.addr_for_a, self.relay.addr_for_b
-        tunnel = tunnel or {}
-        self.device = PTCPTunnel(
-            b_sock, b_peer, b, on_bind=on_bind, on_event=self._device_event, **tunnel
-        )
-        self.client = PTCPTunnel(a_sock, a_peer, a, **tunnel)
-        self.client_sock, self.device_sock = a_sock, b_sock
-        self.device.start()
-        self.client.start()
-
-    def _device_event(self, ev) -> None:
-        with self.event_seen:
-            self.device_events.append(ev)
-            self.event_seen.notify_all()
-
-    def wait_device_event(self, pred, timeout: float = 10.0) -> list:
-        with self.event_seen:
-            assert self.event_seen.wait_for(
-                lambda: [e for e in self.device_events if pred(e)], timeout
-            ), self.device_events
-            return [e for e in self.device_events if pred(e)]
-
-    def close(self) -> None:
-        self.client.close()
-        self.device.close()
-        if self.relay is not None:
-            self.relay.close()
 
 
 @pytest.fixture
@@ -326,10 +254,7 @@ def test_cli_help_and_usage_errors():
     assert bad.returncode == 2 and "PORT=HOST:PORT" in bad.stderr
 
 
-def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn):
-    import json
-
-    vectors = json.loads((REPO.parent / "shared" / "vectors.json").read_text())["ptcp"]
+def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn, vectors):
     with udp_socket() as silent:
         silent.settimeout(20)
         port = silent.getsockname()[1]
@@ -337,8 +262,8 @@ def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn):
         argv = [sys.executable, PTCP, "--ptcp-ids=counter", "connect", f"--peer=127.0.0.1:{port}"]
         proc = spawn([*argv, "--timeout=1"])
         first, _addr = silent.recvfrom(2048)
-        assert first == bytes.fromhex(vectors["syn_hex"])
-        assert proc.wait(timeout=20) == 3
+        assert first == bytes.fromhex(vectors["ptcp"]["syn_hex"])
+        assert proc.wait(timeout=20) == ExitCode.UNREACHABLE
     assert "no SYN" in proc.output
 
 

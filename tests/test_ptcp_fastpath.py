@@ -11,9 +11,9 @@ import copy
 import random
 
 import pytest
+from _ptcp_support import connect_pair, shuttle
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_ptcp_session import connect_pair, shuttle
 
 from ptcp import HEADER_LEN, DataReceived, Session, _after, decode_packet
 

@@ -14,10 +14,9 @@ import struct
 import sys
 
 import pytest
-from _ptcp_support import EchoServer, echo_roundtrip
+from _ptcp_support import EchoServer, Pair, echo_roundtrip
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ptcp_driver import Pair
 
 from ptcp import (
     GSO_MAX_BYTES,

@@ -6,14 +6,14 @@ Everything here runs on a fake clock: no sockets, no sleeps.
 from __future__ import annotations
 
 import heapq
-import json
 import random
-from pathlib import Path
 
 import pytest
+from _ptcp_support import connect_pair, shuttle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import load_vectors
 from ptcp import (
     MASK32,
     Bind,
@@ -38,9 +38,7 @@ from ptcp import (
     encode_packet,
 )
 
-VECTORS = json.loads(
-    (Path(__file__).resolve().parents[1].parent / "shared" / "vectors.json").read_text()
-)["ptcp"]
+VECTORS = load_vectors()["ptcp"]
 REALM = VECTORS["realm"]
 
 
@@ -61,36 +59,6 @@ def pkt(sent=0, recv=0, lmid=0, rmid=0, body=None, pid=0xFFFF) -> bytes:
 
 def decoded(session: Session) -> list[Packet]:
     return [decode_packet(d) for d in session.datagrams_to_send()]
-
-
-def connect_pair(a: Session, b: Session, now: float = 0.0) -> int:
-    """Lossless handshake + one realm a->b; returns the realm."""
-    a.send_syn(now)
-    shuttle(a, b, now)
-    assert any(isinstance(e, SynReceived) for e in b.events())
-    b.send_syn(now)
-    shuttle(a, b, now)
-    assert any(isinstance(e, SynReceived) for e in a.events())
-    realm = a.open_realm(554, now)
-    shuttle(a, b, now)
-    (bind,) = [e for e in b.events() if isinstance(e, BindRequested)]
-    assert (bind.realm, bind.port, bind.ip) == (realm, 554, "127.0.0.1")
-    b.accept(realm, now)
-    shuttle(a, b, now)
-    assert RealmConnected(realm) in a.events()
-    return realm
-
-
-def shuttle(a: Session, b: Session, now: float) -> None:
-    """Deliver everything both ways until quiet (lossless, in order)."""
-    while True:
-        da, db = a.datagrams_to_send(), b.datagrams_to_send()
-        if not da and not db:
-            return
-        for d in da:
-            b.receive_datagram(d, now)
-        for d in db:
-            a.receive_datagram(d, now)
 
 
 # -- wire behaviour --------------------------------------------------------

@@ -24,6 +24,7 @@ from _proxy_support import (  # noqa: F401  (fixtures)
 import rtsp_proxy
 from conftest import play
 from dvr_rtsp_emulator import access_units
+from exitcodes import ExitCode
 
 MODES = ["tcp", "udp"]
 CREDS_ENV = {"SV_USER": "admin", "SV_PASS": "4321"}
@@ -472,7 +473,7 @@ def test_cli_cannot_listen(monkeypatch) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        assert rtsp_proxy.main([f"127.0.0.1:{port}", "127.0.0.1:554", "-q"]) == 4
+        assert rtsp_proxy.main([f"127.0.0.1:{port}", "127.0.0.1:554", "-q"]) == ExitCode.ERROR
 
 
 def test_parse_hostport() -> None:

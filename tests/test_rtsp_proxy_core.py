@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rtsp_proxy as rp
-
-VECTORS = json.loads(
-    (Path(__file__).resolve().parents[1].parent / "shared" / "vectors.json").read_text()
-)
-
 
 # --------------------------------------------------------------------------
 # Client requests
@@ -302,8 +295,8 @@ def test_dvr_describe_and_sdp() -> None:
 # Samsung side-port fragments
 
 
-def test_defragmenter_vectors_tcp_stream_and_udp() -> None:
-    vec = VECTORS["samsung_rtp"]
+def test_defragmenter_vectors_tcp_stream_and_udp(vectors: dict) -> None:
+    vec = vectors["samsung_rtp"]
     fragments = [bytes.fromhex(h) for h in vec["fragments_hex"]]
     expected = bytes.fromhex(vec["reassembled_payload_hex"])
     stream = b"".join(fragments)

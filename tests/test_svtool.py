@@ -3,7 +3,6 @@ and the command line as a subprocess."""
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import sys
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import svtool
+from conftest import load_vectors
 from dvr_emulator import (
     REASON_UNKNOWN_USER,
     REASON_WRONG_PASSWORD,
@@ -24,6 +24,7 @@ from dvr_emulator import (
     EmulatedDCP,
     reply,
 )
+from exitcodes import ExitCode
 from svtool import (
     AuthenticationError,
     AuthResult,
@@ -44,7 +45,7 @@ from svtool import (
 
 REPO = Path(__file__).resolve().parents[1]
 SVTOOL = str(REPO / "svtool.py")
-VECTORS = json.loads((REPO.parent / "shared" / "vectors.json").read_text())["smartviewer"]
+VECTORS = load_vectors()["smartviewer"]
 AUTH_OK = bytes.fromhex(VECTORS["authenticate_ok_hex"])
 DESCRIBE_OK = bytes.fromhex(VECTORS["describe_ok_hex"])
 
@@ -735,43 +736,48 @@ def test_cli_credentials_flags_then_url_then_env(dvr: EmulatedDCP, spawn) -> Non
         (_cli(dvr, "describe", url=bare), env_ok, 0),
         (_cli(dvr, "describe", opts=("--password", "4321"), url=bare_user), {}, 0),
         (_cli(dvr, "describe", url="rtsp://admin:4321@127.0.0.1/"), {"SV_PASS": "bad"}, 0),
-        (_cli(dvr, "describe", url=bare), {"SV_USER": "admin", "SV_PASS": "bad"}, 3),
+        (
+            _cli(dvr, "describe", url=bare),
+            {"SV_USER": "admin", "SV_PASS": "bad"},
+            ExitCode.LOGIN_REFUSED,
+        ),
     ]
     for argv, env, expected in cases:
         proc = spawn(argv, env=env)
         assert proc.wait(20) == expected, (argv, proc.output)
 
 
-def test_cli_wrong_password_exits_3_with_reason(dvr: EmulatedDCP, spawn) -> None:
+def test_cli_wrong_password_exits_login_refused_with_reason(dvr: EmulatedDCP, spawn) -> None:
     argv = _cli(dvr, "describe", opts=("-v",), url="rtsp://admin:Secr3tPw@127.0.0.1/")
     code, output, _ = _run(spawn, argv)
-    assert code == 3
+    assert code == ExitCode.LOGIN_REFUSED
     assert REASON_WRONG_PASSWORD in output and "Traceback" not in output
     assert "Secr3tPw" not in output  # not even at debug level
 
 
-def test_cli_nothing_listening_exits_4(spawn) -> None:
+def test_cli_nothing_listening_exits_unreachable(spawn) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     argv = [sys.executable, SVTOOL, "--dcp-port", str(port), "rtsp://a:b@127.0.0.1/", "describe"]
     code, output, lines = _run(spawn, argv)
-    assert code == 4 and len(lines) == 1 and "refused" in output, output
+    assert code == ExitCode.UNREACHABLE and len(lines) == 1 and "refused" in output, output
 
 
-def test_cli_protocol_error_exits_5(spawn, scripted) -> None:
+def test_cli_protocol_error_exits_protocol(spawn, scripted) -> None:
     server = scripted({"AUTHENTICATE": [AUTH_OK], "DESCRIBE": [reply("HEARTBEAT")]})
     argv = [sys.executable, SVTOOL, "--dcp-port", str(server.port), "rtsp://a:b@127.0.0.1/",
             "describe"]  # fmt: skip
     code, output, lines = _run(spawn, argv)
-    assert code == 5 and "answered DESCRIBE with 'HEARTBEAT'" in output and len(lines) == 1
+    assert code == ExitCode.PROTOCOL and len(lines) == 1
+    assert "answered DESCRIBE with 'HEARTBEAT'" in output
 
 
-def test_cli_timeout_exits_4(spawn, mute_listener: int) -> None:
+def test_cli_timeout_exits_unreachable(spawn, mute_listener: int) -> None:
     argv = [sys.executable, SVTOOL, "--timeout", "0.5", "--dcp-port", str(mute_listener),
             "rtsp://a:b@127.0.0.1/", "authorize"]  # fmt: skip
     code, output, lines = _run(spawn, argv)
-    assert code == 4 and "timed out" in output and len(lines) == 1, output
+    assert code == ExitCode.UNREACHABLE and "timed out" in output and len(lines) == 1, output
 
 
 @pytest.mark.parametrize(
@@ -789,12 +795,12 @@ def test_cli_timeout_exits_4(spawn, mute_listener: int) -> None:
         (["rtsp://a:b@h/", "authorize", "--duration", "nan"], "finite"),
     ],
 )
-def test_cli_usage_errors_exit_2(
+def test_cli_usage_errors_exit_usage(
     argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
     monkeypatch.delenv("SV_USER", raising=False)
     monkeypatch.delenv("SV_PASS", raising=False)
-    assert svtool.main(argv) == 2
+    assert svtool.main(argv) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
 
@@ -834,10 +840,10 @@ def test_cli_authorize_duration_ends_it(quick_dvr: EmulatedDCP, spawn) -> None:
     wait_until(lambda: not quick_dvr.is_token_valid(proc.lines[0]), what="token invalidated")
 
 
-def test_cli_authorize_lost_connection_exits_4(dvr: EmulatedDCP, spawn) -> None:
+def test_cli_authorize_lost_connection_exits_unreachable(dvr: EmulatedDCP, spawn) -> None:
     proc = spawn(_cli(dvr, "authorize", "--heartbeat-interval", "5"), ready=TOKEN_LINE)
     dvr.drop_connections()
-    assert proc.wait(20) == 4
+    assert proc.wait(20) == ExitCode.UNREACHABLE
     assert "Traceback" not in proc.output and len(proc.lines) == 2, proc.output
 
 
