@@ -844,8 +844,25 @@ def interface_addresses() -> list[str]:
     return found
 
 
+@dataclass
+class _Slot:
+    """One tunnel to the device, with the sockets its handshake used."""
+
+    tunnel: ptcp.PTCPTunnel
+    est: Established
+    socks: dict[str, socket.socket]
+    extra: bool = False  # opened for more clients; closes after its last realm
+
+
 class Client:
-    """Runs handshakes and tunnels; listeners stay open across reconnects."""
+    """Runs handshakes and tunnels; listeners stay open across reconnects.
+
+    The main tunnel is kept up (rebuilt when it dies).  A tunnel takes at most
+    ``--max-realms`` realms and one bind at a time; a bind unanswered for
+    ``--bind-timeout`` retires it (PROTOCOLS 2.7 (b)).  A client that finds every
+    tunnel full or retired waits while another tunnel to the device is opened
+    (a handshake of its own); such extra tunnels close after their last realm.
+    """
 
     fallback_port = 1554  # for the default 554 forward when binding 554 is not permitted
 
@@ -853,8 +870,9 @@ class Client:
         self.args = args
         self.cloud = cloud
         self.stop = threading.Event()
-        self.tunnel: ptcp.PTCPTunnel | None = None
-        self.established: Established | None = None
+        self.main: _Slot | None = None
+        self.extras: list[_Slot] = []
+        self.opening_extra = False
         self.cond = threading.Condition()
         self.listeners: list[tuple[socket.socket, Forward]] = []
         self.ready_printed = False
@@ -978,39 +996,143 @@ class Client:
             threading.Thread(target=self._serve, args=(client, remote), daemon=True).start()
 
     def _serve(self, client: socket.socket, remote: int) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(
-                lambda: self.stop.is_set() or self.tunnel is not None, timeout=60
-            )
-            tunnel = self.tunnel
-        if not ok or tunnel is None or self.stop.is_set():
-            client.close()
-            return
         try:
             host, port = client.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
             peer = "a local client"
-        try:
-            realm = tunnel.forward(client, remote)
-        except ptcp.PTCPError as exc:
-            log.warning("connection to device port %d failed: %s", remote, exc)
+        deadline = time.monotonic() + 60.0
+        while True:
+            slot = self._slot_with_room(deadline)
+            if slot is None:
+                client.close()
+                return
+            try:
+                realm = slot.tunnel.forward(client, remote, keep_client=True)
+            except ptcp.TunnelUnavailable:
+                continue  # full, retired or closed meanwhile: the client waits for another
+            except ptcp.PTCPError as exc:
+                log.warning("connection to device port %d failed: %s", remote, exc)
+                return
+            where = "an extra tunnel" if slot.extra else "the tunnel"
+            log.info("%s -> device port %d on realm %08x (%s)", peer, remote, realm, where)
             return
-        log.info("%s -> device port %d on realm %08x", peer, remote, realm)
 
-    @staticmethod
-    def _on_event(event: ptcp.Event) -> None:
-        # who ended a connection: "peer" is the device (its service closed), "local" is us
-        if isinstance(event, ptcp.RealmClosed):
-            log.info("realm %08x closed (%s)", event.realm, event.reason)
-
-    def _on_dead(self) -> None:
+    def _slot_with_room(self, deadline: float) -> _Slot | None:
+        """A tunnel that takes a new realm now; opens another one when all are full or
+        retired.  None when stopping or after ``deadline``."""
         with self.cond:
+            while not self.stop.is_set():
+                slots = ([self.main] if self.main else []) + self.extras
+                for slot in slots:
+                    if slot.tunnel.has_room():
+                        return slot
+                if self.main is not None and not self.opening_extra:
+                    self.opening_extra = True
+                    threading.Thread(target=self._open_extra, daemon=True).start()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("no tunnel could take a new client within 60 s")
+                    return None
+                self.cond.wait(remaining)
+        return None
+
+    def _open_extra(self) -> None:
+        """Another tunnel to the same device, for clients the others cannot take."""
+        log.info("every tunnel is full or retired: opening another one")
+        try:
+            est, socks = self.handshake()
+        except HandshakeError as exc:
+            log.warning("could not open another tunnel: %s", exc)
+            with self.cond:
+                self.opening_extra = False
+                self.cond.notify_all()
+            return
+        slot = self._start_tunnel(est, socks, extra=True)
+        with self.cond:
+            self.opening_extra = False
+            if self.stop.is_set():
+                threading.Thread(target=self._close_slot, args=(slot,), daemon=True).start()
+            else:
+                self.extras.append(slot)
             self.cond.notify_all()
+        log.info("extra tunnel open (%s) to %s", est.path, est.peer)
+
+    def _start_tunnel(
+        self, est: Established, socks: dict[str, socket.socket], extra: bool = False
+    ) -> _Slot:
+        box: list[_Slot] = []
+
+        def on_event(event: ptcp.Event) -> None:
+            # who ended a connection: "peer" is the device (its service closed), "local" is us
+            if isinstance(event, ptcp.RealmClosed):
+                log.info("realm %08x closed (%s)", event.realm, event.reason)
+                if extra and box and box[0].tunnel.realm_count == 0:
+                    self._retire_extra(box[0])
+
+        def on_dead() -> None:
+            if extra and box:
+                self._retire_extra(box[0])
+            with self.cond:
+                self.cond.notify_all()
+
+        tunnel = ptcp.PTCPTunnel(
+            socks[est.sock],
+            est.peer,
+            est.session,
+            on_dead=on_dead,
+            on_event=on_event,
+            own_socket=False,
+            gso=not self.args.no_gso,
+            max_realms=self.args.max_realms,
+            bind_timeout=self.args.bind_timeout,
+        )
+        slot = _Slot(tunnel, est, socks, extra)
+        box.append(slot)
+        tunnel.start()
+        return slot
+
+    def _retire_extra(self, slot: _Slot) -> None:
+        with self.cond:
+            if slot not in self.extras:
+                return
+            self.extras.remove(slot)
+            self.cond.notify_all()
+        log.info("extra tunnel to %s closes (no realm left)", slot.est.peer)
+        threading.Thread(target=self._close_slot, args=(slot,), daemon=True).start()
+
+    def _close_slot(self, slot: _Slot) -> None:
+        """DISC what is open, release a relay, close the sockets."""
+        slot.tunnel.close()
+        log.info("tunnel to %s closed: %s", slot.est.peer, slot.tunnel.health().line())
+        est = slot.est
+        if est.path == "relay" and est.token and est.relay_addr:
+            try:
+                slot.socks[RELAY].sendto(
+                    unbind_request(
+                        est.token, est.relay_cseq, self.args.cloud_user, self.args.cloud_key
+                    ),
+                    est.relay_addr,
+                )
+            except OSError:
+                pass
+        for s in slot.socks.values():
+            s.close()
+
+    def _report(self) -> None:
+        """One line per tunnel every --stats-interval seconds, at -v."""
+        while not self.stop.wait(self.args.stats_interval):
+            with self.cond:
+                slots = ([self.main] if self.main else []) + list(self.extras)
+            for slot in slots:
+                kind = "extra" if slot.extra else "main"
+                log.info("%s tunnel %s: %s", kind, slot.est.path, slot.tunnel.health().line())
 
     def run(self) -> int:
         backoff = 1.0
         attempts = 0
+        if self.args.stats_interval > 0:
+            threading.Thread(target=self._report, name="report", daemon=True).start()
         while not self.stop.is_set():
             try:
                 est, socks = self.handshake()
@@ -1040,20 +1162,11 @@ class Client:
         return EXIT_OK
 
     def _run_tunnel(self, est: Established, socks: dict[str, socket.socket]) -> None:
-        sock = socks[est.sock]
-        tunnel = ptcp.PTCPTunnel(
-            sock,
-            est.peer,
-            est.session,
-            on_dead=self._on_dead,
-            on_event=self._on_event,
-            own_socket=False,
-            gso=not self.args.no_gso,
-        ).start()
+        slot = self._start_tunnel(est, socks)
+        tunnel = slot.tunnel
         log.info("tunnel open (%s) to %s", est.path, est.peer)
         with self.cond:
-            self.tunnel = tunnel
-            self.established = est
+            self.main = slot
             self.cond.notify_all()
         if not self.ready_printed:
             self.ready_printed = True
@@ -1062,22 +1175,17 @@ class Client:
             print(f"reconnected ({est.path})", flush=True)
         with self.cond:
             self.cond.wait_for(lambda: self.stop.is_set() or tunnel.dead.is_set())
-            self.tunnel = None
+            self.main = None
+            extras, self.extras = self.extras, []
         if tunnel.dead.is_set() and not self.stop.is_set():
             log.warning("session with the device died; reconnecting")
-        tunnel.close()
-        if est.path == "relay" and est.token and est.relay_addr:
-            try:
-                socks[RELAY].sendto(
-                    unbind_request(
-                        est.token, est.relay_cseq, self.args.cloud_user, self.args.cloud_key
-                    ),
-                    est.relay_addr,
-                )
-            except OSError:
-                pass
-        for s in socks.values():
-            s.close()
+        for extra in extras:  # on stop; or the device rebooted: they are dead as well
+            if self.stop.is_set() or extra.tunnel.dead.is_set():
+                self._close_slot(extra)
+            else:
+                with self.cond:
+                    self.extras.append(extra)
+        self._close_slot(slot)
 
     def _print_ready(self, est: Established) -> None:
         lines = []
@@ -1128,6 +1236,9 @@ class Client:
         self.stop.set()
         with self.cond:
             self.cond.notify_all()
+            extras, self.extras = self.extras, []
+        for slot in extras:
+            self._close_slot(slot)
         for lst, _ in self.listeners:
             try:
                 lst.close()
@@ -1210,6 +1321,29 @@ def build_parser() -> argparse.ArgumentParser:
         "(default), or from its IP only",
     )
     ptcp.add_ids_argument(p)
+    p.add_argument(
+        "--max-realms",
+        type=int,
+        default=8,
+        metavar="N",
+        help="connections per tunnel; more clients get another tunnel to the device "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--bind-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="a tunnel whose device leaves a connection request unanswered for S seconds "
+        "takes no new connections (default %(default)s)",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="with -v, log each tunnel's counters every S seconds (0: never)",
+    )
     p.add_argument(
         "--no-gso",
         action="store_true",

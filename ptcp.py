@@ -62,6 +62,8 @@ __all__ = [
     "PTCPTunnel",
     "SessionStats",
     "TunnelStats",
+    "TunnelHealth",
+    "TunnelUnavailable",
     "DEFAULT_MAX_DATA",
     "main",
 ]
@@ -102,6 +104,11 @@ PID_BAND = 4096  # capture-style pid stays within this many bytes below 0xFFFF
 
 class PTCPError(Exception):
     """Malformed PTCP input, or an operation the protocol state does not allow."""
+
+
+class TunnelUnavailable(PTCPError):
+    """This tunnel takes no new realm (full, retired or closed); the local client
+    was left untouched, so another tunnel may serve it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,6 +509,8 @@ class Session:
         self._count = 0  # non-empty non-SYN packets transmitted (counter-style pid)
         self._rx_bytes = 0  # body bytes received since our last transmission (capture pid)
         self._resent_at = -RESEND_EVERY  # when we last answered a 0x0a
+        self._echo = 0  # the peer's latest rmid: our lmid it last answered
+        self._peer_clock0: tuple[int, float] | None = None  # its first lmid, and when
         self._clock = ids == IDS_CAPTURE
         self._t0 = now
         self._lmid = initial_lmid & MASK32
@@ -563,6 +572,23 @@ class Session:
         if self._clock:
             return 0xFFFF - min(self._rx_bytes, PID_BAND)
         return (0xFFFF - self._count) & 0xFFFF
+
+    def health(self, now: float, realms: int | None = None) -> TunnelHealth:
+        """Counters for logs and metrics (see :class:`TunnelHealth`)."""
+        skew = 0
+        if self._peer_clock0 is not None and self._clock:
+            lmid0, t0 = self._peer_clock0
+            skew = ((self._rmid - lmid0) & MASK32) - round((self._last_rx - t0) * 1000)
+        return TunnelHealth(
+            sent=self._tx_nxt,
+            peer_recv=self._snd_una,
+            unacked=self.unacked_bytes,
+            lmid_lag_ms=(self._lmid - self._echo) & LMID_MASK if self._echo else 0,
+            inbound_skew_ms=skew,
+            retransmits=self.stats.retransmits,
+            resend_requests=self.stats.resend_requests,
+            realms=len(self._realms) if realms is None else realms,
+        )
 
     def _tick(self, now: float) -> None:
         """Capture-style lmid (PROTOCOLS 2.7 (a)): a millisecond clock in 10 ms steps,
@@ -817,7 +843,7 @@ class Session:
                 and type(data) is bytes
             ):
                 # hot path: the next bytes of the stream, acknowledging nothing new
-                magic, off, ack, _pid, lmid, _rmid, typelen, realm, _z = unpack_data(data)
+                magic, off, ack, _pid, lmid, echo, typelen, realm, _z = unpack_data(data)
                 if (
                     magic == MAGIC
                     and off == self._rcv_nxt
@@ -826,6 +852,7 @@ class Session:
                 ):
                     self.stats.packets_in += 1
                     self._last_rx = now
+                    self._echo = echo
                     if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
                         self._rmid = lmid
                         self._seen_peer = True
@@ -885,7 +912,7 @@ class Session:
             data = bytes(data)
         if len(data) < HEADER_LEN:
             raise PTCPError(f"datagram of {len(data)} bytes is shorter than the PTCP header")
-        magic, off, ack, _pid, lmid, _rmid = HEADER.unpack_from(data)
+        magic, off, ack, _pid, lmid, echo = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise PTCPError("bad magic, not a PTCP packet")
         n = len(data) - HEADER_LEN
@@ -908,6 +935,9 @@ class Session:
         self.stats.packets_in += 1
         self._last_rx = now
         self._rx_bytes += n
+        self._echo = echo
+        if not self._seen_peer:
+            self._peer_clock0 = (lmid, now)
         if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
             self._rmid = lmid
             self._seen_peer = True
@@ -1262,6 +1292,31 @@ class TunnelStats:
     gro_runs: int = 0  # recvmsg calls that returned a coalesced run (UDP_GRO)
 
 
+@dataclass(frozen=True, slots=True)
+class TunnelHealth:
+    """One look at a tunnel (PROTOCOLS 2.7 (b)): bytes we sent, what the peer
+    acknowledged (its recv) and what is unacknowledged; ``lmid_lag_ms`` our lmid
+    less the latest echo of it (rests near the heartbeat interval when healthy);
+    ``inbound_skew_ms`` how far the peer's lmid clock ran from ours since its
+    first packet; retransmissions, 0x0a requests, realms."""
+
+    sent: int
+    peer_recv: int
+    unacked: int
+    lmid_lag_ms: int
+    inbound_skew_ms: int
+    retransmits: int
+    resend_requests: int
+    realms: int
+
+    def line(self) -> str:
+        return (
+            f"sent {self.sent} peer-recv {self.peer_recv} unacked {self.unacked} "
+            f"lmid-lag {self.lmid_lag_ms} ms skew {self.inbound_skew_ms} ms "
+            f"retransmits {self.retransmits} 0x0a {self.resend_requests} realms {self.realms}"
+        )
+
+
 def _after(parts: list[bytes], sent: int) -> list[bytes]:
     """What is left of ``parts`` once ``sent`` bytes of them went out."""
     i = 0
@@ -1302,6 +1357,7 @@ class _Bridge:
         self.opened = threading.Event()
         self.open_result = ""
         self.threads: list[threading.Thread] = []
+        self.detachable = False  # until opened, abort() leaves the socket to forward()
         self._closed = False
 
     def start(self) -> None:
@@ -1368,7 +1424,8 @@ class _Bridge:
             self.queued = 0
             self.cond.notify()
         self.can_read.set()  # our reader may wait for backlog room
-        self.close_socket()
+        if not self.detachable:  # else forward() decides: another tunnel may take it
+            self.close_socket()
         self.opened.set()
 
     def close_socket(self) -> None:
@@ -1465,9 +1522,15 @@ class PTCPTunnel:
         clock: Callable[[], float] = time.monotonic,
         own_socket: bool = True,
         gso: bool = True,
+        max_realms: int | None = None,
+        bind_timeout: float | None = None,
         **session_options: object,
     ) -> None:
         self.sock = sock
+        self.max_realms = max_realms
+        self.bind_timeout = bind_timeout
+        self.retired = False  # a bind went unanswered: serve the realms we have, no new one
+        self._bind_gate = threading.Lock()  # PROTOCOLS 2.7 (b): one BIND outstanding
         self.peer = peer
         self.clock = clock
         self.session = (
@@ -1597,31 +1660,78 @@ class PTCPTunnel:
 
     # -- client side ------------------------------------------------------
 
+    @property
+    def realm_count(self) -> int:
+        """Realms bridged now (open or being opened)."""
+        return len(self._bridges)
+
+    def has_room(self) -> bool:
+        """Whether :meth:`forward` may take a new realm here now."""
+        return not (
+            self._stop
+            or self.session.dead
+            or self.retired
+            or (self.max_realms is not None and len(self._bridges) >= self.max_realms)
+        )
+
     def forward(
-        self, client: socket.socket, remote_port: int, ip: str = "127.0.0.1", timeout: float = 10.0
+        self,
+        client: socket.socket,
+        remote_port: int,
+        ip: str = "127.0.0.1",
+        timeout: float = 10.0,
+        *,
+        keep_client: bool = False,
     ) -> int:
         """Bridge a connected local TCP socket to a new realm bound to ``ip:remote_port``.
 
-        Blocks until the peer answers (CONN) and returns the realm; raises PTCPError
-        (and closes ``client``) when the bind is refused, times out or the tunnel ends.
+        Binds go out one at a time (PROTOCOLS 2.7 (b)).  Blocks until the peer
+        answers (CONN) and returns the realm; raises PTCPError (and closes
+        ``client``) when the bind is refused, times out or the tunnel ends.  With
+        ``keep_client``, when this tunnel cannot take the realm (full, retired,
+        closed, or a bind unanswered within ``bind_timeout``, which retires it) it
+        raises :class:`TunnelUnavailable` and leaves ``client`` open.
         """
-        with self._lock:
-            if self._stop or self.session.dead:
-                client.close()
-                raise PTCPError("tunnel is closed")
-            realm = self.session.open_realm(remote_port, self.clock(), ip, timeout)
-            bridge = _Bridge(self, realm, client)
-            self._bridges[realm] = bridge
-            self._flush()
-            self._wake_locked()
-        if not bridge.opened.wait(timeout + 5.0):  # the Session's own timer should fire first
-            bridge.set_opened("timeout")
-        if bridge.open_result != "connected":
+        if self.bind_timeout is not None:
+            timeout = min(timeout, self.bind_timeout)
+        with self._bind_gate:
+            with self._lock:
+                if not self.has_room():
+                    why = "closed" if self._stop or self.session.dead else "full or retired"
+                    if not keep_client:
+                        client.close()
+                    raise TunnelUnavailable(f"tunnel is {why}")
+                realm = self.session.open_realm(remote_port, self.clock(), ip, timeout)
+                bridge = _Bridge(self, realm, client)
+                bridge.detachable = keep_client
+                self._bridges[realm] = bridge
+                self._flush()
+                self._wake_locked()
+            if not bridge.opened.wait(timeout + 5.0):  # the Session's timer should fire first
+                bridge.set_opened("timeout")
+        result = bridge.open_result
+        if result != "connected":
             bridge.abort()
-            raise PTCPError(f"bind to port {remote_port} failed: {bridge.open_result or 'closed'}")
+            with self._lock:
+                self._bridges.pop(realm, None)
+            if result == "timeout" and self.bind_timeout is not None and not self.retired:
+                self.retired = True
+                log.warning(
+                    "no answer to a bind within %.1f s: this tunnel takes no new realms", timeout
+                )
+            if keep_client and result in ("timeout", "peer dead", "closed", ""):
+                raise TunnelUnavailable(f"bind to port {remote_port}: {result or 'closed'}")
+            bridge.close_socket()
+            raise PTCPError(f"bind to port {remote_port} failed: {result or 'closed'}")
+        bridge.detachable = False
         self.stats.realms_opened += 1
         bridge.start()
         return realm
+
+    def health(self) -> TunnelHealth:
+        """Counters of the session and the tunnel now (for logs and metrics)."""
+        with self._lock:
+            return self.session.health(self.clock(), realms=len(self._bridges))
 
     def listen(
         self, remote_port: int, local_port: int = 0, host: str = "127.0.0.1"

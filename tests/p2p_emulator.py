@@ -134,6 +134,7 @@ class PeerSession:
         self.rto = MIN_RTO
         self.retx_at: float | None = None
         self.punished = False  # a header rule of 2.7 broken: consumes nothing more
+        self.frozen = False  # takes nothing from the client any more (an outbound stall)
         self.silent = False  # a hole never filled: says nothing more
         self.hole_since: float | None = None
         self.next_nack = 0.0
@@ -217,7 +218,7 @@ class PeerSession:
         body = data[PTCP_HEADER.size :]
         if self.punished or self.silent:
             return
-        if self.emu.frozen:
+        if self.frozen:
             return  # its recv never moves again; it still sends (see Emulator.freeze)
         hole_at = self.emu.hole_at
         if hole_at is not None and body[:1] == b"\x10" and not self.client_drops:
@@ -420,6 +421,7 @@ class PeerSession:
         self.emu.bind_lengths.append(int.from_bytes(body[1:4], "big"))
         limit = self.emu.bind_limit
         if limit is not None and self.binds_granted >= limit:
+            self.closed_realms.add(realm)  # the client's DISC for it is fair
             return  # this tunnel stopped granting binds: no answer at all (2.7 (b))
         self.binds_granted += 1
         self.emu.binds.append(port)
@@ -514,7 +516,6 @@ class Emulator:
         self.relay_only = relay_only
         self.bind_limit = bind_limit
         self.hole_at = hole_at
-        self.frozen = False
         self.bind_lengths: list[int] = []
         self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
         self.stray = stray
@@ -623,9 +624,15 @@ class Emulator:
         return int(self.call(lambda: sum(1 for s in self.sessions.values() if s.open)))  # type: ignore[arg-type]
 
     def freeze(self) -> None:
-        """From now on no session takes anything from its client: their recv stops
-        moving (PROTOCOLS 2.7 (b), outbound stall) while they keep sending."""
-        self.frozen = True
+        """The sessions open now take nothing more from their clients: their recv
+        stops moving (PROTOCOLS 2.7 (b), outbound stall) while they keep sending.
+        Sessions opened later work."""
+
+        def go() -> None:
+            for session in self.sessions.values():
+                session.frozen = True
+
+        self.call(go)
 
     def header_stats(self) -> dict[str, int]:
         """0x0a requests sent and holes filled, over every session."""

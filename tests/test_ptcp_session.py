@@ -598,7 +598,9 @@ def test_dead_session_refuses_new_work():
     start=st.integers(0, MASK32),
 )
 def test_any_link_any_start_delivers_byte_exact(seed, loss, dup, reorder, size, max_data, start):
-    opts = {"max_data": max_data, "window_bytes": 64 * 1024 + max_data}
+    # up to 25% loss each way can back the timer off past 20 s of no progress: the
+    # stall rule is a liveness policy for real devices, not what this test is about
+    opts = {"max_data": max_data, "window_bytes": 64 * 1024 + max_data, "stall_after": None}
     a = Session(now=0.0, initial_sent=start, initial_recv=start ^ 0x5555, **opts)
     b = Session(now=0.0, initial_sent=start ^ 0x5555, initial_recv=start, **opts)
     realm = connect_pair(a, b)
