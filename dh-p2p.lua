@@ -299,6 +299,9 @@ local ptcp = Proto("ptcp", "Dahua PTCP tunnel")
 -- then carries the pseudo value TYPE_ACK so that "ptcp.type == 0x100" finds acks.
 local TYPE_ACK = 0x100
 local TYPE_SYN, TYPE_DATA, TYPE_BIND, TYPE_STATUS, TYPE_HEARTBEAT = 0x00, 0x10, 0x11, 0x12, 0x13
+-- PROTOCOLS 2.5, 2.7 (b): the device's retransmission request. Out of band: its body is
+-- not counted in the sender's stream (its next data packet carries the same sent).
+local TYPE_RESEND = 0x0a
 local TYPE_NAMES = {
     [TYPE_ACK] = "ack",
     [TYPE_SYN] = "SYN",
@@ -306,6 +309,7 @@ local TYPE_NAMES = {
     [TYPE_BIND] = "bind",
     [TYPE_STATUS] = "status",
     [TYPE_HEARTBEAT] = "heartbeat",
+    [TYPE_RESEND] = "retransmission request",
     [0x17] = "sign exchange: request",
     [0x18] = "sign exchange: unknown",
     [0x19] = "sign exchange: sign",
@@ -330,6 +334,7 @@ local f = {
     syn = ProtoField.uint24("ptcp.syn", "SYN value", base.HEX),
     realm = ProtoField.uint32("ptcp.realm", "Realm", base.HEX),
     reserved = ProtoField.uint32("ptcp.reserved", "Reserved", base.HEX),
+    resend = ProtoField.bytes("ptcp.resend", "Retransmission request fields (layout not settled)"),
     bind_port = ProtoField.uint32("ptcp.bind.port", "Bind port", base.DEC),
     bind_ip = ProtoField.ipv4("ptcp.bind.ip", "Bind IPv4 address"),
     status = ProtoField.string("ptcp.status", "Status"),
@@ -348,8 +353,8 @@ local f = {
 }
 ptcp.fields = {
     f.magic, f.sent, f.recv, f.pid, f.lmid, f.rmid, f.body, f.ptype, f.length, f.syn, f.realm,
-    f.reserved, f.bind_port, f.bind_ip, f.status, f.data, f.sign, f.realm_port, f.realm_bind,
-    f.reassembled, f.retransmission, f.held_in, f.held_from, f.batch_count, f.batch_index,
+    f.reserved, f.resend, f.bind_port, f.bind_ip, f.status, f.data, f.sign, f.realm_port,
+    f.realm_bind, f.reassembled, f.retransmission, f.held_in, f.held_from, f.batch_count, f.batch_index,
     f.batch_segment,
 }
 
@@ -487,6 +492,10 @@ local function track_sequence(tvb, pinfo, conv, pkey)
     if not st then return restart(0) end
     d.gen = st.gen
     if blen == 0 then return d end
+    if tvb(HEADER_LEN, 1):uint() == TYPE_RESEND then
+        d.out_of_band = true -- not in the stream: no retransmission, no hole
+        return d
+    end
     local ahead = diff32(sent, st.next)
     if ahead > 0 and st.nheld > 0
         and (st.nheld >= HOLD_PACKETS or now - st.since > HOLD_SECONDS) then
@@ -653,6 +662,14 @@ local function dissect_body(tvb, pinfo, tree, subtree, off, seq, pkey)
         return string.format("PTCP ack sent %d recv %d", tvb(4, 4):uint(), tvb(8, 4):uint())
     end
     local body_tree = subtree:add(f.body, tvb(off))
+    if tvb(off, 1):uint() == TYPE_RESEND then
+        -- any length and layout (one sample: 0a 00 08 53 00000000 003a00)
+        body_tree:add(f.ptype, tvb(off, 1), TYPE_RESEND)
+        body_tree:set_text("Body: retransmission request")
+        if blen > 1 then body_tree:add(f.resend, tvb(off + 1, blen - 1)) end
+        return string.format("PTCP retransmission request from offset %d (%d bytes, "
+            .. "not counted in the stream)", tvb(8, 4):uint(), blen)
+    end
     if blen < 4 then
         body_tree:add_proto_expert_info(e.short_body, string.format(
             "Body of %d bytes is shorter than its 4-byte type and length", blen))

@@ -150,8 +150,9 @@ def data_body(realm: int, data: bytes) -> bytes:
     return struct.pack(">II", 0x10000000 | len(data), realm) + b"\x00" * 4 + data
 
 
-def bind_body(realm: int, port: int) -> bytes:
-    return struct.pack(">IIII", 0x11000000, realm, 0, port) + bytes([127, 0, 0, 1])
+def bind_body(realm: int, port: int, length_field: int = 0) -> bytes:
+    """A bind; the official app puts 8 in its length field, older tools 0 (PROTOCOLS 2.7 (a))."""
+    return struct.pack(">IIII", 0x11000000 | length_field, realm, 0, port) + bytes([127, 0, 0, 1])
 
 
 def status_body(realm: int, status: bytes) -> bytes:
@@ -495,7 +496,13 @@ def build_session(vec: dict) -> Session:
     tunnel(dev, cli, data_body(
         REALM_HTTP, b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\ntype=IPC-HFW\n"
     ), "http_reply")
-    tunnel(cli, dev, bind_body(REALM_PRIV, 37777), "bind37777")
+    tunnel(cli, dev, bind_body(REALM_PRIV, 37777, length_field=8), "bind37777")
+    # The device asks for a retransmission (0x0a, the captured 11-byte sample): out of
+    # band, its sent is the offset of its next real body, which follows in order.
+    s.add(DEVICE, CLIENT, ptcp_header(dev.sent, dev.recv, 0xFFFF, dev.lmid, dev.rmid)
+          + bytes.fromhex("0a00085300000000003a00"), "resend_request")
+    s.add(DEVICE, CLIENT, ptcp_header(dev.sent, dev.recv, 0xFFFF, dev.lmid, dev.rmid)
+          + b"\x0a", "resend_request_bare")
     tunnel(cli, dev, data_body(REALM_PRIV, b"\xa0\x00\x00\x60" + b"\x00" * 28), "priv_data")
     tunnel(cli, dev, data_body(REALM_UNBOUND, b"GET / HTTP/1.1\r\n\r\n"), "unbound_data")
     # Not a batch although "PTCP" shows inside: data whose bytes would fit as segments of

@@ -78,6 +78,7 @@ TABLE_FIELDS = [
     "ptcp.length",
     "ptcp.realm",
     "ptcp.bind.port",
+    "ptcp.resend",
     "ptcp.bind.ip",
     "ptcp.status",
     "ptcp.realm.port",
@@ -982,3 +983,30 @@ def test_real_tunnel_upload_in_gso_batches(spawn, tmp_path: Path) -> None:
     assert responses == [["200"]]
     res = tshark(cap, "-Y", "_ws.lua.error || _ws.malformed", two_pass=True)
     assert res.returncode == 0 and res.lines == [], res.stdout + res.stderr
+
+
+def test_retransmission_request_is_out_of_band(
+    capture: Path, session: Session, table: dict[int, dict[str, str]]
+) -> None:
+    """0x0a (PROTOCOLS 2.7 (b)) in any length: named, fields kept, no expert, and not
+    counted in the device's stream: its next body is in order, not a retransmission."""
+    m = session.marks
+    for mark in ("resend_request", "resend_request_bare"):
+        row = table[m[mark]]
+        assert int(row["ptcp.type"], 16) == 0x0A, mark
+        assert row["_ws.expert.message"] == "", (mark, row["_ws.expert.message"])
+        assert row["_ws.col.Info"].startswith("PTCP retransmission request from offset "), mark
+    assert table[m["resend_request"]]["ptcp.resend"].replace(":", "") == "00085300000000003a00"
+    requests = fields(capture, "ptcp.type == 0x0a", "frame.number")
+    assert [int(r[0]) for r in requests] == [m["resend_request"], m["resend_request_bare"]]
+    after = [int(r[0]) for r in fields(capture, "ptcp.retransmission", "frame.number")]
+    device_next = m["disc_dev"]
+    assert device_next not in after and m["resend_request"] not in after
+    assert table[device_next]["ptcp.status"] == "DISC"
+
+
+def test_bind_with_the_captured_length_field(session: Session, table: dict[int, dict[str, str]]):
+    row = table[session.marks["bind37777"]]
+    assert int(row["ptcp.length"]) == 8 and int(row["ptcp.bind.port"]) == 37777
+    assert row["_ws.expert.message"] == ""
+    assert row["_ws.col.Info"] == f"PTCP bind realm 0x{REALM_PRIV:08x} to 127.0.0.1:37777"
