@@ -75,6 +75,8 @@ TARGETS = [
     ("rtt_p50_ms", "<=", 1.0, "round trip p50 <= 1 ms"),
     ("rtt_p99_ms", "<=", 5.0, "round trip p99 <= 5 ms"),
     ("realms_32_vs_1", ">=", 0.90, "32 realms >= 90% of one realm's throughput"),
+    ("device_download_near_cpu_s_per_GB", "<=", 3.0,
+     "download from a device (one datagram per packet): near side <= 3 CPU s/GB"),
     ("realms_32_min_vs_fair", ">=", 0.5, "no realm starves (slowest >= 50% of fair share)"),
     ("proxy_32_cpu_share", "<=", 0.25, "proxy, 32 viewers <= 25% of one core"),
     ("lab_ready_direct_s", "<=", 2.0, "NAT lab: start to ready, direct <= 2 s"),
@@ -247,17 +249,19 @@ class Tunnel:
 
     FLOOD, SINK, ECHO = 9, 10, 7
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(
+        self, extra: list[str], far_extra: list[str] | None = None, script: Path | None = None
+    ) -> None:
         self.flood, self.sink, self.echo = FloodProcess(), Sink(), EchoServer()
         self.procs: list[subprocess.Popen] = []
-        py, script = sys.executable, str(REPO / "ptcp.py")
+        py, script = sys.executable, str(script or REPO / "ptcp.py")
         maps = [
             f"--map={self.FLOOD}=127.0.0.1:{self.flood.port}",
             f"--map={self.SINK}=127.0.0.1:{self.sink.port}",
             f"--map={self.ECHO}=127.0.0.1:{self.echo.port}",
         ]
         try:
-            argv = [py, script, "-q", *extra, "serve", *maps]
+            argv = [py, script, "-q", *extra, *(far_extra or []), "serve", *maps]
             self.far, m = start(argv, r"udp 127\.0\.0\.1:(\d+)")
             self.procs.append(self.far)
             fw = [f"--forward=0:{p}" for p in (self.FLOOD, self.SINK, self.ECHO)]
@@ -395,7 +399,7 @@ def _rates(way: str, size: int, dt: float, near: float, far: float) -> dict[str,
 
 def tunnel_bench(args: argparse.Namespace) -> dict:
     extra = ["--delayed-ack"] if args.delayed_ack else []
-    tunnel = Tunnel(extra + (["--no-gso"] if args.no_gso else []))
+    tunnel = Tunnel(extra + (["--no-gso"] if args.no_gso else []), script=args.ptcp_script)
     out: dict = {}
     try:
         out |= tunnel.download(args.mb * MB)
@@ -412,6 +416,14 @@ def tunnel_bench(args: argparse.Namespace) -> dict:
     finally:
         tunnel.close()
     out["realms_32_vs_1"] = out["realms_32_MBps"] / out["realms_1_MBps"]
+    # As from a device: the far end sends one datagram per packet (no GSO) and acks
+    # each packet it gets; the near end is the driver dh_p2p uses, as configured.
+    device = Tunnel(extra, far_extra=["--no-gso"], script=args.ptcp_script)
+    try:
+        got = device.download(args.mb * MB)
+    finally:
+        device.close()
+    out |= {k.replace("download", "device_download"): v for k, v in got.items()}
     return out
 
 
@@ -706,6 +718,10 @@ def print_table(res: dict, info: dict) -> None:
         ("  near / far CPU", f"{res['upload_near_cpu_s_per_GB']:.1f} / "
          f"{res['upload_far_cpu_s_per_GB']:.1f} s/GB"),
         ("round trip 64 B p50 / p99", f"{res['rtt_p50_ms']:.2f} / {res['rtt_p99_ms']:.2f} ms"),
+        ("download from a device (far end: one datagram per packet)",
+         f"{res['device_download_MBps']:.0f} MB/s "
+         f"({res['device_download_MBps'] / res['raw_udp_MBps']:.0%}), near side "
+         f"{res['device_download_near_cpu_s_per_GB']:.1f} CPU s/GB"),
     ]  # fmt: skip
     for n in REALM_COUNTS:
         rows.append((f"{n} realms download", f"{res[f'realms_{n}_MBps']:.0f} MB/s, slowest "
@@ -770,6 +786,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-lab", action="store_true", help="skip the NAT lab part")
     p.add_argument("--only-lab", action="store_true", help="run the NAT lab part alone")
     p.add_argument("--lab-runs", type=int, default=5, help="dh_p2p starts per lab path (5)")
+    p.add_argument(
+        "--ptcp-script",
+        type=Path,
+        help="the ptcp.py to measure (default: this checkout's), e.g. an older one to compare",
+    )
     p.add_argument("--raw-rx", type=float, help=argparse.SUPPRESS)
     p.add_argument("--flood-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--raw-tx", nargs=2, type=float, help=argparse.SUPPRESS)
