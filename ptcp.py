@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from exitcodes import EPILOG, ExitCode
 
@@ -77,6 +78,7 @@ HEADER = struct.Struct(">4sIIIII")  # magic, sent, recv, pid, lmid, rmid
 HEADER_LEN = HEADER.size  # 24
 _TYPELEN = struct.Struct(">I")  # body type (high byte) + 24-bit length
 _REALM_HEAD = struct.Struct(">III")  # type/len, realm, zero
+REALM_HEAD_LEN = _REALM_HEAD.size  # 12: where a realm-scoped body's own bytes start
 _DATA_HEAD = struct.Struct(">4sIIIIIIII")  # header + type/len, realm, zero of a data body
 _RUN_PACKETS = 64  # data packets joined into one DataReceived (< 128 KiB: no mmap per join)
 _BIND_TAIL = struct.Struct(">I4s")  # port, IPv4
@@ -85,6 +87,7 @@ HALF32 = 0x80000000
 
 SYN_BODY = b"\x00\x03\x01\x00"
 SYN_PID = 0x0002FFFF
+T_SYN = 0x00  # the SYN body 00 03 01 00 reads as type 0x00
 T_DATA = 0x10
 T_BIND = 0x11
 T_STATUS = 0x12
@@ -204,78 +207,127 @@ def _ip_bytes(ip: str) -> bytes:
         raise PTCPError(f"bind address must be IPv4, got {ip!r}") from exc
 
 
+# The body codec: one row per body type, (class, pack, unpack), as a table.  Both
+# directions of the Session use it; only in-order data and pure acks take short cuts
+# in Session._receive.
+
+
+def _pack_data(body: Data) -> bytes:
+    data = bytes(body.data)
+    if len(data) > 0xFFFFFF:
+        raise PTCPError("data body longer than the 24-bit length field")
+    return _REALM_HEAD.pack((T_DATA << 24) | len(data), _u32(body.realm, "realm"), 0) + data
+
+
+def _unpack_data(raw: memoryview) -> Data:
+    if len(raw) < REALM_HEAD_LEN:
+        raise PTCPError("data body shorter than 12 bytes")
+    typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
+    if typelen & 0xFFFFFF != len(raw) - REALM_HEAD_LEN:
+        raise PTCPError(
+            f"data length field {typelen & 0xFFFFFF} but {len(raw) - REALM_HEAD_LEN} data bytes"
+        )
+    return Data(realm, bytes(raw[REALM_HEAD_LEN:]))
+
+
+def _pack_bind(body: Bind) -> bytes:
+    if not 0 <= body.length_field <= 0xFFFFFF:
+        raise PTCPError("bind length field must fit 24 bits")
+    head = _REALM_HEAD.pack((T_BIND << 24) | body.length_field, _u32(body.realm, "realm"), 0)
+    return head + _BIND_TAIL.pack(_u32(body.port, "port"), _ip_bytes(body.ip))
+
+
+def _unpack_bind(raw: memoryview) -> Bind:
+    if len(raw) != REALM_HEAD_LEN + _BIND_TAIL.size:
+        raise PTCPError(f"bind body of {len(raw)} bytes, expected 20")
+    typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
+    port, ip = _BIND_TAIL.unpack_from(raw, REALM_HEAD_LEN)
+    return Bind(realm, port, socket.inet_ntop(socket.AF_INET, ip), typelen & 0xFFFFFF)
+
+
+def _pack_status(body: Status) -> bytes:
+    head = _REALM_HEAD.pack(T_STATUS << 24, _u32(body.realm, "realm"), 0)
+    return head + (_CONN if body.connected else _DISC)
+
+
+def _unpack_status(raw: memoryview) -> Status:
+    if len(raw) != REALM_HEAD_LEN + 4:
+        raise PTCPError(f"status body of {len(raw)} bytes, expected 16")
+    word = bytes(raw[REALM_HEAD_LEN:])
+    if word not in (_CONN, _DISC):
+        raise PTCPError(f"status word {word!r} is neither CONN nor DISC")
+    return Status(_REALM_HEAD.unpack_from(raw)[1], word == _CONN)
+
+
+def _unpack_heartbeat(raw: memoryview) -> Heartbeat:
+    if len(raw) != len(HEARTBEAT_BODY):
+        raise PTCPError(f"heartbeat body of {len(raw)} bytes, expected 12")
+    return Heartbeat()
+
+
+def _pack_command(body: Command) -> bytes:
+    if not 0 <= body.type <= 0xFF or (body.type in _BODY_TYPES and body.type != T_SYN):
+        raise PTCPError(f"command type {body.type!r} is not an opaque command type")
+    if len(body.params) != 11:
+        raise PTCPError("command params must be 11 bytes")
+    return bytes((body.type,)) + bytes(body.params) + bytes(body.payload)
+
+
+def _unpack_command(raw: memoryview) -> Command:
+    if len(raw) < 12:
+        raise PTCPError(f"command body 0x{raw[0]:02x} of {len(raw)} bytes is shorter than 12")
+    return Command(raw[0], bytes(raw[12:]), bytes(raw[1:12]))
+
+
+def _unpack_syn(raw: memoryview) -> Syn | Command:
+    if bytes(raw) == SYN_BODY:
+        return Syn()
+    return _unpack_command(raw)  # type 0x00 but not the SYN: an opaque command
+
+
+@dataclass(frozen=True, slots=True)
+class _BodyCodec:
+    cls: type
+    pack: Callable[[Any], bytes]
+    unpack: Callable[[memoryview], Body]
+
+
+_BODY_TYPES: dict[int, _BodyCodec] = {
+    T_SYN: _BodyCodec(Syn, lambda _body: SYN_BODY, _unpack_syn),
+    T_DATA: _BodyCodec(Data, _pack_data, _unpack_data),
+    T_BIND: _BodyCodec(Bind, _pack_bind, _unpack_bind),
+    T_STATUS: _BodyCodec(Status, _pack_status, _unpack_status),
+    T_HEARTBEAT: _BodyCodec(Heartbeat, lambda _body: HEARTBEAT_BODY, _unpack_heartbeat),
+    # any length and layout (PROTOCOLS 2.7 (b)); even a bare type byte
+    T_RESEND: _BodyCodec(
+        ResendRequest,
+        lambda body: bytes((T_RESEND,)) + bytes(body.fields),
+        lambda raw: ResendRequest(bytes(raw[1:])),
+    ),
+}
+_COMMANDS = _BodyCodec(Command, _pack_command, _unpack_command)  # every other type
+_BY_CLASS = {codec.cls: codec for codec in (*_BODY_TYPES.values(), _COMMANDS)}
+
+
 def encode_body(body: Body | None) -> bytes:
     """Encode one body (b"" for None)."""
     if body is None:
         return b""
-    if isinstance(body, Data):
-        data = bytes(body.data)
-        if len(data) > 0xFFFFFF:
-            raise PTCPError("data body longer than the 24-bit length field")
-        return _REALM_HEAD.pack((T_DATA << 24) | len(data), _u32(body.realm, "realm"), 0) + data
-    if isinstance(body, Syn):
-        return SYN_BODY
-    if isinstance(body, Bind):
-        if not 0 <= body.length_field <= 0xFFFFFF:
-            raise PTCPError("bind length field must fit 24 bits")
-        head = _REALM_HEAD.pack((T_BIND << 24) | body.length_field, _u32(body.realm, "realm"), 0)
-        return head + _BIND_TAIL.pack(_u32(body.port, "port"), _ip_bytes(body.ip))
-    if isinstance(body, Status):
-        head = _REALM_HEAD.pack(T_STATUS << 24, _u32(body.realm, "realm"), 0)
-        return head + (_CONN if body.connected else _DISC)
-    if isinstance(body, Heartbeat):
-        return HEARTBEAT_BODY
-    if isinstance(body, ResendRequest):
-        return bytes((T_RESEND,)) + bytes(body.fields)
-    if isinstance(body, Command):
-        reserved = (T_DATA, T_BIND, T_STATUS, T_HEARTBEAT, T_RESEND)
-        if not 0 <= body.type <= 0xFF or body.type in reserved:
-            raise PTCPError(f"command type {body.type!r} is not an opaque command type")
-        if len(body.params) != 11:
-            raise PTCPError("command params must be 11 bytes")
-        return bytes((body.type,)) + bytes(body.params) + bytes(body.payload)
-    raise PTCPError(f"not a PTCP body: {body!r}")
+    codec = _BY_CLASS.get(type(body))
+    if codec is None:
+        raise PTCPError(f"not a PTCP body: {body!r}")
+    return codec.pack(body)
 
 
 def decode_body(raw: bytes | memoryview) -> Body | None:
     """Decode one body; b"" is None (acknowledgement).  Raises PTCPError."""
-    n = len(raw)
-    if n == 0:
+    if not raw:
         return None
-    kind = raw[0]
-    if kind == T_RESEND:  # any length, any layout (PROTOCOLS 2.7 (b))
-        return ResendRequest(bytes(raw[1:]))
-    if n < 4:
-        raise PTCPError(f"body of {n} bytes is shorter than its 4-byte type field")
-    if kind == T_DATA:
-        if n < 12:
-            raise PTCPError("data body shorter than 12 bytes")
-        typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
-        if typelen & 0xFFFFFF != n - 12:
-            raise PTCPError(f"data length field {typelen & 0xFFFFFF} but {n - 12} data bytes")
-        return Data(realm, bytes(raw[12:]))
-    if kind == T_BIND:
-        if n != 20:
-            raise PTCPError(f"bind body of {n} bytes, expected 20")
-        typelen, realm, _zero = _REALM_HEAD.unpack_from(raw)
-        port, ip = _BIND_TAIL.unpack_from(raw, 12)
-        return Bind(realm, port, socket.inet_ntop(socket.AF_INET, ip), typelen & 0xFFFFFF)
-    if kind == T_STATUS:
-        if n != 16:
-            raise PTCPError(f"status body of {n} bytes, expected 16")
-        word = bytes(raw[12:16])
-        if word not in (_CONN, _DISC):
-            raise PTCPError(f"status word {word!r} is neither CONN nor DISC")
-        return Status(_REALM_HEAD.unpack_from(raw)[1], word == _CONN)
-    if kind == T_HEARTBEAT:
-        if n != 12:
-            raise PTCPError(f"heartbeat body of {n} bytes, expected 12")
-        return Heartbeat()
-    if n == 4 and bytes(raw) == SYN_BODY:
-        return Syn()
-    if n < 12:
-        raise PTCPError(f"command body 0x{kind:02x} of {n} bytes is shorter than 12")
-    return Command(kind, bytes(raw[12:]), bytes(raw[1:12]))
+    raw = memoryview(raw)
+    codec = _BODY_TYPES.get(raw[0], _COMMANDS)
+    if codec is not _BODY_TYPES[T_RESEND] and len(raw) < 4:
+        raise PTCPError(f"body of {len(raw)} bytes is shorter than its 4-byte type field")
+    return codec.unpack(raw)
 
 
 def encode_packet(packet: Packet) -> bytes:
@@ -401,7 +453,7 @@ class _Seg:
     ) -> None:
         self.offset = offset
         self.body = body
-        self.size = len(body) if realm is None else len(body) + 12
+        self.size = len(body) if realm is None else len(body) + REALM_HEAD_LEN
         self.end = (offset + self.size) & MASK32
         self.syn = syn
         self.realm = realm
@@ -476,7 +528,7 @@ class Session:
     ) -> None:
         if not 1 <= max_data <= 0xFFFFFF:
             raise ValueError("max_data out of range")
-        if window_bytes < max_data + 12:
+        if window_bytes < max_data + REALM_HEAD_LEN:
             raise ValueError("window_bytes must hold at least one data body")
         if ids not in (IDS_CAPTURE, IDS_COUNTER):
             raise ValueError(f"ids must be {IDS_CAPTURE!r} or {IDS_COUNTER!r}, not {ids!r}")
@@ -523,7 +575,7 @@ class Session:
         self._seen_peer = False
         self._ooo: dict[int, tuple[int, Body | DataReceived]] = {}
         # timing / congestion (RFC 6298 + NewReno, counted in body bytes)
-        self._mss = max_data + 12
+        self._mss = max_data + REALM_HEAD_LEN
         self._cwnd = min(10 * self._mss, window_bytes)
         self._ssthresh = window_bytes
         self._srtt: float | None = None
@@ -785,7 +837,7 @@ class Session:
             segs.append(seg)
             pos += step
         self._next_off = off
-        self._buffered += take + 12 * ((take + step - 1) // step)
+        self._buffered += take + REALM_HEAD_LEN * ((take + step - 1) // step)
         self._push(now)
         return take
 
@@ -814,7 +866,7 @@ class Session:
         """Process datagrams that arrived together; returns how many were not PTCP.
 
         The same as :meth:`receive_datagram` on each in turn (the same datagrams
-        out, the same state), except that:
+        out, the same events), except that:
 
         * a pure acknowledgement followed by one that acknowledges more is only
           counted: the later one acknowledges the same bytes at the same ``now``
@@ -824,6 +876,27 @@ class Session:
         * in-order data packets of one realm that follow each other make one
           :class:`DataReceived` with all their bytes.
         """
+        return self._receive(datagrams, now, strict=False)
+
+    def receive_datagram(self, data: bytes | memoryview, now: float) -> None:
+        """Process one datagram from the peer.  Raises PTCPError if it is not PTCP."""
+        self._receive([data], now, strict=True)
+
+    def _heard(self, lmid: int, echo: int, now: float) -> None:
+        """Bookkeeping for every PTCP packet from the peer: liveness, rmid, echo."""
+        self.stats.packets_in += 1
+        self._last_rx = now
+        self._echo = echo
+        if not self._seen_peer:
+            self._seen_peer = True
+            self._peer_clock0 = (lmid, now)
+            self._rmid = lmid
+        elif 0 < ((lmid - self._rmid) & MASK32) < HALF32:
+            self._rmid = lmid
+
+    def _receive(self, datagrams: list, now: float, strict: bool) -> int:
+        """The one receive path: in-order data and superseded acks take short cuts,
+        everything else goes through the codec (:func:`decode_body`)."""
         bad = 0
         last = len(datagrams) - 1
         if self._clock:
@@ -834,15 +907,16 @@ class Session:
         run_realm = -1  # realm of the data run being collected (-1: none)
         run: list[memoryview] = []
         for i, data in enumerate(datagrams):
+            if type(data) is not bytes:
+                data = bytes(data)  # segments may keep views of it: only immutable bytes
             n = len(data)
             if (
                 n > _DATA_HEAD.size
                 and data[HEADER_LEN] == T_DATA
                 and not self._ooo
                 and not self._dead
-                and type(data) is bytes
             ):
-                # hot path: the next bytes of the stream, acknowledging nothing new
+                # short cut: the next bytes of the stream, acknowledging nothing new
                 magic, off, ack, _pid, lmid, echo, typelen, realm, _z = unpack_data(data)
                 if (
                     magic == MAGIC
@@ -850,12 +924,7 @@ class Session:
                     and ack == self._snd_una
                     and typelen & 0xFFFFFF == n - _DATA_HEAD.size
                 ):
-                    self.stats.packets_in += 1
-                    self._last_rx = now
-                    self._echo = echo
-                    if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
-                        self._rmid = lmid
-                        self._seen_peer = True
+                    self._heard(lmid, echo, now)
                     self._rx_bytes += n - HEADER_LEN
                     self._rcv_nxt = (off + n - HEADER_LEN) & MASK32
                     if self._realms.get(realm) == OPEN:
@@ -884,8 +953,9 @@ class Session:
                 and self._recover is None
                 and not self._dead
             ):
-                magic, _off, ack, _pid, lmid, _rmid = unpack(data)
-                magic2, _off2, ack2, _pid2, _lmid2, _rmid2 = unpack(datagrams[i + 1])
+                # short cut: a pure ack that the next one in the batch supersedes
+                magic, _off, ack, _pid, lmid, echo = unpack(data)
+                magic2, _off2, ack2, _pid2, _lmid2, _echo2 = unpack(datagrams[i + 1])
                 adv = (ack - self._snd_una) & MASK32
                 if (
                     magic == MAGIC
@@ -893,54 +963,34 @@ class Session:
                     and 0 < adv <= ((self._tx_nxt - self._snd_una) & MASK32)
                     and 0 < ((ack2 - ack) & MASK32) < HALF32
                 ):
-                    self.stats.packets_in += 1
-                    if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
-                        self._rmid = lmid
-                        self._seen_peer = True
+                    self._heard(lmid, echo, now)
                     continue
             try:
-                self.receive_datagram(data, now)
+                self._receive_packet(data, now)
             except PTCPError:
+                if strict:
+                    raise
                 bad += 1
         if run:
             events.append(DataReceived(run_realm, b"".join(run)))
         return bad
 
-    def receive_datagram(self, data: bytes | memoryview, now: float) -> None:
-        """Process one datagram from the peer.  Raises PTCPError if it is not PTCP."""
-        if type(data) is not bytes:
-            data = bytes(data)
+    def _receive_packet(self, data: bytes, now: float) -> None:
+        """Any one packet, decoded by the codec.  Raises PTCPError if it is not PTCP."""
         if len(data) < HEADER_LEN:
             raise PTCPError(f"datagram of {len(data)} bytes is shorter than the PTCP header")
         magic, off, ack, _pid, lmid, echo = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise PTCPError("bad magic, not a PTCP packet")
         n = len(data) - HEADER_LEN
-        body: Body | DataReceived | None = None
-        if n and data[HEADER_LEN] == T_RESEND:
-            self._on_resend_request(ack, lmid, now)
-            return
-        if n:
-            if data[HEADER_LEN] == T_DATA and n >= 12:  # hot path: straight to the event
-                typelen, realm, _z = _REALM_HEAD.unpack_from(data, HEADER_LEN)
-                if typelen & 0xFFFFFF != n - 12:
-                    raise PTCPError("data length field disagrees with the data")
-                body = DataReceived(realm, data[HEADER_LEN + 12 :])
-            else:
-                body = decode_body(memoryview(data)[HEADER_LEN:])
+        body = decode_body(memoryview(data)[HEADER_LEN:]) if n else None
         if self._dead:
             return
-        if self._clock:
-            self._tick(now)
-        self.stats.packets_in += 1
-        self._last_rx = now
+        if type(body) is ResendRequest:
+            self._on_resend_request(ack, lmid, echo, now)
+            return
+        self._heard(lmid, echo, now)
         self._rx_bytes += n
-        self._echo = echo
-        if not self._seen_peer:
-            self._peer_clock0 = (lmid, now)
-        if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
-            self._rmid = lmid
-            self._seen_peer = True
         if ack != self._snd_una or (not n and self._inflight):
             self._on_ack(ack, now, n == 0)
         if not n:
@@ -975,19 +1025,13 @@ class Session:
         self._ack()
         self._push(now)
 
-    def _on_resend_request(self, ack: int, lmid: int, now: float) -> None:
+    def _on_resend_request(self, ack: int, lmid: int, echo: int, now: float) -> None:
         # PROTOCOLS 2.5 / 2.7 (b): the peer holds a hole in our stream.  The body is
         # not part of its stream (its next data packet carries the same sent), its
         # layout is not settled, so only its header counts: take the acknowledgement
         # and resend everything not acknowledged, at most once per RESEND_EVERY.
-        if self._dead:
-            return
-        self.stats.packets_in += 1
+        self._heard(lmid, echo, now)
         self.stats.resend_requests += 1
-        self._last_rx = now
-        if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
-            self._rmid = lmid
-            self._seen_peer = True
         if ack != self._snd_una:
             self._on_ack(ack, now, False)
         if self._inflight and now - self._resent_at >= RESEND_EVERY:
@@ -1014,10 +1058,10 @@ class Session:
         for off in [o for o in self._ooo if ((o - rcv) & MASK32) >= HALF32]:
             del self._ooo[off]
 
-    def _deliver(self, body: Body | DataReceived | None, now: float) -> None:
-        if type(body) is DataReceived:
+    def _deliver(self, body: Body | None, now: float) -> None:
+        if type(body) is Data:
             if self._realms.get(body.realm) == OPEN:
-                self._events.append(body)
+                self._events.append(DataReceived(body.realm, body.data))
             else:
                 self.stats.ignored += 1
         elif isinstance(body, Heartbeat):

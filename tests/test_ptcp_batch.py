@@ -22,17 +22,18 @@ def masked(datagrams: list[bytes]) -> list[bytes]:
 
 
 def state(s: Session) -> tuple:
+    """What a Session shows from outside (the datagrams and events are compared too)."""
     return (
-        s._snd_una,
-        s._tx_nxt,
-        s._inflight_bytes,
-        s._buffered,
-        s._cwnd,
-        s._dupacks,
-        s._recover,
+        s.sent,
+        s.recv,
         s.rmid,
+        s.unacked_bytes,
+        s.send_space,
+        s.rto,
+        s.next_deadline(),
         s.stats.packets_in,
         s.stats.fast_retransmits,
+        s.stats.retransmits,
     )
 
 
@@ -70,6 +71,7 @@ def test_batched_acks_match_one_by_one(seed: int, window: int) -> None:
             assert batched.receive_datagrams(acks[i : i + n], now) == 0
             i += n
         assert state(batched) == state(a)
+        assert batched.events() == a.events()
         out = a.datagrams_to_send()
         assert masked(batched.datagrams_to_send()) == masked(out)
     assert not a.unacked_bytes, "the transfer did not finish"

@@ -269,7 +269,7 @@ def test_cli_connect_sends_the_syn_vector_and_gives_up_on_silence(spawn, vectors
 
 def test_internal_error_ends_the_tunnel_loudly(caplog):
     class Broken(Session):
-        def receive_datagram(self, data, now):
+        def receive_datagrams(self, datagrams, now):  # what the driver feeds
             raise RuntimeError("bug")
 
     with udp_socket() as other:

@@ -44,7 +44,7 @@ def two_realms(a: Session, b: Session) -> tuple[int, int]:
 
 def receiver_state(s: Session) -> tuple:
     return (
-        s.recv, s.rmid, s.lmid, s.pid, s.realms, s._ooo.keys(), s._last_rx,
+        s.recv, s.rmid, s.lmid, s.pid, s.realms, s.next_deadline(),
         s.stats.packets_in, s.stats.packets_out, s.stats.out_of_order, s.stats.duplicates,
         s.stats.ignored,
     )  # fmt: skip
