@@ -1373,6 +1373,26 @@ def _after(parts: list[bytes], sent: int) -> list[bytes]:
     return rest
 
 
+class _Backlog:
+    """What a realm's reader handed over and the Session has not taken yet.
+
+    The tunnel owns it (its lock guards ``views``, ``size``, ``turn_used`` and
+    ``taken_total``); the reader thread writes ``read_total`` and ``waiting`` and
+    sleeps on ``can_read`` while the backlog is full.
+    """
+
+    __slots__ = ("views", "size", "turn_used", "read_total", "taken_total", "waiting", "can_read")
+
+    def __init__(self) -> None:
+        self.views: collections.deque[memoryview] = collections.deque()  # read, not yet sent
+        self.size = 0
+        self.turn_used = 0  # bytes sent in the current turn
+        self.read_total = 0  # bytes handed over
+        self.taken_total = 0  # of them, sent or dropped
+        self.waiting = False  # the reader waits for window room: its client may block on us
+        self.can_read = threading.Event()  # the backlog shrank (or the realm ended)
+
+
 class _Bridge:
     """One realm <-> one local TCP socket: a reader thread and a writer thread."""
 
@@ -1385,13 +1405,7 @@ class _Bridge:
         self.hard_limit = 4 * tunnel.queue_bytes
         self.stall_timeout = tunnel.stall_timeout
         self.progress = 0.0  # when the local socket last accepted bytes
-        self.waiting = False  # our reader waits for window room: the client may block on us
-        self.can_read = threading.Event()  # the backlog shrank (or the realm ended)
-        self.backlog: collections.deque[memoryview] = collections.deque()  # read, not yet sent
-        self.backlog_bytes = 0
-        self.turn_used = 0  # bytes sent in the current turn (tunnel lock)
-        self.read_total = 0  # bytes handed over (written by the reader thread only)
-        self.taken_total = 0  # of them, sent or dropped (written under the tunnel lock only)
+        self.backlog = _Backlog()  # the tunnel's: moved into the window under its lock
         self.cond = threading.Condition(threading.Lock())
         self.chunks: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -1439,7 +1453,7 @@ class _Bridge:
                     parts = _after(parts, sent)
                     total -= sent
             size = self.queued + total
-            if self.waiting:
+            if self.backlog.waiting:
                 # a client blocked writing to us (we are not taking its bytes)
                 # has not stopped reading by its own fault: no stall clock
                 self.progress = now
@@ -1467,7 +1481,7 @@ class _Bridge:
             self.chunks.clear()
             self.queued = 0
             self.cond.notify()
-        self.can_read.set()  # our reader may wait for backlog room
+        self.backlog.can_read.set()  # our reader may wait for backlog room
         if not self.detachable:  # else forward() decides: another tunnel may take it
             self.close_socket()
         self.opened.set()
@@ -1837,6 +1851,7 @@ class PTCPTunnel:
 
     # -- used by bridges --------------------------------------------------
 
+
     def _send_realm(self, bridge: _Bridge, data: bytes) -> bool:
         """Hand bytes read from a realm's local socket to the Session (b"": EOF).
 
@@ -1856,7 +1871,7 @@ class PTCPTunnel:
         if not live():
             return False
         if data:
-            bridge.read_total += len(data)
+            bridge.backlog.read_total += len(data)
             self._inbox.append((bridge, memoryview(data)))
             if session.unacked_bytes <= session.window_bytes // 2:
                 # else acknowledgements are on their way and the I/O thread pumps
@@ -1866,16 +1881,17 @@ class PTCPTunnel:
                     self._flush()
                     self._wake_locked()
         limit = _BACKLOG_LOW if data else 1
-        can_read = bridge.can_read
-        while bridge.read_total - bridge.taken_total >= limit:
+        backlog = bridge.backlog
+        can_read = backlog.can_read
+        while backlog.read_total - backlog.taken_total >= limit:
             can_read.clear()
-            if bridge.read_total - bridge.taken_total < limit:
+            if backlog.read_total - backlog.taken_total < limit:
                 break
             if not live():
                 return False
-            bridge.waiting = True
+            backlog.waiting = True
             can_read.wait()
-            bridge.waiting = False
+            backlog.waiting = False
         return live()
 
     def _pump(self) -> None:
@@ -1883,10 +1899,11 @@ class PTCPTunnel:
         turns, session, inbox = self._turns, self.session, self._inbox
         while inbox:
             bridge, view = inbox.popleft()
-            if not bridge.backlog_bytes:
+            backlog = bridge.backlog
+            if not backlog.size:
                 turns.append(bridge)
-            bridge.backlog.append(view)
-            bridge.backlog_bytes += len(view)
+            backlog.views.append(view)
+            backlog.size += len(view)
         if not turns:
             return
         now = self.clock()
@@ -1897,39 +1914,41 @@ class PTCPTunnel:
                 turns.popleft()
                 self._drop_backlog(bridge)
                 continue
-            view = backlog[0]
+            views = backlog.views
+            view = views[0]
             try:
-                took = session.send(bridge.realm, view[: _TURN - bridge.turn_used], now)
+                took = session.send(bridge.realm, view[: _TURN - backlog.turn_used], now)
             except PTCPError:
                 took = 0
             if not took:
                 break  # no room for a full body
-            bridge.turn_used += took
-            bridge.taken_total += took
-            bridge.backlog_bytes -= took
+            backlog.turn_used += took
+            backlog.taken_total += took
+            backlog.size -= took
             if took < len(view):
-                backlog[0] = view[took:]
+                views[0] = view[took:]
             else:
-                backlog.popleft()
-            if bridge.backlog_bytes < _BACKLOG_LOW:
-                bridge.can_read.set()  # the reader may read on
-            if not backlog:
+                views.popleft()
+            if backlog.size < _BACKLOG_LOW:
+                backlog.can_read.set()  # the reader may read on
+            if not views:
                 turns.popleft()
-                bridge.turn_used = 0
-            elif bridge.turn_used >= _TURN:
+                backlog.turn_used = 0
+            elif backlog.turn_used >= _TURN:
                 turns.rotate(-1)  # turn used: to the back of the line
-                bridge.turn_used = 0
+                backlog.turn_used = 0
 
     def _drop_backlog(self, bridge: _Bridge) -> None:
         """(lock held) Forget what the realm's reader handed over, and wake it."""
-        bridge.taken_total += bridge.backlog_bytes
-        bridge.backlog.clear()
-        bridge.backlog_bytes = 0
-        bridge.can_read.set()
+        backlog = bridge.backlog
+        backlog.taken_total += backlog.size
+        backlog.views.clear()
+        backlog.size = 0
+        backlog.can_read.set()
 
     def _release(self, bridge: _Bridge) -> None:
         """(lock held) The realm ended: drop its backlog and wake its reader."""
-        if bridge.backlog_bytes:
+        if bridge.backlog.size:
             self._turns.remove(bridge)
         self._drop_backlog(bridge)
 
@@ -1943,7 +1962,7 @@ class PTCPTunnel:
         """(lock held) Stopping or dead: every waiting reader must look again."""
         waiting = tuple(self._inbox)  # readers append without the lock: copy in one go
         for bridge in [*self._turns, *self._bridges.values(), *(b for b, _ in waiting)]:
-            bridge.can_read.set()
+            bridge.backlog.can_read.set()
         self._space.notify_all()
 
     def _local_closed(self, bridge: _Bridge, why: str) -> None:

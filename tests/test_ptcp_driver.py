@@ -296,7 +296,7 @@ def test_local_queue_policy_on_a_fake_clock():
         assert bridge.push([b"x" * 900], 0.0)  # under the soft limit
         assert bridge.push([b"x" * 500, b"x" * 400], 1.0)  # over it, but the queue started 1 s ago
         assert not bridge.push([b"x" * 100], 2.5)  # over it and no progress for 2.5 s
-        bridge.waiting = True  # we hold the client's own writes back: not its fault
+        bridge.backlog.waiting = True  # we hold the client's own writes back: not its fault
         assert bridge.push([b"x" * 100], 9.0)
         assert not bridge.push([b"x" * 3000], 9.0)  # the hard limit (4x) holds regardless
 
