@@ -57,6 +57,7 @@ from pathlib import Path
 INET_IP = "10.200.0.1"  # where the emulated cloud, relay and agent listen
 CLIENT_IP = "10.1.0.2"
 DEVICE_IP = "10.2.0.2"
+DEVICE_BESIDE_CLIENT_IP = "10.1.0.3"  # with device_on_client_lan
 SIDES = {  # side -> (wire subnet third octet, LAN subnet second octet)
     "c": (1, 1),
     "d": (2, 2),
@@ -191,6 +192,7 @@ class LabConfig:
     device_delay_ms: float = 0.0
     client_loss: int = 0
     device_loss: int = 0
+    device_on_client_lan: bool = False  # the device host sits beside the client, behind gwc
 
     def __post_init__(self) -> None:
         for nat in (self.client_nat, self.device_nat):
@@ -209,6 +211,11 @@ class Lab:
     def __init__(self, config: LabConfig | None = None) -> None:
         self.config = config or LabConfig()
         self._wire: subprocess.Popen | None = None
+
+    @property
+    def device_ip(self) -> str:
+        """The device host's address: on its own LAN, or beside the client."""
+        return DEVICE_BESIDE_CLIENT_IP if self.config.device_on_client_lan else DEVICE_IP
 
     def ns(self, host: str) -> str:
         """Namespace name of a lab host: inet, gwc, cli, gwd or dev."""
@@ -247,9 +254,14 @@ class Lab:
         fds: list[int] = []
         links: list[tuple[int, int, float]] = []
         for side, (wire_net, lan_net) in SIDES.items():
-            gw, host = f"gw{side}", "cli" if side == "c" else "dev"
+            gw = f"gw{side}"
+            hosts = [("cli", f"10.{lan_net}.0.2")] if side == "c" else [("dev", DEVICE_IP)]
+            if cfg.device_on_client_lan:
+                if side == "d":
+                    continue  # no device gateway: the device is on the client's LAN
+                hosts.append(("dev", DEVICE_BESIDE_CLIENT_IP))
             gw_wan, inet_end = f"10.200.{wire_net}.2", f"10.200.{wire_net}.1"
-            lan_gw, lan_host = f"10.{lan_net}.0.1", f"10.{lan_net}.0.2"
+            lan_gw = f"10.{lan_net}.0.1"
             # the WAN leg: two TUN devices, joined by the wire
             names = (f"{cfg.prefix}{side}w", f"{cfg.prefix}{side}i")
             pair = [_open_tun(name) for name in names]
@@ -264,16 +276,19 @@ class Lab:
                 self._ip(where, "link", "set", name, "name", new)
                 self._ip(where, "addr", "add", local, "peer", f"{remote}/32", "dev", new)
                 self._ip(where, "link", "set", new, "up")
-            # the LAN: gateway <-> host
-            _run(
-                "ip", "link", "add", "lan", "netns", self.ns(gw), "type", "veth",
-                "peer", "name", "eth0", "netns", self.ns(host),
-            )  # fmt: skip
+            # the LAN: a bridge in the gateway, a veth to each host on it
+            self._ip(gw, "link", "add", "lan", "type", "bridge")
             self._ip(gw, "addr", "add", f"{lan_gw}/24", "dev", "lan")
-            self._ip(host, "addr", "add", f"{lan_host}/24", "dev", "eth0")
             self._ip(gw, "link", "set", "lan", "up")
-            self._ip(host, "link", "set", "eth0", "up")
-            self._ip(host, "route", "add", "default", "via", lan_gw)
+            for host, ip in hosts:
+                _run(
+                    "ip", "link", "add", f"to{host}", "netns", self.ns(gw), "type", "veth",
+                    "peer", "name", "eth0", "netns", self.ns(host),
+                )  # fmt: skip
+                self._ip(gw, "link", "set", f"to{host}", "master", "lan", "up")
+                self._ip(host, "addr", "add", f"{ip}/24", "dev", "eth0")
+                self._ip(host, "link", "set", "eth0", "up")
+                self._ip(host, "route", "add", "default", "via", lan_gw)
             self._ip(gw, "route", "add", "default", "via", inet_end, "dev", "wan")
             _run(*self.cmd(gw, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"))
             nat = cfg.client_nat if side == "c" else cfg.device_nat

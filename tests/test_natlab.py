@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from _p2p_support import DH_P2P, PatternServer
-from natlab import CLIENT_IP, DEVICE_IP, INET_IP, Lab, LabConfig, socket_in_netns
+from natlab import CLIENT_IP, INET_IP, Lab, LabConfig, socket_in_netns
 from natlab import missing_requirements as lab_missing
 
 from conftest import Proc, free_port, play, require_gi, require_tool
@@ -70,7 +70,7 @@ def lab_rig() -> Iterator[Callable[..., LabRig]]:
                 port_map=port_map,
                 seed=5,
                 cloud_at=(lab.ns("inet"), INET_IP),
-                device_at=(lab.ns("dev"), DEVICE_IP),
+                device_at=(lab.ns("dev"), lab.device_ip),
             ).start()
         except BaseException:
             lab.down()
@@ -178,4 +178,19 @@ def test_device_nat_remaps_mid_stream(spawn, lab_rig, camera_map) -> None:
         proc.wait_line(r"^reconnected", timeout=60)
     assert emu.device_pub != old_pub and emu.device_pub[1] == 20000 + inner_port % 10000
     assert_video(rig.play(local, "ffprobe"), proc, rig)
+    assert emu.violations == []
+
+
+def test_device_on_the_clients_lan_is_found_by_local_addr(spawn, lab_rig, camera_map) -> None:
+    """Client and device behind one NAT that does not hairpin: the public addresses
+    lead nowhere, the LAN addresses the two sides announced (LocalAddr) do."""
+    rig = lab_rig(camera_map, device_on_client_lan=True)
+    proc, local = rig.dh_p2p(spawn)
+    assert "ready: direct tunnel" in proc.output, proc.output
+    assert_video(rig.play(local, "ffprobe"), proc, rig)
+    emu = rig.emu
+    assert emu.device_pub[0] == "10.200.1.2"  # the device is seen behind the client's NAT
+    channel = next(iter(emu.channels.values()))
+    assert channel.client_local[-1][0] == CLIENT_IP  # what the device was told
+    assert emu.realm_bytes["device"] > 20_000 and emu.realm_bytes["agent"] == 0
     assert emu.violations == []
