@@ -84,6 +84,12 @@ T_DATA = 0x10
 T_BIND = 0x11
 T_STATUS = 0x12
 T_HEARTBEAT = 0x13
+# Command bodies of the sign exchange (PROTOCOLS 2.2 steps 9-10)
+T_SIGN_REQUEST = 0x17  # client to relay agent: ask for a sign
+T_SIGN_GRANT = 0x18  # agent's answer: the sign from body offset 12
+T_SIGN_PRESENT = 0x19  # client to its peer: the sign
+T_SIGN_ACCEPT = 0x1A  # peer: sign accepted
+T_SIGN_CONFIRM = 0x1B  # client: exchange finished (the peer acknowledges it)
 _CONN = b"CONN"
 _DISC = b"DISC"
 HEARTBEAT_BODY = b"\x13" + bytes(11)
