@@ -1,0 +1,373 @@
+"""Cloud dialects in dh_p2p.py (PROTOCOLS 2.7 (c)): the DMSS identity, --app auto's
+fallback on a 404, replies matched by x-pcs-request-id, the sign exchange skipped
+for 2024+ firmware; sans-IO first, then real RTSP clients through the emulator."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+from collections.abc import Callable, Iterator
+
+import pytest
+from _p2p_support import dh_p2p_argv
+
+import dh_p2p
+import helpers
+import ptcp
+from conftest import free_port, play
+from dh_p2p import MAIN, CloudIdentity, Handshake, PathStep, Step
+from p2p_emulator import Emulator
+
+SMARTPSS_CLOUD = ("127.0.0.1", 8800)
+DMSS_CLOUD = ("127.0.0.1", 8900)
+P2P = "127.0.0.1:8801"
+DEV_PUB = ("127.0.0.1", 40000)
+LOCAL = ("127.0.0.1", 5555)
+SN = "SN0001"
+WALL = 1_788_688_800.0  # 2026-09-06T10:00:00Z
+
+SMARTPSS = CloudIdentity.of(helpers.SMARTPSS, SMARTPSS_CLOUD)
+DMSS = CloudIdentity.of(helpers.DMSS, DMSS_CLOUD)
+
+
+def make(*identities: CloudIdentity, **kw) -> Handshake:
+    kw.setdefault("rng", random.Random(3))
+    return Handshake(SN, identities[0].cloud, LOCAL, identities=identities, **kw)
+
+
+def requests(hs: Handshake) -> list[tuple[str, tuple[str, int], helpers.Request, bytes]]:
+    """The signalling requests sent so far (PTCP and punches left out)."""
+    out = []
+    for sock, addr, data in hs.datagrams_to_send():
+        if data[:2] in (b"DH", b"NF"):
+            out.append((sock, addr, helpers.parse_request(data), data))
+    return out
+
+
+def reply_to(req: helpers.Request, code=200, reason="OK", body=None, **kw) -> bytes:
+    """A reply as the cloud sends it: the request's x-pcs-request-id (and CSeq 0)
+    where it carried one, else its CSeq."""
+    if req.request_id is not None:
+        kw.setdefault("cseq", 0)
+        kw.setdefault("request_id", req.request_id)
+    else:
+        kw.setdefault("cseq", req.cseq)
+    return helpers.build_reply(code, reason, body=body, **kw)
+
+
+def channel_reply_body(version: str) -> str:
+    return helpers.xml_body({"PubAddr": "127.0.0.1:40000", "LocalAddr": "127.0.0.1:40001",
+                             "version": version})  # fmt: skip
+
+
+def serve(hs: Handshake, answers: dict[str, tuple], now: float = 0.0) -> list[helpers.Request]:
+    """Answer requests by path ending with (code, body) until none are left; return
+    every request seen, in order."""
+    seen = []
+    for _ in range(30):
+        batch = requests(hs)
+        if not batch:
+            break
+        for sock, addr, req, _data in batch:
+            seen.append(req)
+            for end, (code, body) in answers.items():
+                if req.path.endswith(end):
+                    hs.receive(sock, addr, reply_to(req, code, "OK", body), now)
+                    break
+    return seen
+
+
+DMSS_ANSWERS = {
+    "/online/stun": (200, None),
+    "/probe/p2psrv": (200, None),
+    f"/online/p2psrv/{SN}": (200, helpers.xml_body({"US": P2P})),
+    f"/probe/device/{SN}": (200, None),
+}
+
+
+# --- the DMSS dialect on the wire ------------------------------------------------
+
+
+def test_dmss_requests_warm_up_then_speak_the_dialect_with_the_frozen_clock() -> None:
+    hs = make(DMSS)
+    hs.start(0.0, WALL)
+    seen = serve(hs, DMSS_ANSWERS, now=2.0)
+    assert [r.path for r in seen] == [
+        "/online/stun", "/probe/p2psrv", f"/online/p2psrv/{SN}", f"/probe/device/{SN}",
+        f"/device/{SN}/p2p-channel",
+    ]  # fmt: skip
+    warmup, probe, *_, channel = seen
+    assert [n for n, _ in warmup.headers] == ["X-ToUType", "CSeq"] and not warmup.wsse()
+    assert probe.method == "NFGET" and probe.request_id is None
+    assert [n for n, _ in probe.headers] == [
+        "X-Version", "X-Sversion", "X-ToUType", "CSeq", "Authorization", "X-WSSE",
+    ]  # fmt: skip
+    assert probe.wsse_valid(helpers.DMSS.cloud_user, helpers.DMSS.cloud_key)
+    assert probe.wsse()["Created"] == "2026-09-06T10:00:00+00:00"  # WALL, not time.time()
+    assert channel.method == "NFPOST" and len(channel.request_id or "") == 32
+    assert [n for n, _ in channel.headers][:4] == [
+        "X-Version", "X-Sversion", "x-pcs-request-id", "X-ToUType",
+    ]  # fmt: skip
+    fields = channel.fields
+    assert helpers.parse_identify(fields["Identify"]) == hs.identify
+    assert all(len(part) == 2 for part in fields["Identify"].split())
+    assert (fields["NatValueT"], fields["version"], fields["Pid"]) == ("0", "6.7.15", "0")
+    assert fields["ClientId"].endswith(f":{LOCAL[1]}")
+    assert wsse_created(channel) == "2026-09-06T10:00:02+00:00"  # the clock carried forward
+
+
+def wsse_created(req: helpers.Request) -> str:
+    return req.wsse()["Created"]
+
+
+def test_dmss_with_credentials_refuses_to_sign_without_the_device_salt() -> None:
+    hs = make(DMSS, username="admin", password="pw")
+    hs.start(0.0, WALL)
+    serve(hs, {**DMSS_ANSWERS, f"/info/device/{SN}": (200, helpers.xml_body({"Info": ""}))})
+    assert hs.error is not None and hs.error.kind == "auth"
+    assert "no salt" in str(hs.error)
+
+
+def _to_channel(hs: Handshake) -> tuple[str, tuple[str, int], helpers.Request]:
+    """Run the DMSS signalling up to the unanswered p2p-channel request."""
+    hs.start(0.0, WALL)
+    serve(hs, DMSS_ANSWERS)
+    pending = hs._pending[Step.P2P_CHANNEL]
+    return pending.sock, pending.addr, helpers.parse_request(pending.data)
+
+
+def test_reply_matched_by_request_id_even_with_cseq_zero() -> None:
+    hs = make(DMSS, mode="direct")
+    sock, addr, channel = _to_channel(hs)
+    body = channel_reply_body("6.1.0")
+    foreign = reply_to(channel, 200, "OK", body, request_id="f" * 32)
+    hs.receive(sock, addr, foreign, 0.1)
+    assert hs.channel_reply is None and hs.ignored  # not ours, though CSeq 0 like ours
+    hs.receive(sock, addr, reply_to(channel, 100, "Trying"), 0.1)
+    hs.receive(sock, addr, reply_to(channel, 200, "OK", body), 0.2)
+    assert hs.channel_reply is not None and hs.sign_exchange is False
+
+
+def test_final_error_with_the_servers_request_id_ends_the_request() -> None:
+    hs = make(DMSS)
+    sock, addr, channel = _to_channel(hs)
+    hs.receive(sock, addr, reply_to(channel, 403, "DevPwd_InvalidDigest", request_id="e" * 32), 1)
+    assert hs.error is not None and hs.error.kind == "auth"
+
+
+# --- 2024+ firmware: no sign exchange ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "version", "wanted"),
+    [
+        ("auto", "5.0.0", True), ("auto", "", True), ("auto", "6.2.1", False),
+        ("auto", " 7.0", False), ("always", "6.2.1", True), ("never", "5.0.0", False),
+    ],
+)  # fmt: skip
+def test_sign_exchange_choice(mode: str, version: str, wanted: bool) -> None:
+    assert dh_p2p.sign_exchange_wanted(mode, version) is wanted
+
+
+def test_2024_firmware_opens_the_direct_path_with_a_bare_syn(caplog) -> None:
+    hs = make(DMSS)
+    sock, addr, channel = _to_channel(hs)
+    with caplog.at_level("INFO", logger="dh_p2p"):
+        hs.receive(sock, addr, reply_to(channel, 200, "OK", channel_reply_body("6.1.0")), 0.3)
+    assert "without the sign exchange (--sign auto)" in caplog.text
+    out = hs.datagrams_to_send()
+    assert not [d for _s, _a, d in out if d[:2] == b"NF"]  # DMSS asks for no relay
+    assert hs.direct_path.step == PathStep.PUNCH and hs.relay_path.step == PathStep.IDLE
+    punch = helpers.StunMessage(1, b"abcd", bytes(12), {helpers.ATTR_ICE_CONTROLLED: hs.identify})
+    hs.receive(MAIN, DEV_PUB, punch.to_wire(), 0.4)
+    device = ptcp.Session(now=0.4, heartbeat_interval=None)
+    for _sock, to, data in hs.datagrams_to_send():
+        if data[:4] == ptcp.MAGIC:
+            assert to == DEV_PUB
+            device.receive_datagram(data, 0.4)
+    assert [type(e) for e in device.events()] == [ptcp.SynReceived]  # no 0x19
+    assert hs.direct_path.step == PathStep.SYN
+    for data in device.datagrams_to_send():
+        hs.receive(MAIN, DEV_PUB, data, 0.5)
+    assert hs.result is not None and hs.result.path == "direct"
+    assert hs.result.sign_exchange is False and hs.result.identity == DMSS
+
+
+def test_older_firmware_under_dmss_gets_its_sign_from_a_relay_agent() -> None:
+    hs = make(DMSS)
+    sock, addr, channel = _to_channel(hs)
+    hs.receive(sock, addr, reply_to(channel, 200, "OK", channel_reply_body("5.0.0")), 0.3)
+    ((_sock, to, relay, _data),) = requests(hs)
+    assert (to, relay.method, relay.path) == (DMSS_CLOUD, "NFGET", "/online/relay")
+    assert hs.sign_exchange is True and hs.direct_path.step == PathStep.IDLE
+
+
+# --- which identity: --app auto, an explicit app ------------------------------------
+
+
+def test_auto_falls_back_to_dmss_on_a_404_for_the_serial() -> None:
+    hs = make(SMARTPSS, DMSS)
+    hs.start(0.0, WALL)
+    ((sock, addr, probe, _),) = requests(hs)
+    hs.receive(sock, addr, reply_to(probe), 0.0)
+    ((sock, addr, online, _),) = requests(hs)
+    hs.receive(sock, addr, reply_to(online, 404, "Not Found"), 0.0)
+    after = requests(hs)
+    assert [(a, r.method, r.path) for _s, a, r, _d in after] == [
+        (DMSS_CLOUD, "NFGET", "/online/stun"), (DMSS_CLOUD, "NFGET", "/probe/p2psrv"),
+    ]  # fmt: skip
+    assert hs.identity == DMSS and hs.error is None
+
+
+def test_auto_falls_back_on_a_404_for_p2p_channel_and_names_both_clouds() -> None:
+    answers = {
+        **DMSS_ANSWERS,
+        "/online/relay": (200, helpers.xml_body({"Address": "127.0.0.1:8802"})),
+        "/relay/agent": (200, helpers.xml_body({"Token": "t", "Agent": "127.0.0.1:8803"})),
+        "/p2p-channel": (404, None),  # from both clouds
+    }
+    hs = make(SMARTPSS, DMSS)
+    hs.start(0.0, WALL)
+    seen = serve(hs, answers)
+    channels = [r.method for r in seen if r.path.endswith("/p2p-channel")]
+    assert channels == ["DHPOST", "NFPOST"]
+    assert [i.profile.name for i in hs.tried] == ["smartpss", "dmss"]
+    assert hs.error is not None and hs.error.kind == "offline"
+    assert "unknown to the SmartPSS and the DMSS cloud" in str(hs.error)
+    assert "bound to another cloud" in str(hs.error)
+
+
+@pytest.mark.parametrize(("other_says", "kind"), [(200, "wrong_app"), (404, "offline")])
+def test_explicit_app_asks_the_other_identity_to_explain_a_404(other_says, kind) -> None:
+    hs = make(SMARTPSS, diagnose=(DMSS,))
+    hs.start(0.0, WALL)
+    ((sock, addr, probe, _),) = requests(hs)
+    hs.receive(sock, addr, reply_to(probe), 0.0)
+    ((sock, addr, online, _),) = requests(hs)
+    hs.receive(sock, addr, reply_to(online, 404, "Not Found"), 0.0)
+    ((sock, addr, ask, _),) = requests(hs)
+    assert (addr, ask.method, ask.path) == (DMSS_CLOUD, "NFGET", f"/online/p2psrv/{SN}")
+    assert ask.wsse_valid(helpers.DMSS.cloud_user, helpers.DMSS.cloud_key)
+    hs.receive(sock, addr, reply_to(ask, other_says, "x", helpers.xml_body({"US": P2P})), 0.1)
+    assert hs.error is not None and hs.error.kind == kind
+    if kind == "wrong_app":
+        assert str(hs.error) == (
+            f"device {SN} is bound to the DMSS app's cloud, not to SmartPSS's: "
+            "use --app dmss (or --app auto)"
+        )
+
+
+def test_cli_plans_identities_from_app_cloud_and_pair() -> None:
+    parse = dh_p2p.build_parser().parse_args
+    auto, diag = dh_p2p.plan_identities(parse(["--cloud", "dmss=10.0.0.2:9", "SN"]))
+    assert [i.profile.name for i in auto] == ["smartpss", "dmss"] and diag == []
+    assert auto[0].cloud == (helpers.SMARTPSS.host, 8800) and auto[1].cloud == ("10.0.0.2", 9)
+    args = parse(["--app", "dmss", "--cloud", "h:1", "--cloud-user", "u", "--cloud-key", "k", "SN"])
+    (dmss,), (smartpss,) = dh_p2p.plan_identities(args)
+    assert (dmss.cloud, dmss.cloud_user, dmss.cloud_key) == (("h", 1), "u", "k")
+    assert smartpss.cloud_user == helpers.SMARTPSS.cloud_user
+    assert smartpss.cloud == ("www.easy4ipcloud.com", 8800)
+    args = parse(["--cloud", "h:2", "--cloud-user", "u", "SN"])
+    (first, second), _ = dh_p2p.plan_identities(args)
+    assert (first.cloud, first.cloud_user) == (("h", 2), "u")  # auto: smartpss is in use
+    assert second.cloud_user == helpers.DMSS.cloud_user
+    for bad in (["--cloud", "icsee=h:1"], ["--cloud", "dmss=h:x"]):
+        with pytest.raises(ValueError):
+            dh_p2p.plan_identities(parse([*bad, "SN"]))
+    assert dh_p2p.EXIT_WRONG_APP not in (
+        dh_p2p.EXIT_OK, dh_p2p.EXIT_ERROR, dh_p2p.EXIT_USAGE, dh_p2p.EXIT_OFFLINE,
+        dh_p2p.EXIT_AUTH, dh_p2p.EXIT_UNREACHABLE,
+    )  # fmt: skip
+
+
+def test_relay_teardown_speaks_the_identitys_dialect() -> None:
+    unbind = helpers.parse_request(dh_p2p.unbind_request("tok", 4, DMSS))
+    assert (unbind.method, unbind.path) == ("NFGET", "/relay/unbind/tok")
+    assert unbind.wsse_valid(helpers.DMSS.cloud_user, helpers.DMSS.cloud_key)
+    assert helpers.parse_request(dh_p2p.unbind_request("tok", 4, SMARTPSS)).cseq == 4
+
+
+# --- against the emulator ---------------------------------------------------------------
+
+
+@pytest.fixture
+def emulator() -> Iterator[Callable[..., Emulator]]:
+    made: list[Emulator] = []
+
+    def make_emulator(**kw) -> Emulator:
+        emu = Emulator(seed=15, **kw).start()
+        made.append(emu)
+        return emu
+
+    yield make_emulator
+    for emu in made:
+        emu.close()
+
+
+def test_dmss_bound_device_with_app_smartpss_says_so(spawn, emulator) -> None:
+    emu = emulator(app="dmss")
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{free_port()}:554")
+    proc = spawn([*argv[:-1], "--app", "smartpss", "--retries", "0", argv[-1]])
+    assert proc.wait(30) == dh_p2p.EXIT_WRONG_APP == 6
+    assert proc.lines == [
+        f"dh_p2p: device {emu.serial} is bound to the DMSS app's cloud, not to SmartPSS's: "
+        "use --app dmss (or --app auto)"
+    ]
+    assert emu.violations == []
+
+
+def test_unknown_serial_with_an_explicit_app_is_exit_3_after_both(spawn, emulator) -> None:
+    emu = emulator()
+    argv = dh_p2p_argv(emu.cloud_port, "NOSUCHSERIAL", "-p", f"127.0.0.1:{free_port()}:554")
+    proc = spawn([*argv[:-1], "--app", "dmss", "--retries", "0", argv[-1]])
+    assert proc.wait(30) == 3
+    assert "unknown to the DMSS and the SmartPSS cloud" in proc.output
+    assert emu.violations == []
+
+
+def test_sign_exchange_with_2024_firmware_gets_binds_but_no_data(spawn, emulator) -> None:
+    service = socket.create_server(("127.0.0.1", 0))
+    emu = emulator(fw2024=True, port_map={9000: service.getsockname()[:2]})
+    local = free_port()
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{local}:9000")
+    spawn([*argv[:-1], "--sign", "always", "--direct", argv[-1]], ready=r"^ready:", timeout=30)
+    with socket.create_connection(("127.0.0.1", local), timeout=10) as conn, service:
+        conn.sendall(b"hello")
+        service.settimeout(2.0)  # a negative check: nothing may arrive
+        with pytest.raises(TimeoutError):
+            service.accept()  # the made-up CONN opened no connection to the service
+    device = emu.call(lambda: [s.punished for s in emu.sessions.values() if s.role == "device"])
+    assert device == [True] and emu.call(lambda: list(emu.binds)) == [9000]
+
+
+CASES = {
+    "dmss-bound": ({"app": "dmss"}, [], "DMSS"),
+    "smartpss-bound": ({}, [], "SmartPSS"),
+    "2024-firmware": ({"fw2024": True}, [], "SmartPSS"),
+    "dmss-2024-firmware": ({"app": "dmss", "fw2024": True}, [], "DMSS"),
+    "dmss-bound-with-credentials": (
+        {"app": "dmss", "auth": ("admin", "admin123")},
+        ["-u", "admin", "--password", "admin123"],
+        "DMSS",
+    ),
+}
+
+
+@pytest.mark.real_peer
+@pytest.mark.parametrize("case", list(CASES))
+def test_video_plays_with_default_flags(spawn, emulator, request, case: str) -> None:
+    options, args, label = CASES[case]
+    camera = request.getfixturevalue("rtsp_camera_auth" if "auth" in options else "rtsp_camera")
+    emu = emulator(port_map={554: (camera.host, camera.port)}, **options)
+    local = free_port()
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{local}:554", *args)
+    proc = spawn(argv, ready=r"^ready:", timeout=40)
+    assert f"cloud: the device answered the {label} identity" in proc.output
+    result = play(camera.url().replace(f"{camera.host}:{camera.port}", f"127.0.0.1:{local}"))
+    assert result.frames >= 50 and not result.errors, result.output[-3000:]
+    assert proc.stop(signal.SIGTERM) == 0
+    assert "admin123" not in proc.output
+    assert emu.violations == []
+    punished = emu.call(lambda: [s for s in emu.sessions.values() if s.punished])
+    assert punished == []
