@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Dahua P2P (Easy4IPCloud) signalling and crypto helpers, sans-IO.
 
-Everything here takes and returns bytes or plain values: building the cloud's
-HTTP-like DHGET/DHPOST requests with their WSSE header, parsing replies and
+Everything here takes and returns bytes or plain values: the app profiles (one
+row per cloud dialect, :data:`APP_PROFILES`), building the cloud's HTTP-like
+requests (DHGET/DHPOST, NFGET/NFPOST) with their WSSE header, parsing replies and
 their XML bodies, the device-credential crypto of newer firmware, the
 ``/info/device`` blob, and the inverted-STUN hole-punch messages.  No sockets.
 See PROTOCOLS.md section 2.

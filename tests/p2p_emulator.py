@@ -22,7 +22,16 @@ that registration alive, and the cloud advertises the address it saw as the
 device's PubAddr, as the real service does.  The relay agent answers
 relay-channel with ``HTTP/1.1 200 Server Nat Info!`` (PROTOCOLS 2.2 step 8).
 
-Switches: ``relay_only`` (punches never answered, direct PTCP ignored),
+Two main servers, each on its own port and strict about its dialect (PROTOCOLS
+2.7 (c)): "main" speaks SmartPSS's, "dmss" DMSS's; a request in the other
+dialect (the legacy header order included) gets ``403 DevPwd_InvalidDigest``,
+``/online/stun`` needs no auth, and the device is known only to the main server
+of its ``app`` (the other answers 404).  The relay server, agent and P2P server
+take either dialect, checked by its method.
+
+Switches: ``app`` ("smartpss" or "dmss"), ``fw2024`` (firmware 6.x: sessions
+open at SYN; after a 0x17/0x19 BINDs get a made-up CONN and no data is routed),
+``relay_only`` (punches never answered, direct PTCP ignored),
 ``auth`` ((user, password): 403 without device credentials, randsalt in
 /info/device), ``loss``/``reorder``/``duplicate`` on the device's datagrams,
 ``stray`` (signalling/STUN junk on the tunnel socket), :meth:`Emulator.reboot`.

@@ -371,3 +371,38 @@ def test_video_plays_with_default_flags(spawn, emulator, request, case: str) -> 
     assert emu.violations == []
     punished = emu.call(lambda: [s for s in emu.sessions.values() if s.punished])
     assert punished == []
+
+
+# --- the emulator's main servers check their dialects -----------------------------------
+
+
+def _ask(sock: socket.socket, to: tuple[str, int], data: bytes) -> helpers.Reply:
+    sock.sendto(data, to)
+    while True:
+        reply = helpers.parse_reply(sock.recv(65536))
+        if not reply.provisional:
+            return reply
+
+
+def test_emulator_main_servers_are_strict_about_their_dialect(emulator) -> None:
+    emu = emulator(app="dmss")
+    smartpss, dmss = emu.addr["main"], emu.addr["dmss"]
+    online = f"/online/p2psrv/{emu.serial}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        stun = helpers.build_request("/online/stun", -7, profile=helpers.DMSS, auth=False)
+        assert _ask(sock, dmss, stun).code == 200  # no auth needed
+        good = helpers.build_request(online, 12345, profile=helpers.DMSS)
+        assert _ask(sock, dmss, good).fields["US"]  # bound to DMSS: known there
+        assert _ask(sock, smartpss, helpers.build_request(online, 1)).code == 404  # not here
+        assert emu.violations == [] and emu.refused == []
+        # the legacy order (CSeq first), even with the DMSS method and correct crypto
+        head, _, _ = good.partition(b"\r\n\r\n")
+        first, *headers = head.split(b"\r\n")
+        cseq = next(h for h in headers if h.startswith(b"CSeq"))
+        legacy = b"\r\n".join([first, cseq, *(h for h in headers if h != cseq)]) + b"\r\n\r\n"
+        refused = _ask(sock, dmss, legacy)
+        assert (refused.code, refused.reason) == (403, "DevPwd_InvalidDigest")
+        assert _ask(sock, dmss, helpers.build_request(online, 2)).code == 403  # SmartPSS's
+    assert len(emu.refused) == 2 and len(emu.violations) == 2
