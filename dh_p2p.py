@@ -1053,6 +1053,30 @@ def unbind_request(token: str, cseq: int, identity: CloudIdentity) -> bytes:
     )
 
 
+@dataclass
+class SilentRealmWatch:
+    """The sign exchange's fallback (PROTOCOLS 2.7 (c)): 2024+ firmware reportedly
+    answers BINDs after a sign exchange but routes no data.  A realm the device
+    accepted (CONN) that brings no data byte within ``after`` seconds, while the
+    session lives, says so.  Fed the tunnel's count of data bytes received."""
+
+    after: float = 12.0
+    _connected: dict[int, tuple[float, int]] = field(default_factory=dict)
+
+    def connected(self, realm: int, now: float, data_in: int) -> None:
+        """The device accepted ``realm`` at ``now``, with ``data_in`` bytes received so far."""
+        self._connected[realm] = (now, data_in)
+
+    def silent(self, now: float, data_in: int) -> bool:
+        """Whether a realm has waited ``after`` seconds with no data byte received since."""
+        for realm, (since, before) in list(self._connected.items()):
+            if data_in != before:
+                del self._connected[realm]  # data came: this device routes it
+            elif now >= since + self.after:
+                return True
+        return False
+
+
 # ---------------------------------------------------------------------------
 # Command line parsing (pure)
 # ---------------------------------------------------------------------------
@@ -1235,6 +1259,8 @@ class Client:
         self.ready_printed = False
         self.relay_sock: socket.socket | None = None
         self.answered: str | None = None  # the app whose cloud identity answered
+        self.sign_mode: str = args.sign  # becomes "never" after the fallback
+        self.watch: SilentRealmWatch | None = None
 
     # -- handshake driver -----------------------------------------------------
 
@@ -1290,7 +1316,7 @@ class Client:
                 session_options={"dead_after": self.args.peer_timeout},
                 identities=tuple(identities),
                 diagnose=tuple(diagnose),
-                sign_mode=self.args.sign,
+                sign_mode=self.sign_mode,
             )
             hs.start(time.monotonic(), time.time())
             by_fd = {s.fileno(): name for name, s in socks.items()}
@@ -1387,11 +1413,13 @@ class Client:
             return
         log.info("%s -> device port %d on realm %08x", peer, remote, realm)
 
-    @staticmethod
-    def _on_event(event: ptcp.Event) -> None:
+    def _on_event(self, event: ptcp.Event) -> None:
         # who ended a connection: "peer" is the device (its service closed), "local" is us
         if isinstance(event, ptcp.RealmClosed):
             log.info("realm %08x closed (%s)", event.realm, event.reason)
+        watch, tunnel = self.watch, self.tunnel
+        if isinstance(event, ptcp.RealmConnected) and watch is not None and tunnel is not None:
+            watch.connected(event.realm, time.monotonic(), tunnel.stats.data_in)
 
     def _on_dead(self) -> None:
         with self.cond:
@@ -1431,6 +1459,9 @@ class Client:
 
     def _run_tunnel(self, est: Established, socks: dict[str, socket.socket]) -> None:
         sock = socks[est.sock]
+        # armed before any realm can open: only when --sign auto chose the exchange,
+        # and once (PROTOCOLS 2.7 (c))
+        self.watch = SilentRealmWatch() if est.sign_exchange and self.sign_mode == "auto" else None
         tunnel = ptcp.PTCPTunnel(
             sock,
             est.peer,
@@ -1451,7 +1482,19 @@ class Client:
         else:
             print(f"reconnected ({est.path})", flush=True)
         with self.cond:
-            self.cond.wait_for(lambda: self.stop.is_set() or tunnel.dead.is_set())
+            while not (self.stop.is_set() or tunnel.dead.is_set()):
+                self.cond.wait(1.0 if self.watch is not None else None)
+                if self.watch is not None and self.watch.silent(
+                    time.monotonic(), tunnel.stats.data_in
+                ):
+                    log.warning(
+                        "the device accepted a connection but sent nothing for %.0f s: "
+                        "reconnecting without the sign exchange (2024+ firmware?)",
+                        self.watch.after,
+                    )
+                    self.sign_mode = "never"  # for this device from now on
+                    break
+            self.watch = None
             self.tunnel = None
         if tunnel.dead.is_set() and not self.stop.is_set():
             log.warning("session with the device died; reconnecting")

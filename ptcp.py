@@ -1159,6 +1159,7 @@ class TunnelStats:
     send_errors: int = 0
     overflows: int = 0  # realms closed because their local client stopped reading
     realms_opened: int = 0
+    data_in: int = 0  # realm data bytes received from the peer
     gso_sends: int = 0  # sendmsg calls that carried a run of datagrams (UDP_SEGMENT)
     gro_runs: int = 0  # recvmsg calls that returned a coalesced run (UDP_GRO)
 
@@ -1933,6 +1934,7 @@ class PTCPTunnel:
         bridge = self._bridges.get(realm) if realm is not None else None
         if bridge is None:
             return
+        self.stats.data_in += sum(map(len, parts))
         now = self.clock()
         if bridge.push(parts, now):
             return

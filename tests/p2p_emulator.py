@@ -452,12 +452,15 @@ class Emulator:
         device_at: tuple[str, str] | None = None,
         app: str = "smartpss",
         fw2024: bool = False,
+        version: str | None = None,
     ) -> None:
         """``cloud_at``/``device_at``: (network namespace, IP) for the cloud's and the
         device's sockets (default: this namespace, 127.0.0.1).  ``app``: the app whose
         cloud identity the device is bound to; the other main server answers 404 for
         it.  ``fw2024``: firmware 6.x that wants no sign exchange and routes no data
-        after one (PROTOCOLS 2.7 (c)).  ``cloud_user``/``cloud_key``: the SmartPSS pair."""
+        after one (PROTOCOLS 2.7 (c)); ``version``: what p2p-channel replies report
+        (default 6.5.0 for fw2024, else 5.0.0).  ``cloud_user``/``cloud_key``: the
+        SmartPSS pair."""
         self.serial = serial
         self.port_map = dict(port_map or {})
         self.auth = auth
@@ -470,7 +473,7 @@ class Emulator:
             raise ValueError(f"unknown app {app!r}")
         self.app = app
         self.fw2024 = fw2024
-        self.version = "6.5.0" if fw2024 else "5.0.0"  # what p2p-channel replies say
+        self.version = version or ("6.5.0" if fw2024 else "5.0.0")
         self.refused: list[str] = []  # requests answered 403 for their dialect
         self.rng = random.Random(seed)
         self.violations: list[str] = []

@@ -406,3 +406,45 @@ def test_emulator_main_servers_are_strict_about_their_dialect(emulator) -> None:
         assert (refused.code, refused.reason) == (403, "DevPwd_InvalidDigest")
         assert _ask(sock, dmss, helpers.build_request(online, 2)).code == 403  # SmartPSS's
     assert len(emu.refused) == 2 and len(emu.violations) == 2
+
+
+# --- the fallback: no data 12 s after CONN -> once more without the sign exchange ------------
+
+
+def test_silent_realm_watch() -> None:
+    watch = dh_p2p.SilentRealmWatch(after=12.0)
+    assert not watch.silent(100.0, 0)
+    watch.connected(1, 10.0, 500)
+    assert not watch.silent(21.9, 500)
+    assert watch.silent(22.0, 500)
+    quiet_later = dh_p2p.SilentRealmWatch(after=12.0)
+    quiet_later.connected(2, 10.0, 500)
+    assert not quiet_later.silent(11.0, 501)  # data came: the device routes it
+    assert not quiet_later.silent(60.0, 501)  # an idle realm later is no sign of anything
+
+
+def test_sign_exchange_punished_despite_an_old_version_is_retried_without(spawn, emulator) -> None:
+    from _ptcp_support import EchoServer
+
+    echo = EchoServer()
+    emu = emulator(fw2024=True, version="5.3.0", port_map={9000: ("127.0.0.1", echo.port)})
+    local = free_port()
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{local}:9000")
+    proc = spawn(argv, ready=r"^ready:", timeout=30)
+    try:
+        with socket.create_connection(("127.0.0.1", local), timeout=30) as first:
+            first.sendall(b"ping")
+            proc.wait_line(r"^reconnected", timeout=40)  # after 12 s of silence
+            try:
+                rest = first.recv(100)
+            except ConnectionResetError:
+                rest = b""
+            assert rest == b""  # that connection ended with the old tunnel
+        assert "sent nothing for 12 s: reconnecting without the sign exchange" in proc.output
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as second:
+            second.sendall(b"ping")
+            second.settimeout(10)
+            assert second.recv(100) == b"ping"
+    finally:
+        echo.close()
+    assert emu.violations == []
