@@ -10,14 +10,17 @@ import socket
 from collections.abc import Callable, Iterator
 
 import pytest
+from _dissector_support import fields
 from _p2p_support import dh_p2p_argv
+from _ptcp_support import EchoServer
 
 import dh_p2p
 import helpers
 import ptcp
-from conftest import free_port, play
+from conftest import free_port, play, require_tool
 from dh_p2p import MAIN, CloudIdentity, Handshake, PathStep, Step
 from p2p_emulator import Emulator
+from pcap import Datagram, write_udp_pcap
 
 SMARTPSS_CLOUD = ("127.0.0.1", 8800)
 DMSS_CLOUD = ("127.0.0.1", 8900)
@@ -424,8 +427,6 @@ def test_silent_realm_watch() -> None:
 
 
 def test_sign_exchange_punished_despite_an_old_version_is_retried_without(spawn, emulator) -> None:
-    from _ptcp_support import EchoServer
-
     echo = EchoServer()
     emu = emulator(fw2024=True, version="5.3.0", port_map={9000: ("127.0.0.1", echo.port)})
     local = free_port()
@@ -448,3 +449,34 @@ def test_sign_exchange_punished_despite_an_old_version_is_retried_without(spawn,
     finally:
         echo.close()
     assert emu.violations == []
+
+
+# --- the dissector knows the DMSS dialect ----------------------------------------------
+
+
+@pytest.mark.real_peer
+def test_dissector_decodes_dmss_requests_and_replies(tmp_path) -> None:
+    require_tool("tshark")
+    client, cloud = ("192.0.2.10", 40000), ("198.51.100.5", 8800)
+    channel = helpers.build_request(
+        f"/device/{SN}/p2p-channel", -1234567, body="<body><Pid>0</Pid></body>",
+        profile=helpers.DMSS, request_id="ab" * 16,
+    )  # fmt: skip
+    probe = helpers.build_request("/probe/p2psrv", 2147483647, profile=helpers.DMSS)
+    answer = helpers.build_reply(200, "OK", cseq=0, request_id="ab" * 16, body="<body/>")
+    capture = tmp_path / "dmss.pcap"
+    write_udp_pcap(
+        capture,
+        [
+            Datagram(1.0, client, cloud, probe),
+            Datagram(1.1, client, cloud, channel),
+            Datagram(1.2, cloud, client, answer),
+        ],
+    )
+    rows = fields(capture, "dhp2p", "dhp2p.method", "dhp2p.cseq", "http.request.method",
+                  "dhp2p.code", "xml.tag")  # fmt: skip
+    assert rows == [
+        ["NFGET", "2147483647", "GET", "", ""],
+        ["NFPOST", "-1234567", "POST", "", "<body>,<Pid>"],
+        ["", "0", "", "200", "<body/>"],
+    ]
