@@ -602,6 +602,7 @@ class Handshake:
         """The cloud identity in use does not know the serial: try the next one, or
         ask the others why (PROTOCOLS 2.7 (c), "pair-gating")."""
         self.tried.append(self.identity)
+        self._release_relay()  # allocated in parallel under this identity, if it was
         index = self.identities.index(self.identity)
         if index + 1 < len(self.identities):
             nxt = self.identities[index + 1]
@@ -831,19 +832,22 @@ class Handshake:
             session, sock, peer = self.agent_session, RELAY, self.agent_addr
         assert session is not None and peer is not None
         token = self.token
-        spare = self.relay_path.step != PathStep.IDLE
-        if path == "direct" and spare and self.token and self.relay_addr:
-            # the relay we opened as a fallback is not needed: release it (PROTOCOLS 2.7 (e))
-            cseq = self._cseq[RELAY] = self._cseq.get(RELAY, 0) + 1
-            unbind = unbind_request(self.token, cseq, self.identity)
-            self._out.append((RELAY, self.relay_addr, unbind))
-            token = None
+        if path == "direct" and self.relay_path.step != PathStep.IDLE and self._release_relay():
+            token = None  # the relay we opened as a fallback is not needed
         self.stage = Stage.OPEN
         self._pending.clear()
         self.result = Established(
             path, sock, peer, session, token, self.relay_addr, self._cseq.get(RELAY, 0) + 1,
             self.identity, bool(self.sign_exchange),
         )  # fmt: skip
+
+    def _release_relay(self) -> bool:
+        """Send ``/relay/unbind`` for our relay token, if we hold one (PROTOCOLS 2.7 (e))."""
+        if not self.token or self.relay_addr is None:
+            return False
+        cseq = self._cseq[RELAY] = self._cseq.get(RELAY, 0) + 1
+        self._out.append((RELAY, self.relay_addr, unbind_request(self.token, cseq, self.identity)))
+        return True
 
     # -- hole punch (PROTOCOLS 2.3) ------------------------------------------
 

@@ -235,6 +235,8 @@ def test_auto_falls_back_on_a_404_for_p2p_channel_and_names_both_clouds() -> Non
     seen = serve(hs, answers)
     channels = [r.method for r in seen if r.path.endswith("/p2p-channel")]
     assert channels == ["DHPOST", "NFPOST"]
+    unbinds = [r.method for r in seen if r.path == "/relay/unbind/t"]
+    assert unbinds == ["DHGET"]  # SmartPSS's relay, allocated in parallel, released
     assert [i.profile.name for i in hs.tried] == ["smartpss", "dmss"]
     assert hs.error is not None and hs.error.kind == "offline"
     assert "unknown to the SmartPSS and the DMSS cloud" in str(hs.error)
