@@ -228,11 +228,13 @@ def test_auto_falls_back_on_a_404_for_p2p_channel_and_names_both_clouds() -> Non
         **DMSS_ANSWERS,
         "/online/relay": (200, helpers.xml_body({"Address": "127.0.0.1:8802"})),
         "/relay/agent": (200, helpers.xml_body({"Token": "t", "Agent": "127.0.0.1:8803"})),
-        "/p2p-channel": (404, None),  # from both clouds
     }
     hs = make(SMARTPSS, DMSS)
     hs.start(0.0, WALL)
-    seen = serve(hs, answers)
+    seen = serve(hs, answers)  # SmartPSS's p2p-channel left unanswered, its relay allocated
+    channel = hs._pending[Step.P2P_CHANNEL]
+    hs.receive(channel.sock, channel.addr, reply_to(helpers.parse_request(channel.data), 404), 0)
+    seen += serve(hs, {**answers, "/p2p-channel": (404, None)})
     channels = [r.method for r in seen if r.path.endswith("/p2p-channel")]
     assert channels == ["DHPOST", "NFPOST"]
     unbinds = [r.method for r in seen if r.path == "/relay/unbind/t"]
