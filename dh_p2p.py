@@ -173,6 +173,7 @@ class _Pending:
     what: str
     request_id: str | None = None
     provisional: bool = False
+    rebuild: Callable[[], bytes] | None = None  # a resend made afresh (else ``data`` again)
 
 
 @dataclass
@@ -336,7 +337,10 @@ class Handshake:
         *,
         identity: CloudIdentity | None = None,
         auth: bool = True,
+        body_factory: Callable[[], str] | None = None,
     ) -> None:
+        """Send a request and keep it for resends.  With ``body_factory`` the body is
+        made by it, and again for each resend if the profile wants resends afresh."""
         identity = identity or self.identity
         profile = identity.profile
         # counted per socket (and dialect: the diagnosis of a 404 speaks another one)
@@ -346,22 +350,34 @@ class Handshake:
         request_id = None
         if profile.sends_request_id(path):
             request_id = helpers.new_request_id(self.rng.randbytes)
-        data = helpers.build_request(
-            path,
-            cseq,
-            body=body,
-            cloud_user=identity.cloud_user,
-            cloud_key=identity.cloud_key,
-            nonce=profile.new_nonce(self.rng.randbytes),
-            created=helpers.wsse_created(self._wall(now), profile.created_style),
-            profile=profile,
-            request_id=request_id,
-            auth=auth,
-        )
+        created = helpers.wsse_created(self._wall(now), profile.created_style)
+
+        def build(body: str | None) -> bytes:
+            return helpers.build_request(
+                path,
+                cseq,
+                body=body,
+                cloud_user=identity.cloud_user,
+                cloud_key=identity.cloud_key,
+                nonce=profile.new_nonce(self.rng.randbytes),
+                created=created,
+                profile=profile,
+                request_id=request_id,
+                auth=auth,
+            )
+
+        data = build(body if body_factory is None else body_factory())
+        rebuild = None
+        if body_factory is not None and profile.fresh_resend:
+            make_body = body_factory
+
+            def rebuild() -> bytes:
+                return build(make_body())
+
         what = path.replace(self.token, "{token}") if self.token else path  # keep it out of logs
         self._pending[step] = _Pending(
             sock, addr, data, cseq, now, now + self.retry.initial, self.retry.initial, what,
-            request_id,
+            request_id, rebuild=rebuild,
         )  # fmt: skip
         self._out.append((sock, addr, data))
         log.debug("-> %s", step)  # not the path: relay paths carry the token
@@ -656,33 +672,37 @@ class Handshake:
 
     def _send_p2p_channel(self, now: float) -> None:
         profile = self.profile
-        local = format_local_addr(self.lan_addrs, self.local_addr)
-        auth = ""
-        if self.username is not None and self.password is not None:
-            if profile.require_randsalt and not self.randsalt:
-                return self._fail(
-                    f"the {profile.label} cloud gave no salt for the device (/info/device), "
-                    "so its credentials cannot be signed",
-                    "auth",
-                )
-            self.key = helpers.device_key(self.username, self.password, self.randsalt)
-            self.nonce = self.rng.randrange(2**31)
-            local = helpers.encrypt_local_addr(self.key, self.nonce, local)
-            created = int(self._wall(now))
-            auth = helpers.dev_auth_xml(
-                self.key, self.username, self.nonce, created, local, self.randsalt
+        if self.has_credentials and profile.require_randsalt and not self.randsalt:
+            return self._fail(
+                f"the {profile.label} cloud gave no salt for the device (/info/device), "
+                "so its credentials cannot be signed",
+                "auth",
             )
-        body = helpers.p2p_channel_body(
-            profile,
-            identify=self.identify,
-            local_addr=local,
-            encrypted=bool(auth),
-            auth_xml=auth,
-            client_id=f"{self.client_id}:{self.local_addr[1]}",
-        )
+        if self.username is not None and self.password is not None:
+            self.key = helpers.device_key(self.username, self.password, self.randsalt)
+        created = int(self._wall(now))  # kept on a resend (PROTOCOLS 2.7 (c), (e))
+
+        def body() -> str:
+            local = format_local_addr(self.lan_addrs, self.local_addr)
+            auth = ""
+            if self.key is not None and self.username is not None:
+                self.nonce = self.rng.randrange(2**31)
+                local = helpers.encrypt_local_addr(self.key, self.nonce, local)
+                auth = helpers.dev_auth_xml(
+                    self.key, self.username, self.nonce, created, local, self.randsalt
+                )
+            return helpers.p2p_channel_body(
+                profile,
+                identify=self.identify,
+                local_addr=local,
+                encrypted=bool(auth),
+                auth_xml=auth,
+                client_id=f"{self.client_id}:{self.local_addr[1]}",
+            )
+
         path = f"/device/{self.serial}/p2p-channel"
         self.channel_sent = True
-        self._request(Step.P2P_CHANNEL, MAIN, self.identity.cloud, path, now, body)
+        self._request(Step.P2P_CHANNEL, MAIN, self.identity.cloud, path, now, body_factory=body)
 
     def _send_relay_channel(self, now: float) -> None:
         self.relay_channel_sent = True
@@ -986,7 +1006,7 @@ class Handshake:
                     return
                 continue
             if not p.provisional and now >= p.next_at:
-                self._out.append((p.sock, p.addr, p.data))
+                self._out.append((p.sock, p.addr, p.data if p.rebuild is None else p.rebuild()))
                 p.interval = min(p.interval * 2, self.retry.cap)
                 p.next_at = now + p.interval
         if self._step_deadline is not None and now >= self._step_deadline:

@@ -148,6 +148,9 @@ class AppProfile:
     body_version: str  # <version> of p2p-channel
     identify_padded: bool  # Identify bytes as "0a" (True) or "a" (False)
     require_randsalt: bool  # with device credentials, refuse to sign without the device's salt
+    #: p2p-channel resends made afresh (Nonce, LocalAddr ciphertext, DevAuth, WSSE nonce;
+    #: CSeq, request id, Identify, CreateDate, ClientId kept) rather than repeated
+    fresh_resend: bool
     uses_relay: bool  # the app asks for a relay agent up front (False: only when needed)
 
     def header_value(self, name: str) -> str:
@@ -192,6 +195,7 @@ SMARTPSS = AppProfile(
     body_version="5.0.0",
     identify_padded=False,
     require_randsalt=False,
+    fresh_resend=False,
     uses_relay=True,
 )
 
@@ -226,6 +230,7 @@ DMSS = AppProfile(
     body_version="6.7.15",
     identify_padded=True,
     require_randsalt=True,
+    fresh_resend=True,
     uses_relay=False,
 )
 

@@ -484,3 +484,35 @@ def test_dissector_decodes_dmss_requests_and_replies(tmp_path) -> None:
         ["NFPOST", "-1234567", "POST", "", "<body>,<Pid>"],
         ["", "0", "", "200", "<body/>"],
     ]
+
+
+@pytest.mark.parametrize("identity", [DMSS, SMARTPSS], ids=["dmss", "smartpss"])
+def test_p2p_channel_resend_is_made_afresh_only_where_the_profile_says(identity) -> None:
+    hs = make(identity, username="admin", password="pw", retry=dh_p2p.Retry(initial=0.5))
+    salt = helpers.xml_body({"Info": helpers.encrypt_info({"randsalt": "s4lt"})})
+    hs.start(0.0, WALL)
+    serve(hs, {
+        **DMSS_ANSWERS, f"/info/device/{SN}": (200, salt),
+        "/online/relay": (200, helpers.xml_body({"Address": "127.0.0.1:8802"})),
+    })  # fmt: skip
+    first = helpers.parse_request(hs._pending[Step.P2P_CHANNEL].data)
+    hs.handle_timers(0.6)
+    (again,) = [r for _s, _a, r, _d in requests(hs) if r.path.endswith("/p2p-channel")]
+    if not identity.profile.fresh_resend:
+        assert again == first
+        return
+    kept = ("CSeq", "x-pcs-request-id", "X-Version")
+    assert [again.header(h) for h in kept] == [first.header(h) for h in kept]
+    for tag in ("Identify", "CreateDate", "ClientId", "RandSalt", "UserName"):
+        assert again.fields[tag] == first.fields[tag]
+    for tag in ("Nonce", "LocalAddr", "DevAuth"):
+        assert again.fields[tag] != first.fields[tag]
+    assert again.wsse()["Nonce"] != first.wsse()["Nonce"]
+    assert again.wsse()["Created"] == first.wsse()["Created"]
+    key = helpers.device_key("admin", "pw", "s4lt")
+    nonce, created = int(again.fields["Nonce"]), int(again.fields["CreateDate"])
+    local = helpers.decrypt_local_addr(key, nonce, again.fields["LocalAddr"])
+    assert local == f"{LOCAL[0]}:{LOCAL[1]}"
+    signed = helpers.dev_auth(key, nonce, created, again.fields["LocalAddr"])
+    assert again.fields["DevAuth"] == signed
+    assert again.wsse_valid(helpers.DMSS.cloud_user, helpers.DMSS.cloud_key)
