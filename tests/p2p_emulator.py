@@ -733,7 +733,7 @@ class Emulator:
             self.violation(f"{name}: unparsable datagram from {addr}: {exc}")
             return
         self.requests.append((name, req.path))
-        dialect = self._dialect(name, req)
+        dialect = self._dialect(req)
         if name in MAIN_SERVERS and dialect is not helpers.APP_PROFILES[MAIN_SERVERS[name]]:
             # PROTOCOLS 2.7 (c): the wrong header order or method gets this, even with
             # correct crypto
@@ -766,7 +766,7 @@ class Emulator:
         self._sendto(sock, addr, data)
 
     @staticmethod
-    def _dialect(name: str, req: helpers.Request) -> helpers.AppProfile:
+    def _dialect(req: helpers.Request) -> helpers.AppProfile:
         """The app profile whose dialect ``req`` is in (by its method and header order)."""
         order = tuple(n for n, _ in req.headers if n not in ("Content-Type", "Content-Length"))
         for profile in helpers.APP_PROFILES.values():
@@ -988,7 +988,7 @@ class Emulator:
             return 400, "Bad Request", None
         if not self.online:
             return 404, "Not Found", None
-        dialect = self._dialect("", req)
+        dialect = self._dialect(req)
         if fields.get("version") != dialect.body_version:
             self.violation(f"p2p-channel: version {fields.get('version')!r}")
         for tag, value in dialect.channel_constants:
