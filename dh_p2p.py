@@ -111,6 +111,7 @@ class Step(StrEnum):
     P2P_CHANNEL = "p2p_channel"
     RELAY_CHANNEL = "relay_channel"
     OTHER_APP = "other_app"  # only to explain a 404: is the device bound to the other app?
+    LOCAL_CHANNEL = "local_channel"  # best effort, once set up; not waited for
 
 
 #: Requests that only serve the relayed path: once the paths are being opened, their
@@ -338,9 +339,12 @@ class Handshake:
         identity: CloudIdentity | None = None,
         auth: bool = True,
         body_factory: Callable[[], str] | None = None,
+        method: str | None = None,
+        keep: bool = True,
     ) -> None:
-        """Send a request and keep it for resends.  With ``body_factory`` the body is
-        made by it, and again for each resend if the profile wants resends afresh."""
+        """Send a request and, unless ``keep`` is false, keep it for resends and its
+        reply.  With ``body_factory`` the body is made by it, and again for each
+        resend if the profile wants resends afresh.  ``method``: see build_request."""
         identity = identity or self.identity
         profile = identity.profile
         # counted per socket (and dialect: the diagnosis of a 404 speaks another one)
@@ -364,6 +368,7 @@ class Handshake:
                 profile=profile,
                 request_id=request_id,
                 auth=auth,
+                method=method,
             )
 
         data = build(body if body_factory is None else body_factory())
@@ -374,13 +379,15 @@ class Handshake:
             def rebuild() -> bytes:
                 return build(make_body())
 
+        log.debug("-> %s", step)  # not the path: relay paths carry the token
+        self._out.append((sock, addr, data))
+        if not keep:
+            return
         what = path.replace(self.token, "{token}") if self.token else path  # keep it out of logs
         self._pending[step] = _Pending(
             sock, addr, data, cseq, now, now + self.retry.initial, self.retry.initial, what,
             request_id, rebuild=rebuild,
         )  # fmt: skip
-        self._out.append((sock, addr, data))
-        log.debug("-> %s", step)  # not the path: relay paths carry the token
 
     def _match(self, sock: str, addr: tuple[str, int], reply: helpers.Reply) -> Step | None:
         """The request ``reply`` answers: by x-pcs-request-id where we sent one
@@ -856,9 +863,27 @@ class Handshake:
             token = None  # the relay we opened as a fallback is not needed
         self.stage = Stage.OPEN
         self._pending.clear()
+        self._send_local_channel(now)
         self.result = Established(
             path, sock, peer, session, token, self.relay_addr, self._cseq.get(RELAY, 0) + 1,
             self.identity, bool(self.sign_exchange),
+        )  # fmt: skip
+
+    def _send_local_channel(self, now: float) -> None:
+        """PROTOCOLS 2.7 (c): once set up, the DMSS app sends local-channel from a
+        socket of its own, a GET with ``<body>[auth]</body>`` (fresh nonce, empty
+        payload); best effort, so its reply is not waited for.  Only with device
+        credentials: the auth block is all it carries."""
+        if not self.profile.local_channel or self.key is None or self.username is None:
+            return
+        nonce = self.rng.randrange(2**31)
+        auth = helpers.dev_auth_xml(
+            self.key, self.username, nonce, int(self._wall(now)), "", self.randsalt
+        )
+        path = f"/device/{self.serial}/local-channel"
+        self._request(
+            Step.LOCAL_CHANNEL, P2PSRV, self.identity.cloud, path, now, f"<body>{auth}</body>",
+            method=self.profile.get_method, keep=False,
         )  # fmt: skip
 
     def _release_relay(self) -> bool:

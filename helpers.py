@@ -152,6 +152,7 @@ class AppProfile:
     #: CSeq, request id, Identify, CreateDate, ClientId kept) rather than repeated
     fresh_resend: bool
     uses_relay: bool  # the app asks for a relay agent up front (False: only when needed)
+    local_channel: bool  # once set up, sends local-channel (GET with an auth body)
 
     def header_value(self, name: str) -> str:
         """The value of a fixed header of this profile."""
@@ -197,6 +198,7 @@ SMARTPSS = AppProfile(
     require_randsalt=False,
     fresh_resend=False,
     uses_relay=True,
+    local_channel=False,
 )
 
 DMSS = AppProfile(
@@ -232,6 +234,7 @@ DMSS = AppProfile(
     require_randsalt=True,
     fresh_resend=True,
     uses_relay=False,
+    local_channel=True,
 )
 
 #: The app profiles, in the order ``--app auto`` tries them (PROTOCOLS 2.7 (c)).
@@ -268,6 +271,7 @@ def build_request(
     profile: AppProfile = SMARTPSS,
     request_id: str | None = None,
     auth: bool = True,
+    method: str | None = None,
 ) -> bytes:
     """Build a request datagram in ``profile``'s dialect: its GET method without a
     body, its POST method with one, its headers in its order.
@@ -275,7 +279,8 @@ def build_request(
     ``cloud_user``/``cloud_key`` default to the profile's pair, ``nonce`` to a random
     one in the profile's range and ``created`` to now.  ``request_id`` is sent where
     the profile's header order has ``x-pcs-request-id``.  ``auth=False`` builds the
-    unauthenticated warm-up with the profile's ``warmup_headers``.
+    unauthenticated warm-up with the profile's ``warmup_headers``.  ``method``
+    overrides the choice by body (local-channel is a GET with a body).
     """
     user = profile.cloud_user if cloud_user is None else cloud_user
     key = profile.cloud_key if cloud_key is None else cloud_key
@@ -292,7 +297,8 @@ def build_request(
         "x-pcs-request-id": request_id,
     }
     fixed = dict(profile.fixed_headers)
-    method = profile.get_method if body is None else profile.post_method
+    if method is None:
+        method = profile.get_method if body is None else profile.post_method
     # PROTOCOLS 2.1, 2.7 (c): header order and the CSeq format matter to the server.
     lines = [f"{method} {path} HTTP/1.1"]
     for name in profile.header_order if auth else profile.warmup_headers:

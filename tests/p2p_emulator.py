@@ -475,6 +475,7 @@ class Emulator:
         self.fw2024 = fw2024
         self.version = version or ("6.5.0" if fw2024 else "5.0.0")
         self.refused: list[str] = []  # requests answered 403 for their dialect
+        self.local_channels = 0  # local-channel requests (best effort, PROTOCOLS 2.7 (c))
         self.rng = random.Random(seed)
         self.violations: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (component, path)
@@ -799,7 +800,8 @@ class Emulator:
             for n in dialect.header_order
             if n != "x-pcs-request-id" or dialect.sends_request_id(req.path)
         ]
-        if req.method == dialect.post_method:
+        # local-channel is a GET with a body (PROTOCOLS 2.7 (c))
+        if req.method == dialect.post_method or req.path.endswith("/local-channel"):
             want += ["Content-Type", "Content-Length"]
             if req.header("Content-Type") != "":
                 self.violation(f"{name}: Content-Type must be empty")
@@ -879,6 +881,14 @@ class Emulator:
             code, reason, body = self._relay_channel(req, addr)
             if code != 200:  # success is the agent's to tell (PROTOCOLS 2.2 step 8)
                 self._reply(sock, addr, name, cseq, code, reason, body)
+        elif path == f"/device/{sn}/local-channel":
+            if req.method != dialect.get_method:
+                self.violation(f"{name}: local-channel with {req.method}")
+            denied = self._check_auth(req.fields, "", "local-channel") if self.auth else None
+            if denied or not self.auth:
+                self.violation(f"{name}: local-channel {denied or 'without device credentials'}")
+            self.local_channels += 1
+            self._reply(sock, addr, name, cseq, 403 if denied else 200, denied or "OK")
         else:
             self._reply(sock, addr, name, cseq, 404, "Not Found")
 

@@ -195,6 +195,7 @@ def test_2024_firmware_opens_the_direct_path_with_a_bare_syn(caplog) -> None:
         hs.receive(MAIN, DEV_PUB, data, 0.5)
     assert hs.result is not None and hs.result.path == "direct"
     assert hs.result.sign_exchange is False and hs.result.identity == DMSS
+    assert not requests(hs)  # no local-channel: without device credentials it has no body
 
 
 def test_older_firmware_under_dmss_gets_its_sign_from_a_relay_agent() -> None:
@@ -378,6 +379,9 @@ def test_video_plays_with_default_flags(spawn, emulator, request, case: str) -> 
     assert emu.violations == []
     punished = emu.call(lambda: [s for s in emu.sessions.values() if s.punished])
     assert punished == []
+    # DMSS sends local-channel once set up, when it has device credentials to sign it
+    wanted = int(options.get("app") == "dmss" and "auth" in options)
+    assert emu.call(lambda: emu.local_channels) == wanted
 
 
 # --- the emulator's main servers check their dialects -----------------------------------
