@@ -13,6 +13,8 @@ import pytest
 from _dissector_support import fields
 from _p2p_support import dh_p2p_argv
 from _ptcp_support import EchoServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dh_p2p
 import helpers
@@ -520,3 +522,39 @@ def test_p2p_channel_resend_is_made_afresh_only_where_the_profile_says(identity)
     signed = helpers.dev_auth(key, nonce, created, again.fields["LocalAddr"])
     assert again.fields["DevAuth"] == signed
     assert again.wsse_valid(helpers.DMSS.cloud_user, helpers.DMSS.cloud_key)
+
+
+_dmss_junk = st.one_of(
+    st.binary(max_size=120),
+    st.sampled_from(
+        [
+            b"HTTP/1.1 200 OK\r\nx-pcs-request-id: 0\r\nCSeq: 0\r\n\r\n<body><US>x</US></body>",
+            b"HTTP/1.1 404 Not Found\r\nx-pcs-request-id: abc\r\nCSeq: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nCSeq: -2147483648\r\n\r\n<body><version>6</version></body>",
+            b"HTTP/1.1 100 Trying\r\nCSeq: 99999999999\r\n\r\n",
+            b"HTTP/1.1 403 DevPwd_InvalidDigest\r\n\r\n",
+            b"NFGET /online/stun HTTP/1.1\r\nCSeq: 1\r\n\r\n",
+        ]
+    ),
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from([MAIN, dh_p2p.P2PSRV, dh_p2p.RELAY]), _dmss_junk),
+                max_size=12))  # fmt: skip
+@settings(max_examples=150, deadline=None)
+def test_hostile_datagrams_never_crash_a_dmss_handshake(items) -> None:
+    hs = make(SMARTPSS, DMSS, username="admin", password="pw")
+    hs.start(0.0, WALL)
+    ((sock, addr, probe, _),) = requests(hs)
+    hs.receive(sock, addr, reply_to(probe), 0.0)
+    ((sock, addr, online, _),) = requests(hs)
+    hs.receive(sock, addr, reply_to(online, 404, "Not Found"), 0.0)  # on to DMSS
+    salt = helpers.xml_body({"Info": helpers.encrypt_info({"randsalt": "s4lt"})})
+    serve(hs, {**DMSS_ANSWERS, f"/info/device/{SN}": (200, salt)})
+    assert Step.P2P_CHANNEL in hs._pending and hs.identity == DMSS
+    for sock, data in items:
+        for addr in (DMSS_CLOUD, ("127.0.0.1", 9)):
+            hs.receive(sock, addr, data, 0.5)
+        hs.handle_timers(0.6)
+        hs.datagrams_to_send()
+    assert hs.error is None or isinstance(hs.error, dh_p2p.HandshakeError)
