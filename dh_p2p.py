@@ -1105,23 +1105,25 @@ def unbind_request(token: str, cseq: int, identity: CloudIdentity) -> bytes:
 @dataclass
 class SilentRealmWatch:
     """The sign exchange's fallback (PROTOCOLS 2.7 (c)): 2024+ firmware reportedly
-    answers BINDs after a sign exchange but routes no data.  A realm the device
-    accepted (CONN) that brings no data byte within ``after`` seconds, while the
-    session lives, says so.  Fed the tunnel's count of data bytes received."""
+    answers BINDs after a sign exchange but routes no data.  It says so when, after
+    the device accepted a realm (CONN), our clients sent data that the device
+    acknowledged, yet ``after`` seconds brought no data byte back.  A device that
+    acknowledges nothing (gone, or behind a remapped NAT) or a client that sends
+    nothing is no such sign.  Fed the tunnel's data byte counts."""
 
     after: float = 12.0
-    _connected: dict[int, tuple[float, int]] = field(default_factory=dict)
+    _connected: dict[int, tuple[float, int, int]] = field(default_factory=dict)
 
-    def connected(self, realm: int, now: float, data_in: int) -> None:
-        """The device accepted ``realm`` at ``now``, with ``data_in`` bytes received so far."""
-        self._connected[realm] = (now, data_in)
+    def connected(self, realm: int, now: float, data_in: int, data_out: int) -> None:
+        """The device accepted ``realm`` at ``now``; the byte counts so far."""
+        self._connected[realm] = (now, data_in, data_out)
 
-    def silent(self, now: float, data_in: int) -> bool:
-        """Whether a realm has waited ``after`` seconds with no data byte received since."""
-        for realm, (since, before) in list(self._connected.items()):
-            if data_in != before:
+    def silent(self, now: float, data_in: int, data_out: int, all_acked: bool) -> bool:
+        """Whether a realm waited ``after`` seconds for an answer to acknowledged data."""
+        for realm, (since, before_in, before_out) in list(self._connected.items()):
+            if data_in != before_in:
                 del self._connected[realm]  # data came: this device routes it
-            elif now >= since + self.after:
+            elif now >= since + self.after and data_out != before_out and all_acked:
                 return True
         return False
 
@@ -1468,7 +1470,8 @@ class Client:
             log.info("realm %08x closed (%s)", event.realm, event.reason)
         watch, tunnel = self.watch, self.tunnel
         if isinstance(event, ptcp.RealmConnected) and watch is not None and tunnel is not None:
-            watch.connected(event.realm, time.monotonic(), tunnel.stats.data_in)
+            stats = tunnel.stats
+            watch.connected(event.realm, time.monotonic(), stats.data_in, stats.data_out)
 
     def _on_dead(self) -> None:
         with self.cond:
@@ -1533,8 +1536,10 @@ class Client:
         with self.cond:
             while not (self.stop.is_set() or tunnel.dead.is_set()):
                 self.cond.wait(1.0 if self.watch is not None else None)
+                stats = tunnel.stats
+                all_acked = tunnel.session.unacked_bytes == 0
                 if self.watch is not None and self.watch.silent(
-                    time.monotonic(), tunnel.stats.data_in
+                    time.monotonic(), stats.data_in, stats.data_out, all_acked
                 ):
                     log.warning(
                         "the device accepted a connection but sent nothing for %.0f s: "

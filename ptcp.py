@@ -1160,6 +1160,7 @@ class TunnelStats:
     overflows: int = 0  # realms closed because their local client stopped reading
     realms_opened: int = 0
     data_in: int = 0  # realm data bytes received from the peer
+    data_out: int = 0  # realm data bytes handed to the session for the peer
     gso_sends: int = 0  # sendmsg calls that carried a run of datagrams (UDP_SEGMENT)
     gro_runs: int = 0  # recvmsg calls that returned a coalesced run (UDP_GRO)
 
@@ -1652,6 +1653,7 @@ class PTCPTunnel:
                 took = 0
             if not took:
                 break  # no room for a full body
+            self.stats.data_out += took
             bridge.turn_used += took
             bridge.taken_total += took
             bridge.backlog_bytes -= took

@@ -426,14 +426,16 @@ def test_emulator_main_servers_are_strict_about_their_dialect(emulator) -> None:
 
 def test_silent_realm_watch() -> None:
     watch = dh_p2p.SilentRealmWatch(after=12.0)
-    assert not watch.silent(100.0, 0)
-    watch.connected(1, 10.0, 500)
-    assert not watch.silent(21.9, 500)
-    assert watch.silent(22.0, 500)
+    assert not watch.silent(100.0, 0, 0, True)
+    watch.connected(1, 10.0, 500, 70)
+    assert not watch.silent(21.9, 500, 90, True)
+    assert watch.silent(22.0, 500, 90, True)  # acknowledged, never answered
+    assert not watch.silent(22.0, 500, 70, True)  # the client sent nothing: no sign
+    assert not watch.silent(30.0, 500, 90, False)  # the device acknowledges nothing: gone
     quiet_later = dh_p2p.SilentRealmWatch(after=12.0)
-    quiet_later.connected(2, 10.0, 500)
-    assert not quiet_later.silent(11.0, 501)  # data came: the device routes it
-    assert not quiet_later.silent(60.0, 501)  # an idle realm later is no sign of anything
+    quiet_later.connected(2, 10.0, 500, 70)
+    assert not quiet_later.silent(11.0, 501, 90, True)  # data came: the device routes it
+    assert not quiet_later.silent(60.0, 501, 200, True)  # an idle realm later means nothing
 
 
 def test_sign_exchange_punished_despite_an_old_version_is_retried_without(spawn, emulator) -> None:
