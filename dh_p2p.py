@@ -2,6 +2,9 @@
 """Reach a Dahua (or rebranded) device by serial number through Easy4IPCloud
 and forward local TCP ports to it over a PTCP tunnel (PROTOCOLS 2).
 
+The cloud knows a device only under the identity of the app it was bound with
+(SmartPSS or DMSS, PROTOCOLS 2.7 (c)); ``--app auto`` tries both, each in its own
+dialect (the rows of ``helpers.APP_PROFILES``).
 The cloud handshake (PROTOCOLS 2.2-2.4) is the sans-IO :class:`Handshake`:
 feed it datagrams and the time, collect datagrams to send.  The PTCP session it
 opens is handed to ``ptcp.PTCPTunnel``, which bridges every accepted local TCP

@@ -114,3 +114,14 @@ def test_reply_cseq_may_be_signed_or_zero_and_carries_a_request_id() -> None:
     for bad in (b"2147483648", b"--1", b"1e3", b"\xd9\xa3"):
         rep = helpers.parse_reply(b"HTTP/1.1 200 OK\r\nCSeq: " + bad + b"\r\n\r\n")
         assert rep.cseq is None
+
+
+def test_request_utility_speaks_either_dialect(capsysbinary) -> None:
+    argv = ["request", "--app", "dmss", "/device/X/p2p-channel", "--body", "<b/>"]
+    assert helpers.main(argv) == 0
+    req = helpers.parse_request(capsysbinary.readouterr().out)
+    assert req.method == "NFPOST" and len(req.request_id or "") == 32
+    assert req.wsse_valid(helpers.DMSS.cloud_user, helpers.DMSS.cloud_key)
+    assert helpers.main(["request", "/probe/p2psrv"]) == 0
+    req = helpers.parse_request(capsysbinary.readouterr().out)
+    assert (req.method, req.cseq, req.request_id) == ("DHGET", 1, None)
