@@ -1,7 +1,7 @@
 -- dh-p2p.lua: Wireshark dissector for the Dahua P2P (Easy4IPCloud) tunnel.
 --
 -- Three heuristic dissectors on UDP (any port, nothing to configure):
---   dhp2p   cloud signalling (DHGET / DHPOST requests, HTTP-like replies), handed to
+--   dhp2p   cloud signalling (DHGET / DHPOST, DMSS's NFGET / NFPOST requests, HTTP-like replies), handed to
 --           the HTTP dissector so the XML bodies show
 --   dhpunch hole-punch messages: STUN with every byte inverted, handed un-inverted to
 --           the STUN dissector
@@ -126,7 +126,7 @@ local sig_f = {
     method = ProtoField.string("dhp2p.method", "Method"),
     uri = ProtoField.string("dhp2p.uri", "Request URI"),
     code = ProtoField.uint16("dhp2p.code", "Status code", base.DEC),
-    cseq = ProtoField.uint32("dhp2p.cseq", "CSeq", base.DEC),
+    cseq = ProtoField.int32("dhp2p.cseq", "CSeq", base.DEC),  -- DMSS: a random signed int32
     text = ProtoField.string("dhp2p.text", "Text"),
 }
 dhp2p.fields = { sig_f.method, sig_f.uri, sig_f.code, sig_f.cseq, sig_f.text }
@@ -142,7 +142,10 @@ local AGENT_NOTICE = "Server Nat Info!"
 
 -- `head` is the start of the datagram, `tvb` the whole of it.
 local function is_signalling(head, tvb)
-    if head:sub(1, 6) == "DHGET " or head:sub(1, 7) == "DHPOST " then return true end
+    -- PROTOCOLS 2.1 (SmartPSS) and 2.7 (c) (DMSS)
+    for _, method in ipairs({ "DHGET ", "DHPOST ", "NFGET ", "NFPOST " }) do
+        if head:sub(1, #method) == method then return true end
+    end
     if head:match("^HTTP/1%.[01] %d%d%d") then
         -- Cloud replies echo the request's CSeq; other HTTP over UDP (SSDP) has none.
         return tvb:raw():find("\r\n[Cc][Ss][Ee][Qq]:") ~= nil
@@ -155,7 +158,8 @@ end
 -- carry "Content-Type: " with an empty value and replies often carry none at all.
 local function normalise_signalling(s)
     local out = s
-    if out:sub(1, 2) == "DH" then out = out:sub(3) end
+    local prefix = out:sub(1, 2)
+    if prefix == "DH" or prefix == "NF" then out = out:sub(3) end
     local head_end = out:find("\r\n\r\n", 1, true)
     if head_end then
         local head = out:sub(1, head_end + 1)
@@ -185,6 +189,7 @@ local function dissect_signalling(tvb, pinfo, tree)
         return tvb:len()
     end
     local method, uri = first_line:match("^(DH%u+) (%S*)")
+    if not method then method, uri = first_line:match("^(NF%u+) (%S*)") end
     local code = first_line:match("^HTTP/1%.[01] (%d%d%d)")
     if method then
         subtree:add(sig_f.method, tvb(0, #method))
@@ -192,8 +197,9 @@ local function dissect_signalling(tvb, pinfo, tree)
     elseif code then
         subtree:add(sig_f.code, tvb(9, 3), tonumber(code))
     end
-    local _, cseq_end, cseq = s:find("\r\nCSeq:[ \t]*(%d+)")
-    if cseq_end and #cseq <= 9 then
+    local _, cseq_end, cseq = s:find("\r\nCSeq:[ \t]*(%-?%d+)")
+    local cseq_n = cseq and #cseq <= 11 and tonumber(cseq)
+    if cseq_n and cseq_n >= -2147483648 and cseq_n <= 2147483647 then
         subtree:add(sig_f.cseq, tvb(cseq_end - #cseq, #cseq), tonumber(cseq))
     end
     set_info(pinfo, "DH-P2P " .. shown_line)
@@ -202,7 +208,7 @@ local function dissect_signalling(tvb, pinfo, tree)
     local http_tvb = tvb
     if normal ~= s then
         subtree:add_proto_expert_info(sig_e.normalised,
-            "Handed to HTTP without the DH method prefix and with an XML content type")
+            "Handed to HTTP without the DH/NF method prefix and with an XML content type")
         http_tvb = ByteArray.new(normal, true):tvb("DH-P2P as HTTP")
     end
     call_sub(http_dissector, http_tvb, pinfo, tree)
@@ -938,8 +944,8 @@ local function heur_signalling(tvb, pinfo, tree)
     local len = tvb:len()
     if len < 12 then return false end
     local c = tvb(0, 1):uint()
-    -- 'D' (DHGET/DHPOST), 'H' (HTTP/1.x), 'S' (Server Nat Info!)
-    if c ~= 0x44 and c ~= 0x48 and c ~= 0x53 then return false end
+    -- 'D' (DHGET/DHPOST), 'N' (NFGET/NFPOST), 'H' (HTTP/1.x), 'S' (Server Nat Info!)
+    if c ~= 0x44 and c ~= 0x4E and c ~= 0x48 and c ~= 0x53 then return false end
     if not is_signalling(tvb(0, math.min(len, 16)):raw(), tvb) then return false end
     dissect_signalling(tvb, pinfo, tree)
     return true

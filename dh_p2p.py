@@ -2,6 +2,9 @@
 """Reach a Dahua (or rebranded) device by serial number through Easy4IPCloud
 and forward local TCP ports to it over a PTCP tunnel (PROTOCOLS 2).
 
+The cloud knows a device only under the identity of the app it was bound with
+(SmartPSS or DMSS, PROTOCOLS 2.7 (c)); ``--app auto`` tries both, each in its own
+dialect (the rows of ``helpers.APP_PROFILES``).
 The cloud handshake (PROTOCOLS 2.2-2.4) is the sans-IO :class:`Handshake`:
 feed it datagrams and the time, collect datagrams to send.  The PTCP session it
 opens is handed to ``ptcp.PTCPTunnel``, which bridges every accepted local TCP
@@ -30,7 +33,9 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from urllib.parse import quote
 
 import helpers
@@ -41,7 +46,6 @@ from helpers import P2PProtocolError
 log = logging.getLogger("dh_p2p")
 
 NAT_INFO = b"Server Nat Info!"
-DEVICE_VERSION = "5.0.0"
 
 # socket names used by Handshake outputs
 MAIN = "S"  # main server, then the device (PROTOCOLS 2.2: same local port for both)
@@ -54,10 +58,14 @@ EXIT_USAGE = ExitCode.USAGE
 EXIT_OFFLINE = ExitCode.UNREACHABLE  # device offline or serial unknown to the cloud
 EXIT_AUTH = ExitCode.LOGIN_REFUSED
 EXIT_CLOUD_UNREACHABLE = ExitCode.CLOUD_UNREACHABLE
+EXIT_WRONG_APP = ExitCode.WRONG_APP  # the device is bound to another app's cloud than --app
+
+SIGN_MODES = ("auto", "always", "never")
 
 
 class HandshakeError(Exception):
-    """The handshake failed; ``kind`` is offline, auth, unreachable, timeout or punch."""
+    """The handshake failed; ``kind`` is offline, wrong_app, auth, unreachable,
+    timeout or punch."""
 
     def __init__(self, message: str, kind: str = "timeout") -> None:
         super().__init__(message)
@@ -67,6 +75,86 @@ class HandshakeError(Exception):
 # ---------------------------------------------------------------------------
 # Handshake state (sans-IO): PROTOCOLS 2.2 - 2.4
 # ---------------------------------------------------------------------------
+
+
+class Stage(StrEnum):
+    """Where the signalling of a handshake is (PROTOCOLS 2.2)."""
+
+    IDLE = "idle"
+    SIGNALLING = "signalling"  # cloud requests up to p2p-channel
+    RELAY_CHANNEL = "relay_channel"  # waiting for the agent's "Server Nat Info!"
+    SIGN = "sign"  # waiting for the agent's sign (its answer to 0x17)
+    PATHS = "paths"  # the direct and/or the relayed path being opened
+    OPEN = "open"
+    FAILED = "failed"
+
+
+class PathStep(StrEnum):
+    """Progress of one path to the device."""
+
+    IDLE = "idle"
+    PUNCH = "punch"  # direct only: hole punching
+    SYN = "syn"  # without the sign exchange: open once the SYN is acknowledged
+    SIGN = "19"  # 0x19 with the sign sent, waiting for 0x1a
+    CONFIRM = "1b"  # 0x1b sent, open once acknowledged
+    OPEN = "open"
+    FAILED = "failed"
+
+
+class Step(StrEnum):
+    """A cloud request of the handshake; its reply goes to the handler of the same name."""
+
+    WARMUP = "warmup"
+    PROBE = "probe"
+    ONLINE = "online"
+    INFO = "info"
+    PROBE_DEVICE = "probe_device"
+    ONLINE_RELAY = "online_relay"
+    RELAY_AGENT = "relay_agent"
+    RELAY_START = "relay_start"
+    P2P_CHANNEL = "p2p_channel"
+    RELAY_CHANNEL = "relay_channel"
+    OTHER_APP = "other_app"  # only to explain a 404: is the device bound to the other app?
+    LOCAL_CHANNEL = "local_channel"  # best effort, once set up; not waited for
+
+
+#: Requests that only serve the relayed path: once the paths are being opened, their
+#: failure fails that path, not the handshake.
+RELAY_STEPS = frozenset({Step.ONLINE_RELAY, Step.RELAY_AGENT, Step.RELAY_START, Step.RELAY_CHANNEL})
+
+
+@dataclass(frozen=True)
+class CloudIdentity:
+    """An app profile with the main server and WSSE pair used for it."""
+
+    profile: helpers.AppProfile
+    cloud: tuple[str, int]
+    cloud_user: str
+    cloud_key: str
+
+    @classmethod
+    def of(
+        cls,
+        profile: helpers.AppProfile,
+        cloud: tuple[str, int] | None = None,
+        cloud_user: str | None = None,
+        cloud_key: str | None = None,
+    ) -> CloudIdentity:
+        """The profile's own server and pair unless given."""
+        return cls(
+            profile,
+            cloud or (profile.host, profile.port),
+            cloud_user or profile.cloud_user,
+            cloud_key or profile.cloud_key,
+        )
+
+
+def sign_exchange_wanted(sign: str, device_version: str) -> bool:
+    """Whether to do the 0x17/0x19/0x1b exchange (PROTOCOLS 2.7 (c), (f) 7): "always",
+    "never", or "auto": not with firmware from 2024 on (``version`` 6.x or 7.x)."""
+    if sign == "auto":
+        return not device_version.strip().startswith(("6", "7"))
+    return sign == "always"
 
 
 @dataclass
@@ -88,14 +176,16 @@ class _Pending:
     next_at: float
     interval: float
     what: str
+    request_id: str | None = None
     provisional: bool = False
+    rebuild: Callable[[], bytes] | None = None  # a resend made afresh (else ``data`` again)
 
 
 @dataclass
 class _Path:
     """Progress of one way to the device: "direct" (punched) or "relay" (the agent)."""
 
-    step: str = "idle"  # idle, punch (direct only), 19, 1b, open, failed
+    step: PathStep = PathStep.IDLE
     deadline: float | None = None
     opened_at: float = 0.0
 
@@ -111,6 +201,8 @@ class Established:
     token: str | None = None
     relay_addr: tuple[str, int] | None = None
     relay_cseq: int = 1  # the next CSeq on the relay socket (for /relay/unbind)
+    identity: CloudIdentity | None = None  # the cloud identity that answered
+    sign_exchange: bool = True
 
 
 @dataclass
@@ -120,13 +212,19 @@ class Handshake:
     Call :meth:`start`, then feed every datagram to :meth:`receive` and call
     :meth:`handle_timers` at :meth:`next_deadline`; after each call send
     :meth:`datagrams_to_send` (``(socket name, address, bytes)``).  Finished when
-    :attr:`result` (an :class:`Established`) or :attr:`error` is set.
+    :attr:`result` (an :class:`Established`) or :attr:`error` is set.  Times are
+    monotonic seconds; the wall clock (for WSSE Created and CreateDate) is the one
+    given to :meth:`start`, carried forward.
     ``local_addr`` is the address of socket ``S`` as the host's egress
     interface has it, ``lan_addrs`` the host's other interface addresses; both go
     into LocalAddr (PROTOCOLS 2.8).  In auto mode the direct and the relayed path
     are opened together; the relay is taken if the direct path is not open
     ``relay_grace`` seconds after it.  ``punch_check`` is "identify" (a punch must
     carry our Identify and transaction) or "address" (source IP only).
+    ``identities`` are the cloud identities tried in turn while the device's serial
+    gets a 404 (default: SmartPSS at ``cloud`` with ``cloud_user``/``cloud_key``);
+    ``diagnose`` are asked only to explain the last 404.  ``sign_mode`` is one of
+    :data:`SIGN_MODES` (see :func:`sign_exchange_wanted`).
     """
 
     serial: str
@@ -144,6 +242,9 @@ class Handshake:
     punch_check: str = "identify"
     session_options: dict = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.SystemRandom)
+    identities: tuple[CloudIdentity, ...] = ()
+    diagnose: tuple[CloudIdentity, ...] = ()
+    sign_mode: str = "auto"
 
     result: Established | None = None
     error: HandshakeError | None = None
@@ -151,11 +252,27 @@ class Handshake:
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "direct", "relay"):
             raise ValueError(f"mode must be auto, direct or relay, not {self.mode!r}")
-        self.state = "idle"
-        self._out: list[tuple[str, tuple[str, int], bytes]] = []
-        self._pending: dict[str, _Pending] = {}  # key: step name
-        self._cseq: dict[str, int] = {}
+        if self.sign_mode not in SIGN_MODES:
+            raise ValueError(f"sign_mode must be one of {SIGN_MODES}, not {self.sign_mode!r}")
+        if not self.identities:
+            smartpss = CloudIdentity(helpers.SMARTPSS, self.cloud, self.cloud_user, self.cloud_key)
+            self.identities = (smartpss,)
+        self.tried: list[CloudIdentity] = []  # identities that answered 404 so far
         self.identify = bytes(self.rng.getrandbits(8) for _ in range(8))
+        self.punch_cookie = bytes(self.rng.getrandbits(8) for _ in range(4))
+        self.punch_tid = bytes(self.rng.getrandbits(8) for _ in range(12))
+        self._out: list[tuple[str, tuple[str, int], bytes]] = []
+        self._wall_offset = 0.0
+        self.ignored: collections.Counter[str] = collections.Counter()
+        self._reset(self.identities[0])
+
+    def _reset(self, identity: CloudIdentity) -> None:
+        """Forget everything learned from a cloud identity; start over with ``identity``."""
+        self.identity = identity
+        self.stage = Stage.IDLE
+        self._pending: dict[Step, _Pending] = {}
+        self._cseq: dict[str, int] = {}
+        self.client_id = f"{self.rng.getrandbits(128):032x}"
         self.randsalt: str | None = None
         self.key: bytes | None = None
         self.nonce: int | None = None
@@ -163,29 +280,40 @@ class Handshake:
         self.relay_addr: tuple[str, int] | None = None
         self.agent_addr: tuple[str, int] | None = None
         self.token: str | None = None
+        self.relay_asked = False
         self.relay_started = False
+        self.relay_channel_sent = False
+        self.channel_sent = False
         self.channel_reply: helpers.Reply | None = None
         self.device_pub: tuple[str, int] | None = None
         self.device_local: tuple[str, int] | None = None
         self.device_nonce: int | None = None
+        self.device_version = ""
+        self.sign_exchange: bool | None = None  # decided by the p2p-channel reply
         self.nat_info = False
         self.sign: bytes | None = None
         self.agent_session: ptcp.Session | None = None
         self.device_session: ptcp.Session | None = None
         self.device_peer: tuple[str, int] | None = None
-        self.punch_cookie = bytes(self.rng.getrandbits(8) for _ in range(4))
-        self.punch_tid = bytes(self.rng.getrandbits(8) for _ in range(12))
         self._early_punches: list[tuple[tuple[str, int], helpers.StunMessage]] = []
         self._punch_next = 0.0
         self._punch_interval = self.retry.initial
         self._step_deadline: float | None = None
         self.direct_path = _Path()
         self.relay_path = _Path()
-        self.ignored: collections.Counter[str] = collections.Counter()
+
+    @property
+    def state(self) -> Stage:
+        """The signalling stage (an alias of :attr:`stage`)."""
+        return self.stage
 
     @property
     def has_credentials(self) -> bool:
         return self.username is not None and self.password is not None
+
+    @property
+    def profile(self) -> helpers.AppProfile:
+        return self.identity.profile
 
     # -- output ---------------------------------------------------------------
 
@@ -200,51 +328,123 @@ class Handshake:
 
     # -- requests ---------------------------------------------------------------
 
-    def _request(
-        self, key: str, sock: str, addr: tuple[str, int], path: str, now: float, body=None
-    ) -> None:
-        cseq = self._cseq[sock] = self._cseq.get(sock, 0) + 1  # counted per socket
-        data = helpers.build_request(
-            path, cseq, body=body, cloud_user=self.cloud_user, cloud_key=self.cloud_key
-        )
-        what = path.replace(self.token, "{token}") if self.token else path  # keep it out of logs
-        self._pending[key] = _Pending(
-            sock, addr, data, cseq, now, now + self.retry.initial, self.retry.initial, what
-        )
-        self._out.append((sock, addr, data))
-        log.debug("-> %s", key)  # not the path: relay paths carry the token
+    def _wall(self, now: float) -> float:
+        return now + self._wall_offset
 
-    def _match(self, sock: str, addr: tuple[str, int], reply: helpers.Reply) -> str | None:
+    def _request(
+        self,
+        step: Step,
+        sock: str,
+        addr: tuple[str, int],
+        path: str,
+        now: float,
+        body: str | None = None,
+        *,
+        identity: CloudIdentity | None = None,
+        auth: bool = True,
+        body_factory: Callable[[], str] | None = None,
+        method: str | None = None,
+        keep: bool = True,
+    ) -> None:
+        """Send a request and, unless ``keep`` is false, keep it for resends and its
+        reply.  With ``body_factory`` the body is made by it, and again for each
+        resend if the profile wants resends afresh.  ``method``: see build_request."""
+        identity = identity or self.identity
+        profile = identity.profile
+        # counted per socket (and dialect: the diagnosis of a 404 speaks another one)
+        count_key = sock if profile is self.profile else f"{sock}/{profile.name}"
+        counter = self._cseq[count_key] = self._cseq.get(count_key, 0) + 1
+        cseq = profile.new_cseq(counter, self.rng.randbytes)
+        request_id = None
+        if profile.sends_request_id(path):
+            request_id = helpers.new_request_id(self.rng.randbytes)
+        created = helpers.wsse_created(self._wall(now), profile.created_style)
+
+        def build(body: str | None) -> bytes:
+            return helpers.build_request(
+                path,
+                cseq,
+                body=body,
+                cloud_user=identity.cloud_user,
+                cloud_key=identity.cloud_key,
+                nonce=profile.new_nonce(self.rng.randbytes),
+                created=created,
+                profile=profile,
+                request_id=request_id,
+                auth=auth,
+                method=method,
+            )
+
+        data = build(body if body_factory is None else body_factory())
+        rebuild = None
+        if body_factory is not None and profile.fresh_resend:
+            make_body = body_factory
+
+            def rebuild() -> bytes:
+                return build(make_body())
+
+        log.debug("-> %s", step)  # not the path: relay paths carry the token
+        self._out.append((sock, addr, data))
+        if not keep:
+            return
+        what = path.replace(self.token, "{token}") if self.token else path  # keep it out of logs
+        self._pending[step] = _Pending(
+            sock, addr, data, cseq, now, now + self.retry.initial, self.retry.initial, what,
+            request_id, rebuild=rebuild,
+        )  # fmt: skip
+
+    def _match(self, sock: str, addr: tuple[str, int], reply: helpers.Reply) -> Step | None:
+        """The request ``reply`` answers: by x-pcs-request-id where we sent one
+        (PROTOCOLS 2.7 (c): such replies may carry CSeq 0; a final error carries an
+        id of the server's making), else by CSeq."""
         candidates = [
             k for k, p in self._pending.items() if p.sock == sock and _same_endpoint(p.addr, addr)
         ]
-        if reply.cseq is not None:
-            candidates = [k for k in candidates if self._pending[k].cseq == reply.cseq]
-        return candidates[0] if candidates else None
+        with_id = [k for k in candidates if self._pending[k].request_id is not None]
+        for key in with_id:
+            if self._pending[key].request_id == reply.request_id:
+                return key
+        plain = [k for k in candidates if self._pending[k].request_id is None]
+        if reply.cseq is None and plain:
+            return plain[0]
+        for key in plain:
+            if self._pending[key].cseq == reply.cseq:
+                return key
+        if reply.code >= 400 and len(with_id) == 1:
+            return with_id[0]
+        return None
 
     def _fail(self, message: str, kind: str) -> None:
         if self.error is None and self.result is None:
             self.error = HandshakeError(message, kind)
-            self.state = "failed"
+            self.stage = Stage.FAILED
             self._pending.clear()
             log.debug("handshake failed: %s", message)
 
     # -- flow -----------------------------------------------------------------
 
-    def start(self, now: float) -> None:
-        """Begin with ``/probe/p2psrv`` on the main server."""
-        self.state = "signalling"
-        self._request("probe", MAIN, self.cloud, "/probe/p2psrv", now)
+    def start(self, now: float, wall: float) -> None:
+        """Begin (warm-up, then ``/probe/p2psrv``) at monotonic ``now``, unix time ``wall``."""
+        self._wall_offset = wall - now
+        self._begin(now)
+
+    def _begin(self, now: float) -> None:
+        self.stage = Stage.SIGNALLING
+        profile, cloud = self.profile, self.identity.cloud
+        if profile.warmup_path is not None:
+            self._request(Step.WARMUP, MAIN, cloud, profile.warmup_path, now, auth=False)
+        self._request(Step.PROBE, MAIN, cloud, "/probe/p2psrv", now)
 
     def receive(self, sock: str, addr: tuple[str, int], data: bytes, now: float) -> None:
         """Feed one datagram received on socket ``sock`` from ``addr``."""
         if self.done:
             return
-        if data[:4] == b"PTCP":
+        if data[:4] == ptcp.MAGIC:
             self._on_ptcp(sock, addr, data, now)
             return
         from_agent = sock == RELAY and addr == self.agent_addr
-        if from_agent and data == NAT_INFO and self.state == "relay_channel":
+        waiting_nat_info = self.relay_channel_sent and not self.nat_info
+        if from_agent and data == NAT_INFO and waiting_nat_info:
             self.nat_info = True  # the bare form some agents send
             self._advance(now)
             return
@@ -254,7 +454,7 @@ class Handshake:
             except P2PProtocolError as exc:
                 log.info("ignoring malformed reply on %s from %s: %s", sock, addr, exc)
                 return
-            if from_agent and self.state == "relay_channel":
+            if from_agent and waiting_nat_info:
                 # PROTOCOLS 2.2 step 8: the agent, not the main server, answers
                 # relay-channel ("100 Trying", then "200 Server Nat Info!"), with a
                 # CSeq that need not be ours: matched by sender and status.
@@ -267,10 +467,10 @@ class Handshake:
             if reply.provisional:
                 self._pending[key].provisional = True
                 return
-            del self._pending[key]
+            del self._pending[key]  # any final reply, a status >= 400 included
             self._on_reply(key, reply, now)
             return
-        if sock == MAIN and self.direct_path.step in ("idle", "punch"):
+        if sock == MAIN and self.direct_path.step in (PathStep.IDLE, PathStep.PUNCH):
             try:
                 msg = helpers.parse_punch(data)
             except P2PProtocolError:
@@ -280,78 +480,193 @@ class Handshake:
             return
         log.debug("ignoring stray datagram on %s from %s", sock, addr)
 
-    def _on_reply(self, key: str, reply: helpers.Reply, now: float) -> None:
-        sn = self.serial
+    def _on_reply(self, step: Step, reply: helpers.Reply, now: float) -> None:
         try:
-            if key == "probe":
-                if not reply.ok:
-                    return self._fail(f"cloud refused /probe/p2psrv ({reply.code})", "unreachable")
-                self._request("online", MAIN, self.cloud, f"/online/p2psrv/{sn}", now)
-            elif key == "online":
-                if reply.code == 404:
-                    return self._fail(f"device {sn} is unknown or offline", "offline")
-                if not reply.ok:
-                    return self._fail(f"cloud error {reply.code} {reply.reason}", "cloud")
-                self.p2p_addr = helpers.parse_host_port(reply.fields.get("US", ""))
-                if self.has_credentials:
-                    self._request("info", MAIN, self.cloud, f"/info/device/{sn}", now)
-                else:
-                    self._request("probe_device", P2PSRV, self.p2p_addr, f"/probe/device/{sn}", now)
-            elif key == "info":
-                if reply.ok:
-                    try:
-                        self.randsalt = helpers.decrypt_info(reply.fields.get("Info", "")).get(
-                            "randsalt"
-                        )
-                    except P2PProtocolError as exc:
-                        log.info("device info unreadable (%s); using the default salt", exc)
-                assert self.p2p_addr is not None
-                self._request("probe_device", P2PSRV, self.p2p_addr, f"/probe/device/{sn}", now)
-            elif key == "probe_device":
-                if reply.code == 404:
-                    return self._fail(f"device {sn} is unknown or offline", "offline")
-                self._request("online_relay", MAIN, self.cloud, "/online/relay", now)
-            elif key == "online_relay":
-                if not reply.ok:
-                    return self._fail(f"no relay server ({reply.code})", "cloud")
-                self.relay_addr = helpers.parse_host_port(reply.fields.get("Address", ""))
-                self._send_p2p_channel(now)
-                self._request("relay_agent", RELAY, self.relay_addr, "/relay/agent", now)
-            elif key == "relay_agent":
-                if not reply.ok:
-                    return self._fail(f"relay server refused ({reply.code})", "cloud")
-                self.token = reply.fields.get("Token", "")
-                self.agent_addr = helpers.parse_host_port(reply.fields.get("Agent", ""))
-                if not self.token:
-                    raise P2PProtocolError("relay reply without a Token")
-                body = "<body><Client>:0</Client></body>"
-                path = f"/relay/start/{self.token}"
-                self._request("relay_start", RELAY, self.agent_addr, path, now, body)
-            elif key == "relay_start":
-                if not reply.ok:
-                    return self._fail(f"relay agent refused ({reply.code})", "cloud")
-                self.relay_started = True
-            elif key == "p2p_channel":
-                self._on_channel_reply(reply)
-            elif key == "relay_channel":
-                if reply.code == 403:
-                    return self._auth_failed(reply)
-                if not reply.ok:
-                    return self._fail(f"relay-channel refused ({reply.code})", "cloud")
-            elif key == "unbind":
-                pass
+            _REPLY_HANDLERS[step](self, reply, now)
         except P2PProtocolError as exc:
-            return self._fail(f"bad reply to {key}: {exc}", "cloud")
+            self._step_failed(step, f"bad reply to {step}: {exc}", "cloud", now)
+            return
         self._advance(now)
+
+    def _step_failed(self, step: Step, message: str, kind: str, now: float) -> None:
+        """A request failed: the handshake, or only the relayed path once the direct
+        one is under way (PROTOCOLS 2.7 (c): without the sign exchange it needs no relay)."""
+        if step in RELAY_STEPS and self.direct_path.step != PathStep.IDLE:
+            log.info("relay unavailable (%s); going on with the direct path", message)
+            for key in RELAY_STEPS:
+                self._pending.pop(key, None)
+            self.relay_path.step = PathStep.FAILED
+            self._choose_path(now)
+            return
+        self._fail(message, kind)
+
+    # -- reply handlers: one per Step (see _REPLY_HANDLERS) ---------------------
+
+    def _after_warmup(self, reply: helpers.Reply, now: float) -> None:
+        """The warm-up's answer is not documented (PROTOCOLS 2.7 (f) 13): drained."""
+
+    def _after_probe(self, reply: helpers.Reply, now: float) -> None:
+        if not reply.ok:
+            return self._fail(f"cloud refused /probe/p2psrv ({reply.code})", "unreachable")
+        self._request(Step.ONLINE, MAIN, self.identity.cloud, f"/online/p2psrv/{self.serial}", now)
+
+    def _after_online(self, reply: helpers.Reply, now: float) -> None:
+        if reply.code == 404:
+            return self._not_here(now)
+        if not reply.ok:
+            return self._fail(f"cloud error {reply.code} {reply.reason}", "cloud")
+        self.p2p_addr = helpers.parse_host_port(reply.fields.get("US", ""))
+        if self.has_credentials:
+            self._request(Step.INFO, MAIN, self.identity.cloud, f"/info/device/{self.serial}", now)
+        else:
+            self._probe_device(now)
+
+    def _after_info(self, reply: helpers.Reply, now: float) -> None:
+        if reply.ok:
+            try:
+                info = helpers.decrypt_info(reply.fields.get("Info", ""))
+                self.randsalt = str(info["randsalt"]) if info.get("randsalt") else None
+            except P2PProtocolError as exc:
+                log.info("device info unreadable (%s); using the default salt", exc)
+        self._probe_device(now)
+
+    def _probe_device(self, now: float) -> None:
+        if self.p2p_addr is None:
+            raise P2PProtocolError("no P2P server address")
+        self._request(Step.PROBE_DEVICE, P2PSRV, self.p2p_addr, f"/probe/device/{self.serial}", now)
+
+    def _after_probe_device(self, reply: helpers.Reply, now: float) -> None:
+        if reply.code == 404:
+            return self._fail(f"device {self.serial} is unknown or offline", "offline")
+        if self.profile.uses_relay or self.mode == "relay":
+            self._ask_relay(now)  # p2p-channel goes out with the relay's answer, as the app does
+        else:
+            self._send_p2p_channel(now)
+
+    def _ask_relay(self, now: float) -> None:
+        self.relay_asked = True
+        self._request(Step.ONLINE_RELAY, MAIN, self.identity.cloud, "/online/relay", now)
+
+    def _after_online_relay(self, reply: helpers.Reply, now: float) -> None:
+        if not reply.ok:
+            return self._step_failed(
+                Step.ONLINE_RELAY, f"no relay server ({reply.code})", "cloud", now
+            )
+        self.relay_addr = helpers.parse_host_port(reply.fields.get("Address", ""))
+        if not self.channel_sent:
+            self._send_p2p_channel(now)
+        self._request(Step.RELAY_AGENT, RELAY, self.relay_addr, "/relay/agent", now)
+
+    def _after_relay_agent(self, reply: helpers.Reply, now: float) -> None:
+        if not reply.ok:
+            return self._step_failed(
+                Step.RELAY_AGENT, f"relay server refused ({reply.code})", "cloud", now
+            )
+        self.token = reply.fields.get("Token", "")
+        self.agent_addr = helpers.parse_host_port(reply.fields.get("Agent", ""))
+        if not self.token:
+            raise P2PProtocolError("relay reply without a Token")
+        body = "<body><Client>:0</Client></body>"
+        path = f"/relay/start/{self.token}"
+        self._request(Step.RELAY_START, RELAY, self.agent_addr, path, now, body)
+
+    def _after_relay_start(self, reply: helpers.Reply, now: float) -> None:
+        if not reply.ok:
+            return self._step_failed(
+                Step.RELAY_START, f"relay agent refused ({reply.code})", "cloud", now
+            )
+        self.relay_started = True
+
+    def _after_p2p_channel(self, reply: helpers.Reply, now: float) -> None:
+        if reply.code == 403:
+            return self._auth_failed(reply)
+        if reply.code == 404:
+            return self._not_here(now)
+        if not reply.ok:
+            return self._fail(f"p2p-channel refused ({reply.code} {reply.reason})", "cloud")
+        fields = reply.fields
+        self.device_pub = helpers.parse_host_port(fields.get("PubAddr", ""))
+        local = fields.get("LocalAddr", "")
+        if self.key is not None and "Nonce" in fields:
+            try:
+                self.device_nonce = int(fields["Nonce"])
+            except ValueError as exc:
+                raise P2PProtocolError("non-numeric device Nonce") from exc
+            local = helpers.decrypt_local_addr(self.key, self.device_nonce, local)
+        self.device_local = helpers.parse_host_port(local) if local else self.device_pub
+        self.channel_reply = reply
+        self.device_version = fields.get("version", "")
+        self.sign_exchange = sign_exchange_wanted(self.sign_mode, self.device_version)
+        log.info(
+            "device firmware %s: %s the sign exchange (--sign %s)",
+            self.device_version or "of unknown version",
+            "with" if self.sign_exchange else "without",
+            self.sign_mode,
+        )
+        if not self.relay_asked and (self.sign_exchange or self.mode == "relay"):
+            self._ask_relay(now)  # the sign comes from a relay agent (PROTOCOLS 2.2 step 9)
+
+    def _after_relay_channel(self, reply: helpers.Reply, now: float) -> None:
+        if reply.code == 403:
+            return self._auth_failed(reply)
+        if not reply.ok:
+            return self._step_failed(
+                Step.RELAY_CHANNEL, f"relay-channel refused ({reply.code})", "cloud", now
+            )
+
+    def _after_other_app(self, reply: helpers.Reply, now: float) -> None:
+        other = self.diagnose[0]
+        if reply.ok:
+            return self._fail(
+                f"device {self.serial} is bound to the {other.profile.label} app's cloud, not to "
+                f"{self.identity.profile.label}'s: use --app {other.profile.name} (or --app auto)",
+                "wrong_app",
+            )
+        self.tried.append(other)
+        self._fail(self._unknown_message(), "offline")
+
+    def _not_here(self, now: float) -> None:
+        """The cloud identity in use does not know the serial: try the next one, or
+        ask the others why (PROTOCOLS 2.7 (c), "pair-gating")."""
+        self.tried.append(self.identity)
+        self._release_relay()  # allocated in parallel under this identity, if it was
+        index = self.identities.index(self.identity)
+        if index + 1 < len(self.identities):
+            nxt = self.identities[index + 1]
+            log.info(
+                "the %s cloud does not know %s; trying %s",
+                self.profile.label,
+                self.serial,
+                nxt.profile.label,
+            )
+            self._reset(nxt)
+            self._begin(now)
+            return
+        if self.diagnose:
+            other = self.diagnose[0]
+            path = f"/online/p2psrv/{self.serial}"
+            self._pending.clear()
+            self._request(Step.OTHER_APP, MAIN, other.cloud, path, now, identity=other)
+            return
+        self._fail(self._unknown_message(), "offline")
+
+    def _unknown_message(self) -> str:
+        if len(self.tried) < 2:
+            return f"device {self.serial} is unknown or offline"
+        labels = " and the ".join(i.profile.label for i in self.tried)
+        return (
+            f"device {self.serial} is unknown to the {labels} cloud: "
+            "unknown serial, or bound to another cloud (or offline)"
+        )
 
     def _on_agent_reply(self, reply: helpers.Reply, now: float) -> None:
         if reply.provisional:
-            if "relay_channel" in self._pending:
-                self._pending["relay_channel"].provisional = True
+            if Step.RELAY_CHANNEL in self._pending:
+                self._pending[Step.RELAY_CHANNEL].provisional = True
             return
         if not reply.ok:
-            self._pending.pop("relay_channel", None)
-            self._on_reply("relay_channel", reply, now)
+            self._pending.pop(Step.RELAY_CHANNEL, None)
+            self._on_reply(Step.RELAY_CHANNEL, reply, now)
             return
         self.nat_info = True
         self._advance(now)
@@ -367,89 +682,90 @@ class Handshake:
             self._fail(f"the device refused the credentials ({reply.reason})", "auth")
 
     def _send_p2p_channel(self, now: float) -> None:
-        local = format_local_addr(self.lan_addrs, self.local_addr)
-        ident = helpers.format_identify(self.identify)
-        if self.has_credentials:
-            assert self.username is not None and self.password is not None
+        profile = self.profile
+        if self.has_credentials and profile.require_randsalt and not self.randsalt:
+            return self._fail(
+                f"the {profile.label} cloud gave no salt for the device (/info/device), "
+                "so its credentials cannot be signed",
+                "auth",
+            )
+        if self.username is not None and self.password is not None:
             self.key = helpers.device_key(self.username, self.password, self.randsalt)
-            self.nonce = self.rng.randrange(2**31)
-            enc = helpers.encrypt_local_addr(self.key, self.nonce, local)
-            auth = helpers.dev_auth_xml(
-                self.key, self.username, self.nonce, int(time.time()), enc, self.randsalt
-            )
-            body = (
-                f"<body>{auth}<Identify>{ident}</Identify><IpEncrptV2>true</IpEncrptV2>"
-                f"<LocalAddr>{enc}</LocalAddr><version>{DEVICE_VERSION}</version></body>"
-            )
-        else:
-            body = (
-                f"<body><Identify>{ident}</Identify><IpEncrpt>true</IpEncrpt>"
-                f"<LocalAddr>{local}</LocalAddr><version>{DEVICE_VERSION}</version></body>"
-            )
-        path = f"/device/{self.serial}/p2p-channel"
-        self._request("p2p_channel", MAIN, self.cloud, path, now, body)
+        created = int(self._wall(now))  # kept on a resend (PROTOCOLS 2.7 (c), (e))
 
-    def _on_channel_reply(self, reply: helpers.Reply) -> None:
-        if reply.code == 403:
-            return self._auth_failed(reply)
-        if reply.code == 404:
-            return self._fail(f"device {self.serial} is offline", "offline")
-        if not reply.ok:
-            return self._fail(f"p2p-channel refused ({reply.code} {reply.reason})", "cloud")
-        fields = reply.fields
-        self.device_pub = helpers.parse_host_port(fields.get("PubAddr", ""))
-        local = fields.get("LocalAddr", "")
-        if self.key is not None and "Nonce" in fields:
-            try:
-                self.device_nonce = int(fields["Nonce"])
-            except ValueError as exc:
-                raise P2PProtocolError("non-numeric device Nonce") from exc
-            local = helpers.decrypt_local_addr(self.key, self.device_nonce, local)
-        self.device_local = helpers.parse_host_port(local) if local else self.device_pub
-        self.channel_reply = reply
+        def body() -> str:
+            local = format_local_addr(self.lan_addrs, self.local_addr)
+            auth = ""
+            if self.key is not None and self.username is not None:
+                self.nonce = self.rng.randrange(2**31)
+                local = helpers.encrypt_local_addr(self.key, self.nonce, local)
+                auth = helpers.dev_auth_xml(
+                    self.key, self.username, self.nonce, created, local, self.randsalt
+                )
+            return helpers.p2p_channel_body(
+                profile,
+                identify=self.identify,
+                local_addr=local,
+                encrypted=bool(auth),
+                auth_xml=auth,
+                client_id=f"{self.client_id}:{self.local_addr[1]}",
+            )
+
+        path = f"/device/{self.serial}/p2p-channel"
+        self.channel_sent = True
+        self._request(Step.P2P_CHANNEL, MAIN, self.identity.cloud, path, now, body_factory=body)
+
+    def _send_relay_channel(self, now: float) -> None:
+        self.relay_channel_sent = True
+        if self.stage == Stage.SIGNALLING:
+            self.stage = Stage.RELAY_CHANNEL
+        auth = ""
+        if self.key is not None and self.username is not None:
+            # PROTOCOLS 2.4: relay-channel signs an empty payload with the reply's nonce
+            nonce = self.device_nonce if self.device_nonce is not None else self.nonce
+            created = int(self._wall(now))
+            auth = helpers.dev_auth_xml(
+                self.key, self.username, int(nonce or 0), created, "", self.randsalt
+            )
+        assert self.agent_addr is not None
+        agent = f"{self.agent_addr[0]}:{self.agent_addr[1]}"
+        body = f"<body>{auth}<agentAddr>{agent}</agentAddr></body>"
+        path = f"/device/{self.serial}/relay-channel"
+        self._request(Step.RELAY_CHANNEL, RELAY, self.identity.cloud, path, now, body)
+        if self.stage != Stage.PATHS:
+            self._step_deadline = now + self.retry.give_up
 
     def _advance(self, now: float) -> None:
         """Start whatever the facts gathered so far allow."""
         if self.done:
             return
-        if (
-            self.channel_reply is not None
-            and self.relay_started
-            and "relay_channel" not in self._pending
-            and self.state == "signalling"
-        ):
-            self.state = "relay_channel"
-            auth = ""
-            if self.key is not None and self.username is not None:
-                # PROTOCOLS 2.4: relay-channel signs an empty payload with the reply's nonce
-                nonce = self.device_nonce if self.device_nonce is not None else self.nonce
-                auth = helpers.dev_auth_xml(
-                    self.key, self.username, int(nonce or 0), int(time.time()), "", self.randsalt
-                )
-            assert self.agent_addr is not None
-            agent = f"{self.agent_addr[0]}:{self.agent_addr[1]}"
-            body = f"<body>{auth}<agentAddr>{agent}</agentAddr></body>"
-            path = f"/device/{self.serial}/relay-channel"
-            self._request("relay_channel", RELAY, self.cloud, path, now, body)
-            self._step_deadline = now + self.retry.give_up
-        if self.state == "relay_channel" and self.nat_info:
-            # PROTOCOLS 2.2 step 9: SYN and 17 00*11 to the agent; its answer holds the sign.
-            self.state = "sign"
-            self._pending.pop("relay_channel", None)
+        if self.channel_reply is not None and self.relay_started and not self.relay_channel_sent:
+            self._send_relay_channel(now)
+        if self.nat_info and self.agent_session is None:
+            self._pending.pop(Step.RELAY_CHANNEL, None)
             self.agent_session = self._new_session(now)
             self.agent_session.send_syn(now)
-            self.agent_session.send_command(0x17, b"", now)
+            if self.sign_exchange:
+                # PROTOCOLS 2.2 step 9: SYN and 17 00*11 to the agent; its answer holds the sign.
+                self.stage = Stage.SIGN
+                self.agent_session.send_command(ptcp.T_SIGN_REQUEST, b"", now)
             self._flush_session(RELAY, self.agent_addr, self.agent_session)
-        if self.state == "sign" and self.sign is not None:
-            # Both paths at once in auto mode (PROTOCOLS 2.2, 2.8: the app overlaps them);
-            # the direct one wins if it opens within relay_grace of the relay.
-            self.state = "paths"
+        sign_ready = self.sign_exchange is False or self.sign is not None
+        if self.channel_reply is None or not sign_ready:
+            return
+        # Both paths at once in auto mode (PROTOCOLS 2.2, 2.8: the app overlaps them);
+        # the direct one wins if it opens within relay_grace of the relay.
+        started = False
+        if self.mode != "direct" and self.agent_session and self.relay_path.step == PathStep.IDLE:
+            self._start_relay_path(now)
+            started = True
+        if self.mode != "relay" and self.direct_path.step == PathStep.IDLE:
+            self._start_punch(now)
+            started = True
+        if started and self.stage not in (Stage.PATHS, Stage.OPEN, Stage.FAILED):
+            self.stage = Stage.PATHS
             self._step_deadline = None  # each path has its own deadline now
-            if self.mode in ("relay", "auto"):
-                self._start_relay_path(now)
-            if self.mode in ("direct", "auto"):
-                self._start_punch(now)
-        if self.state == "paths":
+        if self.stage == Stage.PATHS:
             self._choose_path(now)
 
     def _new_session(self, now: float) -> ptcp.Session:
@@ -466,10 +782,14 @@ class Handshake:
     # -- the two paths: relay (via the agent) and direct (punched) -------------
 
     def _start_relay_path(self, now: float) -> None:
-        assert self.agent_session is not None and self.sign is not None
-        self.relay_path.step = "19"
+        assert self.agent_session is not None
         self.relay_path.deadline = now + self.retry.give_up
-        self.agent_session.send_command(0x19, self.sign, now)
+        if not self.sign_exchange:
+            self.relay_path.step = PathStep.SYN  # the SYN went out with nat info
+            return
+        assert self.sign is not None
+        self.relay_path.step = PathStep.SIGN
+        self.agent_session.send_command(ptcp.T_SIGN_PRESENT, self.sign, now)
         self._flush_session(RELAY, self.agent_addr, self.agent_session)
 
     def _path_of(self, session: ptcp.Session) -> _Path:
@@ -493,27 +813,34 @@ class Handshake:
                 self._on_command(session, event, now)
         self._flush_session(sock, peer, session)
         path = self._path_of(session)
-        if path.step == "1b" and session.unacked_bytes == 0:
-            path.step = "open"
+        if path.step in (PathStep.SYN, PathStep.CONFIRM) and session.unacked_bytes == 0:
+            path.step = PathStep.OPEN
             path.opened_at = now
         self._advance(now)
 
     def _on_command(self, session: ptcp.Session, event: ptcp.CommandReceived, now: float) -> None:
-        if session is self.agent_session and self.state == "sign" and event.payload:
+        if session is self.agent_session and self.stage == Stage.SIGN and event.payload:
             self.sign = event.payload
             return
         path = self._path_of(session)
-        if event.body_type == 0x1A and path.step == "19":
+        if event.body_type == ptcp.T_SIGN_ACCEPT and path.step == PathStep.SIGN:
             # PROTOCOLS 2.2 step 10: 1a from the peer, we answer 1b and wait for its ack.
-            path.step = "1b"
-            session.send_command(0x1B, b"", now)
+            path.step = PathStep.CONFIRM
+            session.send_command(ptcp.T_SIGN_CONFIRM, b"", now)
+
+    def _relay_pending(self) -> bool:
+        """Whether the relayed path may still start (its signalling is under way)."""
+        if self.mode == "direct" or self.relay_path.step != PathStep.IDLE:
+            return False
+        return any(key in self._pending for key in RELAY_STEPS)
 
     def _choose_path(self, now: float) -> None:
         direct, relay = self.direct_path, self.relay_path
-        if direct.step == "open":
+        finished = (PathStep.IDLE, PathStep.FAILED)
+        if direct.step == PathStep.OPEN:
             return self._establish("direct", now)
-        if relay.step == "open":
-            waiting = direct.step not in ("idle", "failed")
+        if relay.step == PathStep.OPEN:
+            waiting = direct.step not in finished
             if not waiting or now >= relay.opened_at + self.relay_grace:
                 if waiting:
                     log.info(
@@ -522,7 +849,7 @@ class Handshake:
                     )
                 return self._establish("relay", now)
             return
-        if direct.step in ("idle", "failed") and relay.step in ("idle", "failed"):
+        if direct.step in finished and relay.step in finished and not self._relay_pending():
             if self.mode == "direct":
                 return self._fail(
                     "hole punching failed (no answer from the device); try --relay", "punch"
@@ -536,19 +863,40 @@ class Handshake:
             session, sock, peer = self.agent_session, RELAY, self.agent_addr
         assert session is not None and peer is not None
         token = self.token
-        if path == "direct" and self.relay_path.step != "idle" and self.token and self.relay_addr:
-            # the relay we opened as a fallback is not needed: release it (PROTOCOLS 2.7 (e))
-            cseq = self._cseq[RELAY] = self._cseq.get(RELAY, 0) + 1
-            self._out.append(
-                (RELAY, self.relay_addr,
-                 unbind_request(self.token, cseq, self.cloud_user, self.cloud_key))
-            )  # fmt: skip
-            token = None
-        self.state = "open"
+        if path == "direct" and self.relay_path.step != PathStep.IDLE and self._release_relay():
+            token = None  # the relay we opened as a fallback is not needed
+        self.stage = Stage.OPEN
         self._pending.clear()
+        self._send_local_channel(now)
         self.result = Established(
-            path, sock, peer, session, token, self.relay_addr, self._cseq.get(RELAY, 0) + 1
+            path, sock, peer, session, token, self.relay_addr, self._cseq.get(RELAY, 0) + 1,
+            self.identity, bool(self.sign_exchange),
+        )  # fmt: skip
+
+    def _send_local_channel(self, now: float) -> None:
+        """PROTOCOLS 2.7 (c): once set up, the DMSS app sends local-channel from a
+        socket of its own, a GET with ``<body>[auth]</body>`` (fresh nonce, empty
+        payload); best effort, so its reply is not waited for.  Only with device
+        credentials: the auth block is all it carries."""
+        if not self.profile.local_channel or self.key is None or self.username is None:
+            return
+        nonce = self.rng.randrange(2**31)
+        auth = helpers.dev_auth_xml(
+            self.key, self.username, nonce, int(self._wall(now)), "", self.randsalt
         )
+        path = f"/device/{self.serial}/local-channel"
+        self._request(
+            Step.LOCAL_CHANNEL, P2PSRV, self.identity.cloud, path, now, f"<body>{auth}</body>",
+            method=self.profile.get_method, keep=False,
+        )  # fmt: skip
+
+    def _release_relay(self) -> bool:
+        """Send ``/relay/unbind`` for our relay token, if we hold one (PROTOCOLS 2.7 (e))."""
+        if not self.token or self.relay_addr is None:
+            return False
+        cseq = self._cseq[RELAY] = self._cseq.get(RELAY, 0) + 1
+        self._out.append((RELAY, self.relay_addr, unbind_request(self.token, cseq, self.identity)))
+        return True
 
     # -- hole punch (PROTOCOLS 2.3) ------------------------------------------
 
@@ -560,7 +908,7 @@ class Handshake:
         return targets
 
     def _start_punch(self, now: float) -> None:
-        self.direct_path.step = "punch"
+        self.direct_path.step = PathStep.PUNCH
         self.direct_path.deadline = now + self.punch_timeout
         self._punch_interval = self.retry.initial
         self._send_punches(now)
@@ -611,14 +959,14 @@ class Handshake:
         if not self.punch_is_genuine(addr, msg):
             self._ignore(addr, "punch that is not from the device")
             return
-        if self.direct_path.step == "punch":
+        if self.direct_path.step == PathStep.PUNCH:
             self._answer_punch(addr, msg, now)
-        elif self.direct_path.step == "idle" and len(self._early_punches) < 16:
+        elif self.direct_path.step == PathStep.IDLE and len(self._early_punches) < 16:
             self._early_punches.append((addr, msg))
         # later punch datagrams are skipped (PROTOCOLS 2.3)
 
     def _answer_punch(self, addr, msg: helpers.StunMessage, now: float) -> None:
-        assert self.device_local is not None and self.sign is not None
+        assert self.device_local is not None
         # PROTOCOLS 2.3: whatever came first (its request or its response to ours),
         # answer with a Binding Success carrying that message's transaction id
         answer = helpers.build_punch_response(
@@ -626,11 +974,15 @@ class Handshake:
         )
         self._out.append((MAIN, addr, answer.to_wire()))
         self.device_peer = addr
-        self.direct_path.step = "19"
         self.direct_path.deadline = now + self.retry.give_up
         self.device_session = self._new_session(now)
         self.device_session.send_syn(now)
-        self.device_session.send_command(0x19, self.sign, now)
+        if self.sign_exchange:
+            assert self.sign is not None
+            self.direct_path.step = PathStep.SIGN
+            self.device_session.send_command(ptcp.T_SIGN_PRESENT, self.sign, now)
+        else:
+            self.direct_path.step = PathStep.SYN  # 2024+ firmware: straight to BIND
         self._flush_session(MAIN, addr, self.device_session)
 
     def _ignore(self, addr, what: str) -> None:
@@ -648,12 +1000,14 @@ class Handshake:
         times += [p.started + self.retry.give_up for p in self._pending.values()]
         if self._step_deadline is not None:
             times.append(self._step_deadline)
+        running = (PathStep.IDLE, PathStep.OPEN, PathStep.FAILED)
         for path in (self.direct_path, self.relay_path):
-            if path.deadline is not None and path.step not in ("idle", "open", "failed"):
+            if path.deadline is not None and path.step not in running:
                 times.append(path.deadline)
-        if self.direct_path.step == "punch":
+        if self.direct_path.step == PathStep.PUNCH:
             times.append(self._punch_next)
-        if self.relay_path.step == "open" and self.direct_path.step not in ("idle", "failed"):
+        finished = (PathStep.IDLE, PathStep.FAILED)
+        if self.relay_path.step == PathStep.OPEN and self.direct_path.step not in finished:
             times.append(self.relay_path.opened_at + self.relay_grace)
         for session in (self.agent_session, self.device_session):
             if session is not None:
@@ -668,25 +1022,32 @@ class Handshake:
             return
         for key, p in list(self._pending.items()):
             if now >= p.started + self.retry.give_up:
-                if key == "probe":
-                    return self._fail(
-                        f"no answer from the cloud at {self.cloud[0]}:{self.cloud[1]}",
-                        "unreachable",
-                    )
-                return self._fail(f"no answer to {p.what}", "timeout")
+                if key == Step.WARMUP:  # best effort
+                    del self._pending[key]
+                    continue
+                if key == Step.PROBE:
+                    host, port = self.identity.cloud
+                    return self._fail(f"no answer from the cloud at {host}:{port}", "unreachable")
+                if key == Step.OTHER_APP:
+                    return self._fail(self._unknown_message(), "offline")
+                self._step_failed(key, f"no answer to {p.what}", "timeout", now)
+                if self.done:
+                    return
+                continue
             if not p.provisional and now >= p.next_at:
-                self._out.append((p.sock, p.addr, p.data))
+                self._out.append((p.sock, p.addr, p.data if p.rebuild is None else p.rebuild()))
                 p.interval = min(p.interval * 2, self.retry.cap)
                 p.next_at = now + p.interval
         if self._step_deadline is not None and now >= self._step_deadline:
-            return self._fail(f"handshake stalled in step {self.state}", "timeout")
+            return self._fail(f"handshake stalled in step {self.stage}", "timeout")
+        running = (PathStep.IDLE, PathStep.OPEN, PathStep.FAILED)
         for name, path in (("direct", self.direct_path), ("relay", self.relay_path)):
-            if path.step in ("idle", "open", "failed") or path.deadline is None:
+            if path.step in running or path.deadline is None:
                 continue
             if now >= path.deadline:
                 log.info("%s path failed (in step %s)", name, path.step)
-                path.step = "failed"
-        if self.direct_path.step == "punch" and now >= self._punch_next:
+                path.step = PathStep.FAILED
+        if self.direct_path.step == PathStep.PUNCH and now >= self._punch_next:
             self._send_punches(now)
         for sock, addr, session in (
             (RELAY, self.agent_addr, self.agent_session),
@@ -696,8 +1057,24 @@ class Handshake:
                 session.handle_timers(now)
                 session.events()
                 self._flush_session(sock, addr, session)
-        if self.state == "paths":
+        if self.stage == Stage.PATHS:
             self._choose_path(now)
+
+
+#: Step -> the Handshake method that takes its final reply.
+_REPLY_HANDLERS: dict[Step, Callable[[Handshake, helpers.Reply, float], None]] = {
+    Step.WARMUP: Handshake._after_warmup,
+    Step.PROBE: Handshake._after_probe,
+    Step.ONLINE: Handshake._after_online,
+    Step.INFO: Handshake._after_info,
+    Step.PROBE_DEVICE: Handshake._after_probe_device,
+    Step.ONLINE_RELAY: Handshake._after_online_relay,
+    Step.RELAY_AGENT: Handshake._after_relay_agent,
+    Step.RELAY_START: Handshake._after_relay_start,
+    Step.P2P_CHANNEL: Handshake._after_p2p_channel,
+    Step.RELAY_CHANNEL: Handshake._after_relay_channel,
+    Step.OTHER_APP: Handshake._after_other_app,
+}
 
 
 def _same_endpoint(expected: tuple[str, int], actual: tuple[str, int]) -> bool:
@@ -717,11 +1094,42 @@ def format_local_addr(lan_addrs: tuple[str, ...] | list[str], egress: tuple[str,
     return ",".join([*others, f"{egress[0]}:{egress[1]}"])
 
 
-def unbind_request(token: str, cseq: int, cloud_user: str, cloud_key: str) -> bytes:
-    """``/relay/unbind/{token}`` for the relay server (relay-mode teardown)."""
+def unbind_request(token: str, cseq: int, identity: CloudIdentity) -> bytes:
+    """``/relay/unbind/{token}`` for the relay server (relay-mode teardown), in the
+    dialect of ``identity``; ``cseq`` counts the relay socket's requests."""
     return helpers.build_request(
-        f"/relay/unbind/{token}", cseq, cloud_user=cloud_user, cloud_key=cloud_key
+        f"/relay/unbind/{token}",
+        identity.profile.new_cseq(cseq),
+        cloud_user=identity.cloud_user,
+        cloud_key=identity.cloud_key,
+        profile=identity.profile,
     )
+
+
+@dataclass
+class SilentRealmWatch:
+    """The sign exchange's fallback (PROTOCOLS 2.7 (c)): 2024+ firmware reportedly
+    answers BINDs after a sign exchange but routes no data.  It says so when, after
+    the device accepted a realm (CONN), our clients sent data that the device
+    acknowledged, yet ``after`` seconds brought no data byte back.  A device that
+    acknowledges nothing (gone, or behind a remapped NAT) or a client that sends
+    nothing is no such sign.  Fed the tunnel's data byte counts."""
+
+    after: float = 12.0
+    _connected: dict[int, tuple[float, int, int]] = field(default_factory=dict)
+
+    def connected(self, realm: int, now: float, data_in: int, data_out: int) -> None:
+        """The device accepted ``realm`` at ``now``; the byte counts so far."""
+        self._connected[realm] = (now, data_in, data_out)
+
+    def silent(self, now: float, data_in: int, data_out: int, all_acked: bool) -> bool:
+        """Whether a realm waited ``after`` seconds for an answer to acknowledged data."""
+        for realm, (since, before_in, before_out) in list(self._connected.items()):
+            if data_in != before_in:
+                del self._connected[realm]  # data came: this device routes it
+            elif now >= since + self.after and data_out != before_out and all_acked:
+                return True
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -767,6 +1175,52 @@ def parse_cloud(text: str) -> tuple[str, int]:
     if not port.isdigit() or not host:
         raise ValueError(f"expected HOST[:PORT], got {text!r}")
     return host, int(port)
+
+
+def parse_cloud_option(text: str) -> tuple[str | None, tuple[str, int]]:
+    """``[APP=]HOST[:PORT]`` -> (app name or None, (host, port)); raises ValueError."""
+    app, eq, rest = text.partition("=")
+    if not eq:
+        return None, parse_cloud(text)
+    if app not in helpers.APP_PROFILES:
+        known = ", ".join(helpers.APP_PROFILES)
+        raise ValueError(f"unknown app {app!r} in --cloud {text!r} (known: {known})")
+    return app, parse_cloud(rest)
+
+
+def plan_identities(args: argparse.Namespace) -> tuple[list[CloudIdentity], list[CloudIdentity]]:
+    """The cloud identities to try, in order, and those asked only to explain a 404.
+
+    ``--app auto`` tries every profile of :data:`helpers.APP_PROFILES` in turn; an
+    explicit app is tried alone and the others only diagnose.  ``--cloud`` without
+    ``APP=`` and ``--cloud-user``/``--cloud-key`` apply to the app in use (with
+    auto: SmartPSS, the app dh_p2p spoke alone before).  Raises ValueError.
+    """
+    in_use = "smartpss" if args.app == "auto" else args.app
+    clouds: dict[str, tuple[str, int]] = {}
+    unnamed: tuple[str, int] | None = None
+    for text in args.cloud:
+        app, addr = parse_cloud_option(text)
+        if app is None:
+            unnamed = addr
+        else:
+            clouds[app] = addr
+    if unnamed is not None:
+        clouds.setdefault(in_use, unnamed)
+
+    def identity(name: str) -> CloudIdentity:
+        own = name == in_use
+        return CloudIdentity.of(
+            helpers.APP_PROFILES[name],
+            clouds.get(name),
+            args.cloud_user if own else None,
+            args.cloud_key if own else None,
+        )
+
+    if args.app == "auto":
+        return [identity(name) for name in helpers.APP_PROFILES], []
+    others = [identity(name) for name in helpers.APP_PROFILES if name != args.app]
+    return [identity(args.app)], others
 
 
 def rtsp_url(host: str, port: int, user: str | None, password: str | None, channel=1, sub=0):
@@ -877,6 +1331,9 @@ class Client:
         self.listeners: list[tuple[socket.socket, Forward]] = []
         self.ready_printed = False
         self.relay_sock: socket.socket | None = None
+        self.answered: str | None = None  # the app whose cloud identity answered
+        self.sign_mode: str = args.sign  # becomes "never" after the fallback
+        self.watch: SilentRealmWatch | None = None
 
     # -- handshake driver -----------------------------------------------------
 
@@ -889,7 +1346,13 @@ class Client:
 
     def handshake(self) -> tuple[Established, dict[str, socket.socket]]:
         """Run one handshake to completion; raises HandshakeError."""
-        cloud = self._resolve(self.cloud)
+        identities, diagnose = plan_identities(self.args)
+        # the identity that answered last time first; the others keep host names
+        # (resolved when used), so an unused cloud costs no DNS lookup
+        identities.sort(key=lambda i: i.profile.name != self.answered)
+        first = identities[0]
+        cloud = self._resolve(first.cloud)
+        identities[0] = CloudIdentity(first.profile, cloud, first.cloud_user, first.cloud_key)
         bind_ip = udp_bind_address(cloud[0], self.args.udp_bind)
         socks = {}
         try:
@@ -916,8 +1379,6 @@ class Client:
                 cloud,
                 local,
                 mode=self.args.mode,
-                cloud_user=self.args.cloud_user,
-                cloud_key=self.args.cloud_key,
                 username=self.args.user,
                 password=self.args.password,
                 retry=Retry(give_up=self.args.timeout),
@@ -929,8 +1390,11 @@ class Client:
                     "dead_after": self.args.peer_timeout,
                     **ptcp.ids_options(self.args.ptcp_ids),
                 },
+                identities=tuple(identities),
+                diagnose=tuple(diagnose),
+                sign_mode=self.sign_mode,
             )
-            hs.start(time.monotonic())
+            hs.start(time.monotonic(), time.time())
             by_fd = {s.fileno(): name for name, s in socks.items()}
             while not hs.done:
                 if self.stop.is_set():
@@ -958,7 +1422,16 @@ class Client:
                     pass
             if hs.error is not None:
                 raise hs.error
-            assert hs.result is not None
+            assert hs.result is not None and hs.result.identity is not None
+            answered = hs.result.identity.profile
+            if answered.name != self.answered:
+                host, port = hs.result.identity.cloud
+                print(
+                    f"cloud: the device answered the {answered.label} identity ({host}:{port})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.answered = answered.name
             return hs.result, socks
         except BaseException:
             for s in socks.values():
@@ -1069,6 +1542,10 @@ class Client:
                 log.info("realm %08x closed (%s)", event.realm, event.reason)
                 if extra and box and box[0].tunnel.realm_count == 0:
                     self._retire_extra(box[0])
+            watch = self.watch
+            if isinstance(event, ptcp.RealmConnected) and watch is not None and not extra and box:
+                stats = box[0].tunnel.stats
+                watch.connected(event.realm, time.monotonic(), stats.data_in, stats.data_out)
 
         def on_dead() -> None:
             if extra and box:
@@ -1109,10 +1586,7 @@ class Client:
         if est.path == "relay" and est.token and est.relay_addr:
             try:
                 slot.socks[RELAY].sendto(
-                    unbind_request(
-                        est.token, est.relay_cseq, self.args.cloud_user, self.args.cloud_key
-                    ),
-                    est.relay_addr,
+                    unbind_request(est.token, est.relay_cseq, est.identity), est.relay_addr
                 )
             except OSError:
                 pass
@@ -1140,7 +1614,7 @@ class Client:
                 if exc.kind == "stopped":
                     break
                 attempts += 1
-                fatal = exc.kind in ("auth", "local") or (
+                fatal = exc.kind in ("auth", "local", "wrong_app") or (
                     not self.ready_printed and attempts > self.args.retries
                 )
                 if fatal:
@@ -1149,6 +1623,7 @@ class Client:
                         "auth": EXIT_AUTH,
                         "offline": EXIT_OFFLINE,
                         "unreachable": EXIT_CLOUD_UNREACHABLE,
+                        "wrong_app": EXIT_WRONG_APP,
                     }.get(exc.kind, EXIT_ERROR)
                 # before the first success only the final error line is shown by default
                 level = logging.WARNING if self.ready_printed else logging.INFO
@@ -1162,6 +1637,9 @@ class Client:
         return EXIT_OK
 
     def _run_tunnel(self, est: Established, socks: dict[str, socket.socket]) -> None:
+        # armed before any realm can open: only when --sign auto chose the exchange,
+        # and once (PROTOCOLS 2.7 (c))
+        self.watch = SilentRealmWatch() if est.sign_exchange and self.sign_mode == "auto" else None
         slot = self._start_tunnel(est, socks)
         tunnel = slot.tunnel
         log.info("tunnel open (%s) to %s", est.path, est.peer)
@@ -1174,7 +1652,21 @@ class Client:
         else:
             print(f"reconnected ({est.path})", flush=True)
         with self.cond:
-            self.cond.wait_for(lambda: self.stop.is_set() or tunnel.dead.is_set())
+            while not (self.stop.is_set() or tunnel.dead.is_set()):
+                self.cond.wait(1.0 if self.watch is not None else None)
+                stats = tunnel.stats
+                all_acked = tunnel.session.unacked_bytes == 0
+                if self.watch is not None and self.watch.silent(
+                    time.monotonic(), stats.data_in, stats.data_out, all_acked
+                ):
+                    log.warning(
+                        "the device accepted a connection but sent nothing for %.0f s: "
+                        "reconnecting without the sign exchange (2024+ firmware?)",
+                        self.watch.after,
+                    )
+                    self.sign_mode = "never"  # for this device from now on
+                    break
+            self.watch = None
             self.main = None
             extras, self.extras = self.extras, []
         if tunnel.dead.is_set() and not self.stop.is_set():
@@ -1274,12 +1766,36 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--relay", dest="mode", action="store_const", const="relay")
     p.set_defaults(mode="auto")
     p.add_argument(
-        "--cloud",
-        default=f"{helpers.DEFAULT_CLOUD_HOST}:{helpers.DEFAULT_CLOUD_PORT}",
-        help="main cloud server HOST[:PORT] (default %(default)s)",
+        "--app",
+        choices=("auto", *helpers.APP_PROFILES),
+        default="auto",
+        help="the phone/PC app whose cloud identity the device is bound to: auto (default) "
+        "tries smartpss, then dmss when the first does not know the serial",
     )
-    p.add_argument("--cloud-user", default=env("DH_P2P_CLOUD_USER", helpers.DEFAULT_CLOUD_USER))
-    p.add_argument("--cloud-key", default=env("DH_P2P_CLOUD_KEY", helpers.DEFAULT_CLOUD_KEY))
+    clouds = ", ".join(f"{p.name} {p.host}:{p.port}" for p in helpers.APP_PROFILES.values())
+    p.add_argument(
+        "--cloud",
+        action="append",
+        default=[],
+        metavar="[APP=]HOST[:PORT]",
+        help=f"main cloud server of APP (repeatable; without APP=: of the app in use, smartpss "
+        f"for auto; defaults: {clouds})",
+    )
+    p.add_argument(
+        "--cloud-user",
+        default=env("DH_P2P_CLOUD_USER"),
+        help="WSSE user of the app in use (smartpss for auto)",
+    )
+    p.add_argument(
+        "--cloud-key", default=env("DH_P2P_CLOUD_KEY"), help="WSSE key of the app in use"
+    )
+    p.add_argument(
+        "--sign",
+        choices=SIGN_MODES,
+        default="auto",
+        help="the 0x17/0x19/0x1b sign exchange: auto (default) skips it for firmware "
+        "version 6.x/7.x (2024 on), always, or never",
+    )
     p.add_argument(
         "--channels", action="store_true", help="list channel titles and RTSP URLs (needs :80)"
     )
@@ -1363,7 +1879,8 @@ def main(argv: list[str] | None = None) -> int:
         level=max(logging.DEBUG, level), format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        cloud = parse_cloud(args.cloud)
+        identities, _ = plan_identities(args)
+        cloud = identities[0].cloud
         forwards = [parse_forward(f) for f in args.port]
     except ValueError as exc:
         parser.error(str(exc))

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     LOGIN_REFUSED = 4  # the DVR or device refused the credentials, or wants some
     PROTOCOL = 5  # the DVR, device or cloud answered what the protocol does not allow
     CLOUD_UNREACHABLE = 6  # the Dahua cloud did not answer or refused the service
+    WRONG_APP = 7  # the device is bound to another app's cloud identity than the one asked for
     INTERRUPTED = 130  # ^C before a one-shot command finished
 
 
@@ -30,6 +31,7 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.LOGIN_REFUSED: "login refused or credentials needed",
     ExitCode.PROTOCOL: "protocol error",
     ExitCode.CLOUD_UNREACHABLE: "cloud unreachable",
+    ExitCode.WRONG_APP: "device bound to another app's cloud (dh_p2p --app)",
     ExitCode.INTERRUPTED: "interrupted",
 }
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Dahua P2P (Easy4IPCloud) signalling and crypto helpers, sans-IO.
 
-Everything here takes and returns bytes or plain values: building the cloud's
-HTTP-like DHGET/DHPOST requests with their WSSE header, parsing replies and
+Everything here takes and returns bytes or plain values: the app profiles (one
+row per cloud dialect, :data:`APP_PROFILES`), building the cloud's HTTP-like
+requests (DHGET/DHPOST, NFGET/NFPOST) with their WSSE header, parsing replies and
 their XML bodies, the device-credential crypto of newer firmware, the
 ``/info/device`` blob, and the inverted-STUN hole-punch messages.  No sockets.
 See PROTOCOLS.md section 2.
@@ -46,9 +47,15 @@ __all__ = [
     "P2PProtocolError",
     "Request",
     "Reply",
+    "AppProfile",
+    "APP_PROFILES",
+    "SMARTPSS",
+    "DMSS",
     "wsse_digest",
     "wsse_created",
+    "new_request_id",
     "build_request",
+    "p2p_channel_body",
     "parse_request",
     "build_reply",
     "parse_reply",
@@ -109,9 +116,136 @@ class P2PProtocolError(Exception):
 # ---------------------------------------------------------------------------
 
 
-def wsse_created(now: float | None = None) -> str:
-    """The WSSE ``Created`` timestamp (UTC, second precision) for unix time ``now``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
+@dataclass(frozen=True)
+class AppProfile:
+    """One app's cloud identity ("dialect"), a row of :data:`APP_PROFILES`.
+
+    Everything that differs between the SmartPSS and the DMSS way of talking to
+    the cloud (PROTOCOLS 2.1, 2.7 (c)) is data here; :func:`build_request` and
+    :func:`p2p_channel_body` read it, so no caller branches on the app.
+    """
+
+    name: str  # as on the command line: smartpss, dmss
+    label: str  # for messages: SmartPSS, DMSS
+    host: str  # main server
+    port: int
+    cloud_user: str  # WSSE pair
+    cloud_key: str
+    get_method: str  # request without a body
+    post_method: str  # request with a body
+    #: Headers before Content-Type, in the order sent. "CSeq", "Authorization",
+    #: "X-WSSE" and "x-pcs-request-id" are computed; the others come from ``fixed_headers``.
+    header_order: tuple[str, ...]
+    fixed_headers: tuple[tuple[str, str], ...]
+    cseq_style: str  # "counter" (1, 2, ... per socket) or "random" (signed int32 per request)
+    nonce_style: str  # WSSE Nonce: "positive" (below 2**31) or "signed" (int32)
+    created_style: str  # WSSE Created: "Z" (UTC) or "offset" (UTC as +00:00)
+    request_id_paths: tuple[str, ...]  # path endings whose requests carry x-pcs-request-id
+    warmup_path: str | None  # sent first, before /probe/p2psrv (None: no warm-up)
+    warmup_headers: tuple[str, ...]  # its headers (without auth unless listed)
+    channel_tags: tuple[str, ...]  # p2p-channel body after the [auth] block, in order
+    channel_constants: tuple[tuple[str, str], ...]  # values of the constant tags there
+    body_version: str  # <version> of p2p-channel
+    identify_padded: bool  # Identify bytes as "0a" (True) or "a" (False)
+    require_randsalt: bool  # with device credentials, refuse to sign without the device's salt
+    #: p2p-channel resends made afresh (Nonce, LocalAddr ciphertext, DevAuth, WSSE nonce;
+    #: CSeq, request id, Identify, CreateDate, ClientId kept) rather than repeated
+    fresh_resend: bool
+    uses_relay: bool  # the app asks for a relay agent up front (False: only when needed)
+    local_channel: bool  # once set up, sends local-channel (GET with an auth body)
+
+    def header_value(self, name: str) -> str:
+        """The value of a fixed header of this profile."""
+        return dict(self.fixed_headers)[name]
+
+    def sends_request_id(self, path: str) -> bool:
+        """Whether requests to ``path`` carry an ``x-pcs-request-id``."""
+        return any(path.endswith(end) for end in self.request_id_paths)
+
+    def new_cseq(self, counter: int, rng: Callable[[int], bytes] = os.urandom) -> int:
+        """The CSeq of a new request: ``counter`` itself, or a random signed int32."""
+        if self.cseq_style == "counter":
+            return counter
+        return int.from_bytes(rng(4), "big", signed=True)
+
+    def new_nonce(self, rng: Callable[[int], bytes] = os.urandom) -> int:
+        """A WSSE Nonce in this profile's range."""
+        value = int.from_bytes(rng(4), "big", signed=True)
+        return value if self.nonce_style == "signed" else value & 0x7FFFFFFF
+
+
+SMARTPSS = AppProfile(
+    name="smartpss",
+    label="SmartPSS",
+    host=DEFAULT_CLOUD_HOST,
+    port=DEFAULT_CLOUD_PORT,
+    cloud_user=DEFAULT_CLOUD_USER,
+    cloud_key=DEFAULT_CLOUD_KEY,
+    get_method="DHGET",
+    post_method="DHPOST",
+    header_order=("CSeq", "Authorization", "X-WSSE"),
+    fixed_headers=(),
+    cseq_style="counter",
+    nonce_style="positive",
+    created_style="Z",
+    request_id_paths=(),
+    warmup_path=None,
+    warmup_headers=(),
+    channel_tags=("Identify", "IpEncrpt", "LocalAddr", "version"),
+    channel_constants=(),
+    body_version="5.0.0",
+    identify_padded=False,
+    require_randsalt=False,
+    fresh_resend=False,
+    uses_relay=True,
+    local_channel=False,
+)
+
+DMSS = AppProfile(
+    name="dmss",
+    label="DMSS",
+    host="p2p.dolynkcloud.com",
+    port=8800,
+    cloud_user="793k5zdi4dd5f037sooag8yo_dolynkc",
+    cloud_key="ef8hatgmcuk4qamgg4fxx19x33s9q1xy",
+    get_method="NFGET",
+    post_method="NFPOST",
+    header_order=(
+        "X-Version", "X-Sversion", "x-pcs-request-id", "X-ToUType", "CSeq", "Authorization",
+        "X-WSSE",
+    ),  # fmt: skip
+    fixed_headers=(
+        ("X-Version", "6.7.15"),
+        ("X-Sversion", "1.1.0"),
+        ("X-ToUType", "Client/Dmss_Android"),
+    ),
+    cseq_style="random",
+    nonce_style="signed",
+    created_style="offset",
+    request_id_paths=("/p2p-channel",),
+    warmup_path="/online/stun",
+    warmup_headers=("X-ToUType", "CSeq"),
+    channel_tags=(
+        "Identify", "IpEncrpt", "NatValueT", "version", "sVersion", "LocalAddr", "Pid", "ClientId",
+    ),  # fmt: skip
+    channel_constants=(("NatValueT", "0"), ("sVersion", "1.1.0"), ("Pid", "0")),
+    body_version="6.7.15",
+    identify_padded=True,
+    require_randsalt=True,
+    fresh_resend=True,
+    uses_relay=False,
+    local_channel=True,
+)
+
+#: The app profiles, in the order ``--app auto`` tries them (PROTOCOLS 2.7 (c)).
+APP_PROFILES: dict[str, AppProfile] = {p.name: p for p in (SMARTPSS, DMSS)}
+
+
+def wsse_created(now: float | None = None, style: str = "Z") -> str:
+    """The WSSE ``Created`` timestamp (UTC, second precision) for unix time ``now``:
+    ``...Z`` or, in the "offset" style, ``...+00:00``."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() if now is None else now))
+    return stamp + ("Z" if style == "Z" else "+00:00")
 
 
 def wsse_digest(nonce: int, created: str, cloud_user: str, cloud_key: str) -> str:
@@ -120,34 +254,57 @@ def wsse_digest(nonce: int, created: str, cloud_user: str, cloud_key: str) -> st
     return base64.b64encode(hashlib.sha1(raw).digest()).decode("ascii")
 
 
+def new_request_id(rng: Callable[[int], bytes] = os.urandom) -> str:
+    """An ``x-pcs-request-id``: 32 lowercase hex characters."""
+    return rng(16).hex()
+
+
 def build_request(
     path: str,
     cseq: int,
     *,
     body: str | None = None,
-    cloud_user: str = DEFAULT_CLOUD_USER,
-    cloud_key: str = DEFAULT_CLOUD_KEY,
+    cloud_user: str | None = None,
+    cloud_key: str | None = None,
     nonce: int | None = None,
     created: str | None = None,
+    profile: AppProfile = SMARTPSS,
+    request_id: str | None = None,
+    auth: bool = True,
+    method: str | None = None,
 ) -> bytes:
-    """Build a DHGET (no body) or DHPOST (with body) request datagram.
+    """Build a request datagram in ``profile``'s dialect: its GET method without a
+    body, its POST method with one, its headers in its order.
 
-    ``nonce`` defaults to a random integer below 2**31 and ``created`` to now.
+    ``cloud_user``/``cloud_key`` default to the profile's pair, ``nonce`` to a random
+    one in the profile's range and ``created`` to now.  ``request_id`` is sent where
+    the profile's header order has ``x-pcs-request-id``.  ``auth=False`` builds the
+    unauthenticated warm-up with the profile's ``warmup_headers``.  ``method``
+    overrides the choice by body (local-channel is a GET with a body).
     """
+    user = profile.cloud_user if cloud_user is None else cloud_user
+    key = profile.cloud_key if cloud_key is None else cloud_key
     if nonce is None:
-        nonce = secrets.randbelow(2**31)
+        nonce = profile.new_nonce()
     if created is None:
-        created = wsse_created()
-    digest = wsse_digest(nonce, created, cloud_user, cloud_key)
-    method = "DHGET" if body is None else "DHPOST"
-    # PROTOCOLS 2.1: header order and the CSeq format matter to the server.
-    lines = [
-        f"{method} {path} HTTP/1.1",
-        f"CSeq: {cseq}",
-        'Authorization: WSSE profile="UsernameToken"',
-        f'X-WSSE: UsernameToken Username="{cloud_user}", PasswordDigest="{digest}", '
+        created = wsse_created(style=profile.created_style)
+    digest = wsse_digest(nonce, created, user, key)
+    computed = {
+        "CSeq": str(cseq),
+        "Authorization": 'WSSE profile="UsernameToken"',
+        "X-WSSE": f'UsernameToken Username="{user}", PasswordDigest="{digest}", '
         f'Nonce="{nonce}", Created="{created}"',
-    ]
+        "x-pcs-request-id": request_id,
+    }
+    fixed = dict(profile.fixed_headers)
+    if method is None:
+        method = profile.get_method if body is None else profile.post_method
+    # PROTOCOLS 2.1, 2.7 (c): header order and the CSeq format matter to the server.
+    lines = [f"{method} {path} HTTP/1.1"]
+    for name in profile.header_order if auth else profile.warmup_headers:
+        value = computed[name] if name in computed else fixed[name]
+        if value is not None:
+            lines.append(f"{name}: {value}")
     payload = b""
     if body is not None:
         payload = body.encode("utf-8")
@@ -155,6 +312,40 @@ def build_request(
         lines.append("Content-Type: ")
         lines.append(f"Content-Length: {len(payload)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + payload
+
+
+def p2p_channel_body(
+    profile: AppProfile,
+    *,
+    identify: bytes,
+    local_addr: str,
+    encrypted: bool,
+    auth_xml: str = "",
+    client_id: str = "",
+) -> str:
+    """The p2p-channel body in ``profile``'s tag order (PROTOCOLS 2.2 step 5, 2.7 (c)).
+
+    ``local_addr`` is the LocalAddr as sent (ciphertext when ``encrypted``), which
+    selects ``<IpEncrptV2>`` over ``<IpEncrpt>``; ``auth_xml`` is the [auth] block.
+    """
+    values = dict(profile.channel_constants)
+    values.update(
+        Identify=format_identify(identify, padded=profile.identify_padded),
+        LocalAddr=local_addr,
+        version=profile.body_version,
+        ClientId=client_id,
+    )
+    tags = []
+    for tag in profile.channel_tags:
+        if tag == "IpEncrpt":  # PROTOCOLS 2.4: V2 when LocalAddr is encrypted
+            tag = "IpEncrptV2" if encrypted else "IpEncrpt"
+            tags.append(f"<{tag}>true</{tag}>")
+        else:
+            tags.append(f"<{tag}>{_xml_escape(values[tag])}</{tag}>")
+    return f"<body>{auth_xml}{''.join(tags)}</body>"
+
+
+_CSEQ = re.compile(r"-?[0-9]{1,10}")
 
 
 class _Headers:
@@ -172,11 +363,18 @@ class _Headers:
 
     @property
     def cseq(self) -> int | None:
-        """The CSeq as an integer, or None when absent or malformed."""
+        """The CSeq as an integer (a signed int32 in the DMSS dialect), or None when
+        absent or malformed."""
         value = self.header("CSeq")
-        if value is None or not value.isdigit() or not value.isascii():
+        if value is None or not _CSEQ.fullmatch(value):
             return None
-        return int(value)
+        number = int(value)
+        return number if -(2**31) <= number < 2**31 else None
+
+    @property
+    def request_id(self) -> str | None:
+        """The ``x-pcs-request-id`` header, or None."""
+        return self.header("x-pcs-request-id")
 
 
 @dataclass
@@ -260,7 +458,7 @@ def _split_message(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
     return first, headers, body
 
 
-_REQUEST_LINE = re.compile(r"(DHGET|DHPOST) (/\S*) HTTP/1\.1")
+_REQUEST_LINE = re.compile(r"(DHGET|DHPOST|NFGET|NFPOST) (/\S*) HTTP/1\.1")
 
 
 def parse_request(data: bytes) -> Request:
@@ -314,10 +512,17 @@ def parse_reply(data: bytes) -> Reply:
 
 
 def build_reply(
-    code: int, reason: str, *, cseq: int | None = None, body: str | None = None
+    code: int,
+    reason: str,
+    *,
+    cseq: int | None = None,
+    body: str | None = None,
+    request_id: str | None = None,
 ) -> bytes:
     """Build a reply datagram as the cloud servers and devices send them."""
     lines = [f"HTTP/1.1 {code} {reason}"]
+    if request_id is not None:
+        lines.append(f"x-pcs-request-id: {request_id}")
     if cseq is not None:
         lines.append(f"CSeq: {cseq}")
     payload = b""
@@ -471,9 +676,10 @@ def new_identify(rng: Callable[[int], bytes] = os.urandom) -> bytes:
     return rng(8)
 
 
-def format_identify(ident: bytes) -> str:
-    """Lowercase hex without zero padding, space separated: ``b"\\x00\\x1a"`` -> ``"0 1a"``."""
-    return " ".join(f"{b:x}" for b in ident)
+def format_identify(ident: bytes, padded: bool = False) -> str:
+    """Lowercase hex, space separated, without zero padding (``b"\\x00\\x1a"`` ->
+    ``"0 1a"``) or, ``padded``, two digits each (``"00 1a"``)."""
+    return " ".join(f"{b:02x}" if padded else f"{b:x}" for b in ident)
 
 
 def parse_identify(text: str) -> bytes:
@@ -660,10 +866,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    req = sub.add_parser("request", help="print a DHGET/DHPOST request")
+    req = sub.add_parser("request", help="print a cloud request (DHGET/DHPOST, NFGET/NFPOST)")
     req.add_argument("path", help="request path, e.g. /probe/p2psrv")
     req.add_argument("--body", help="XML body (makes it a DHPOST)")
     req.add_argument("--cseq", type=int, default=1)
+    req.add_argument("--app", choices=sorted(APP_PROFILES), default="smartpss", help="dialect")
     req.add_argument("--cloud-user", default=os.environ.get("DH_P2P_CLOUD_USER"))
     req.add_argument(
         "--cloud-key", help="cloud key (default: env DH_P2P_CLOUD_KEY or the built-in pair)"
@@ -686,9 +893,19 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
 
     if args.cmd == "request":
-        user = args.cloud_user or DEFAULT_CLOUD_USER
-        key_ = args.cloud_key or os.environ.get("DH_P2P_CLOUD_KEY") or DEFAULT_CLOUD_KEY
-        data = build_request(args.path, args.cseq, body=args.body, cloud_user=user, cloud_key=key_)
+        profile = APP_PROFILES[args.app]
+        user = args.cloud_user or profile.cloud_user
+        key_ = args.cloud_key or os.environ.get("DH_P2P_CLOUD_KEY") or profile.cloud_key
+        request_id = new_request_id() if profile.sends_request_id(args.path) else None
+        data = build_request(
+            args.path,
+            args.cseq,
+            body=args.body,
+            cloud_user=user,
+            cloud_key=key_,
+            profile=profile,
+            request_id=request_id,
+        )
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return 0

@@ -94,6 +94,12 @@ T_STATUS = 0x12
 T_HEARTBEAT = 0x13
 T_RESEND = 0x0A  # PROTOCOLS 2.5, 2.7 (b): the device's retransmission request, out of band
 RESEND_EVERY = 0.1  # answer 0x0a requests at most this often, seconds
+# Command bodies of the sign exchange (PROTOCOLS 2.2 steps 9-10)
+T_SIGN_REQUEST = 0x17  # client to relay agent: ask for a sign
+T_SIGN_GRANT = 0x18  # agent's answer: the sign from body offset 12
+T_SIGN_PRESENT = 0x19  # client to its peer: the sign
+T_SIGN_ACCEPT = 0x1A  # peer: sign accepted
+T_SIGN_CONFIRM = 0x1B  # client: exchange finished (the peer acknowledges it)
 _CONN = b"CONN"
 _DISC = b"DISC"
 HEARTBEAT_BODY = b"\x13" + bytes(11)
@@ -1332,6 +1338,8 @@ class TunnelStats:
     send_errors: int = 0
     overflows: int = 0  # realms closed because their local client stopped reading
     realms_opened: int = 0
+    data_in: int = 0  # realm data bytes received from the peer
+    data_out: int = 0  # realm data bytes handed to the session for the peer
     gso_sends: int = 0  # sendmsg calls that carried a run of datagrams (UDP_SEGMENT)
     gro_runs: int = 0  # recvmsg calls that returned a coalesced run (UDP_GRO)
 
@@ -1922,6 +1930,7 @@ class PTCPTunnel:
                 took = 0
             if not took:
                 break  # no room for a full body
+            self.stats.data_out += took
             backlog.turn_used += took
             backlog.taken_total += took
             backlog.size -= took
@@ -2205,6 +2214,7 @@ class PTCPTunnel:
         bridge = self._bridges.get(realm) if realm is not None else None
         if bridge is None:
             return
+        self.stats.data_in += sum(map(len, parts))
         now = self.clock()
         if bridge.push(parts, now):
             return

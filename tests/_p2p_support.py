@@ -122,8 +122,16 @@ def pattern(size: int, seed: int = 7) -> bytes:
 
 
 def dh_p2p_argv(cloud_port: int, serial: str, *args: str) -> list[str]:
-    """argv for dh_p2p.py against the emulator (never the real cloud)."""
-    return [sys.executable, DH_P2P, "--cloud", f"127.0.0.1:{cloud_port}", *args, serial]
+    """argv for dh_p2p.py against the emulator (never the real cloud): when an
+    emulator serves ``cloud_port``, both of its main servers (SmartPSS and DMSS)."""
+    from p2p_emulator import RUNNING
+
+    emu = RUNNING.get(cloud_port)
+    clouds = ["--cloud", f"127.0.0.1:{cloud_port}"]
+    if emu is not None:
+        clouds = ["--cloud", f"smartpss=127.0.0.1:{cloud_port}"]
+        clouds += ["--cloud", f"dmss=127.0.0.1:{emu.dmss_port}"]
+    return [sys.executable, DH_P2P, *clouds, *args, serial]
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:

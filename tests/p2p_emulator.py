@@ -22,7 +22,16 @@ that registration alive, and the cloud advertises the address it saw as the
 device's PubAddr, as the real service does.  The relay agent answers
 relay-channel with ``HTTP/1.1 200 Server Nat Info!`` (PROTOCOLS 2.2 step 8).
 
-Switches: ``relay_only`` (punches never answered, direct PTCP ignored),
+Two main servers, each on its own port and strict about its dialect (PROTOCOLS
+2.7 (c)): "main" speaks SmartPSS's, "dmss" DMSS's; a request in the other
+dialect (the legacy header order included) gets ``403 DevPwd_InvalidDigest``,
+``/online/stun`` needs no auth, and the device is known only to the main server
+of its ``app`` (the other answers 404).  The relay server, agent and P2P server
+take either dialect, checked by its method.
+
+Switches: ``app`` ("smartpss" or "dmss"), ``fw2024`` (firmware 6.x: sessions
+open at SYN; after a 0x17/0x19 BINDs get a made-up CONN and no data is routed),
+``relay_only`` (punches never answered, direct PTCP ignored),
 ``auth`` ((user, password): 403 without device credentials, randsalt in
 /info/device), ``loss``/``reorder``/``duplicate`` on the device's datagrams,
 ``stray`` (signalling/STUN junk on the tunnel socket), :meth:`Emulator.reboot`.
@@ -34,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import heapq
 import itertools
 import logging
@@ -154,6 +164,7 @@ class PeerSession:
         self.close_reasons: dict[int, str] = {}  # why each realm ended (for failing tests)
         self.last_rx = time.monotonic()
         self.next_heartbeat = time.monotonic() + 5.0
+        self.routes_nothing = False  # fw2024 after a sign exchange (see Emulator.fw2024)
 
     # -- sending -------------------------------------------------------------
 
@@ -346,9 +357,14 @@ class PeerSession:
         if body == SYN_BODY:
             self.synced = True
             self.send(SYN_BODY)
+            if self.emu.fw2024 and not self.open:  # PROTOCOLS 2.7 (c): straight to BIND/DATA
+                self.open = True
+                self.emu.sessions_opened += 1
             return
         if not self.synced:
             self.violation(f"body {kind:#x} before SYN")
+        if kind in (0x17, 0x19) and self.emu.fw2024:
+            self.routes_nothing = True  # answered, but no DATA will ever be routed
         if kind == 0x17 and self.role == "agent":
             if body != b"\x17" + bytes(11):
                 self.violation(f"bad sign request {body.hex()}")
@@ -363,8 +379,9 @@ class PeerSession:
         if kind == 0x1B:
             if body != b"\x1b" + bytes(11):
                 self.violation(f"bad 0x1b body {body.hex()}")
-            self.open = True
-            self.emu.sessions_opened += 1
+            if not self.open:
+                self.open = True
+                self.emu.sessions_opened += 1
             return
         if kind == 0x13:
             if body[1:] != bytes(11):
@@ -425,6 +442,10 @@ class PeerSession:
             return  # this tunnel stopped granting binds: no answer at all (2.7 (b))
         self.binds_granted += 1
         self.emu.binds.append(port)
+        if self.routes_nothing:  # a made-up CONN: the realm's data goes nowhere
+            self.closed_realms.add(realm)
+            self.send(b"\x12\x00\x00\x00" + realm.to_bytes(4, "big") + bytes(4) + b"CONN")
+            return
         target = self.emu.port_map.get(port)
         conn = None
         if target is not None:
@@ -503,12 +524,20 @@ class Emulator:
         device_at: tuple[str, str] | None = None,
         bind_limit: int | None = None,
         hole_at: int | None = None,
+        app: str = "smartpss",
+        fw2024: bool = False,
+        version: str | None = None,
     ) -> None:
         """``cloud_at``/``device_at``: (network namespace, IP) for the cloud's and the
         device's sockets (default: this namespace, 127.0.0.1).  ``bind_limit``: each
         tunnel grants that many binds, then never answers one again.  ``hole_at``:
         the client's first data packet at or after that stream offset, and its
-        first resend, are lost (a hole the device asks for with 0x0a)."""
+        first resend, are lost (a hole the device asks for with 0x0a).  ``app``: the
+        app whose cloud identity the device is bound to; the other main server
+        answers 404 for it.  ``fw2024``: firmware 6.x that wants no sign exchange and
+        routes no data after one (PROTOCOLS 2.7 (c)); ``version``: what p2p-channel
+        replies report (default 6.5.0 for fw2024, else 5.0.0).  ``cloud_user``/
+        ``cloud_key``: the SmartPSS pair."""
         self.serial = serial
         self.port_map = dict(port_map or {})
         self.auth = auth
@@ -520,6 +549,13 @@ class Emulator:
         self.loss, self.reorder, self.duplicate = loss, reorder, duplicate
         self.stray = stray
         self.cloud_user, self.cloud_key = cloud_user, cloud_key
+        if app not in helpers.APP_PROFILES:
+            raise ValueError(f"unknown app {app!r}")
+        self.app = app
+        self.fw2024 = fw2024
+        self.version = version or ("6.5.0" if fw2024 else "5.0.0")
+        self.refused: list[str] = []  # requests answered 403 for their dialect
+        self.local_channels = 0  # local-channel requests (best effort, PROTOCOLS 2.7 (c))
         self.rng = random.Random(seed)
         self.violations: list[str] = []
         self.requests: list[tuple[str, str]] = []  # (component, path)
@@ -540,7 +576,7 @@ class Emulator:
         self._held: list[tuple[socket.socket, tuple[str, int], bytes]] = []
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
-        names = ("main", "p2p", "relay", "agent", "device", "lan")
+        names = ("main", "dmss", "p2p", "relay", "agent", "device", "lan")
         self.socks: dict[str, socket.socket] = {}
         self.realm_bytes: collections.Counter[str] = collections.Counter()  # by role
         for name in names:
@@ -565,7 +601,13 @@ class Emulator:
 
     @property
     def cloud_port(self) -> int:
+        """The SmartPSS main server's port."""
         return self.addr["main"][1]
+
+    @property
+    def dmss_port(self) -> int:
+        """The DMSS main server's port."""
+        return self.addr["dmss"][1]
 
     def start(self) -> Emulator:
         self._thread.start()
@@ -573,6 +615,7 @@ class Emulator:
             self.schedule(0, self._register)
         else:  # on one host the cloud sees the device's socket as it is
             self.registered.set()
+        RUNNING[self.cloud_port] = self
         return self
 
     def _register(self) -> None:
@@ -581,6 +624,7 @@ class Emulator:
         self.schedule(REGISTER_INTERVAL, self._register)
 
     def close(self) -> None:
+        RUNNING.pop(self.cloud_port, None)
         self._stop.set()
         self._wake_w.send(b"x")
         self._thread.join(10)
@@ -792,7 +836,18 @@ class Emulator:
             self.violation(f"{name}: unparsable datagram from {addr}: {exc}")
             return
         self.requests.append((name, req.path))
-        cseq = self._check_request(name, req, addr)
+        dialect = self._dialect(req)
+        if name in MAIN_SERVERS and dialect is not helpers.APP_PROFILES[MAIN_SERVERS[name]]:
+            # PROTOCOLS 2.7 (c): the wrong header order or method gets this, even with
+            # correct crypto
+            self.refused.append(f"{name}: {req.method} {req.path}")
+            self.violation(f"{name}: request in the {dialect.name} dialect")
+            self._sendto(sock, addr, helpers.build_reply(403, "DevPwd_InvalidDigest"))
+            return
+        if req.path == dialect.warmup_path:
+            self._warmup(name, sock, req, addr, dialect)
+            return
+        cseq = self._check_request(name, req, addr, dialect)
         if cseq is None:
             self._sendto(sock, addr, helpers.build_reply(401, "Unauthorized"))
             return
@@ -800,34 +855,82 @@ class Emulator:
         if key in self._replies:  # a retransmission: same answer again
             self._sendto(sock, addr, self._replies[key])
             return
+        if name in MAIN_SERVERS:
+            self._on_main(name, sock, req, addr, cseq, dialect)
+            return
         handler = getattr(self, f"_on_{name}")
         handler(sock, req, addr, cseq)
 
-    def _reply(self, sock, addr, name: str, cseq: int, code: int, reason: str, body=None) -> None:
-        data = helpers.build_reply(code, reason, cseq=cseq, body=body)
+    def _reply(
+        self, sock, addr, name: str, cseq: int, code: int, reason: str, body=None, request_id=None
+    ) -> None:
+        data = helpers.build_reply(code, reason, cseq=cseq, body=body, request_id=request_id)
         self._replies[(name, addr, cseq)] = data
         self._sendto(sock, addr, data)
 
-    def _check_request(self, name: str, req: helpers.Request, addr) -> int | None:
+    @staticmethod
+    def _dialect(req: helpers.Request) -> helpers.AppProfile:
+        """The app profile whose dialect ``req`` is in (by its method and header order)."""
+        order = tuple(n for n, _ in req.headers if n not in ("Content-Type", "Content-Length"))
+        for profile in helpers.APP_PROFILES.values():
+            if req.method in (profile.get_method, profile.post_method):
+                if order and order[0] == "CSeq" and profile.header_order[0] != "CSeq":
+                    return helpers.SMARTPSS  # the legacy order, whatever the method
+                return profile
+        return helpers.SMARTPSS
+
+    def _pair(self, profile: helpers.AppProfile) -> tuple[str, str]:
+        if profile is helpers.SMARTPSS:
+            return self.cloud_user, self.cloud_key
+        return profile.cloud_user, profile.cloud_key
+
+    def _warmup(self, name: str, sock, req: helpers.Request, addr, dialect) -> None:
+        """``/online/stun``: no auth, no version headers (PROTOCOLS 2.7 (c))."""
+        order = tuple(n for n, _ in req.headers)
+        if order != dialect.warmup_headers or req.method != dialect.get_method:
+            self.violation(f"{name}: warm-up {req.method} with headers {order}")
+        if req.cseq is None:
+            self.violation(f"{name}: warm-up CSeq {req.header('CSeq')!r}")
+        self._sendto(sock, addr, helpers.build_reply(200, "OK", cseq=req.cseq))
+
+    def _check_request(
+        self, name: str, req: helpers.Request, addr, dialect: helpers.AppProfile
+    ) -> int | None:
         order = [n for n, _ in req.headers]
-        want = ["CSeq", "Authorization", "X-WSSE"]
-        if req.method == "DHPOST":
+        want = [
+            n
+            for n in dialect.header_order
+            if n != "x-pcs-request-id" or dialect.sends_request_id(req.path)
+        ]
+        # local-channel is a GET with a body (PROTOCOLS 2.7 (c))
+        if req.method == dialect.post_method or req.path.endswith("/local-channel"):
             want += ["Content-Type", "Content-Length"]
             if req.header("Content-Type") != "":
                 self.violation(f"{name}: Content-Type must be empty")
             if not req.body:
-                self.violation(f"{name}: DHPOST without a body")
+                self.violation(f"{name}: {req.method} without a body")
         elif req.body:
-            self.violation(f"{name}: DHGET with a body")
+            self.violation(f"{name}: {req.method} with a body")
         if order != want:
             self.violation(f"{name}: header order {order} != {want}")
-        if not req.wsse_valid(self.cloud_user, self.cloud_key):
+        for header, value in dialect.fixed_headers:
+            if req.header(header) != value:
+                self.violation(f"{name}: {header} {req.header(header)!r} != {value!r}")
+        if not req.wsse_valid(*self._pair(dialect)):
             self.violation(f"{name}: bad WSSE on {req.path}")
             return None
+        created = req.wsse().get("Created", "")
+        if created.endswith("Z") != (dialect.created_style == "Z"):
+            self.violation(f"{name}: Created {created!r} in the wrong style")
+        if dialect.sends_request_id(req.path):
+            if not re.fullmatch(r"[0-9a-f]{32}", req.request_id or ""):
+                self.violation(f"{name}: x-pcs-request-id {req.request_id!r}")
         cseq = req.cseq
         if cseq is None or str(cseq) != req.header("CSeq"):
             self.violation(f"{name}: bad CSeq {req.header('CSeq')!r}")
             return None
+        if dialect.cseq_style != "counter":
+            return cseq  # a random signed int32 per request
         # CSeq counts the requests of one client socket, whichever server they go to;
         # a retransmission repeats an earlier one.
         # Behind a symmetric NAT each server sees the socket under another port, so
@@ -844,39 +947,76 @@ class Emulator:
         host, port = self.addr[name]
         return f"{host}:{port}"
 
-    def _on_main(self, sock, req: helpers.Request, addr, cseq: int) -> None:
+    def _on_main(self, name: str, sock, req: helpers.Request, addr, cseq: int, dialect) -> None:
+        """A main server: "main" (SmartPSS) or "dmss"; the device is known only to the
+        one of its app (PROTOCOLS 2.7 (c), pair-gating)."""
         path = req.path
-        sn = self.serial
+        sn = self.serial if MAIN_SERVERS[name] == self.app else None
+        if dialect.sends_request_id(path):
+            self._on_main_with_request_id(name, sock, req, addr, cseq, sn)
+            return
         if path == "/probe/p2psrv":
-            self._reply(sock, addr, "main", cseq, 200, "OK")
+            self._reply(sock, addr, name, cseq, 200, "OK")
         elif path.startswith("/online/p2psrv/"):
             if path == f"/online/p2psrv/{sn}" and self.online:
                 body = helpers.xml_body({"US": self._addr_text("p2p")})
-                self._reply(sock, addr, "main", cseq, 200, "OK", body)
+                self._reply(sock, addr, name, cseq, 200, "OK", body)
             else:
-                self._reply(sock, addr, "main", cseq, 404, "Not Found")
+                self._reply(sock, addr, name, cseq, 404, "Not Found")
         elif path == f"/info/device/{sn}":
             info = ""
             if self.auth:
                 info = helpers.encrypt_info(
                     {"httpport": 80, "privport": 37777, "randsalt": self.randsalt, "rtspport": 554}
                 )
-            self._reply(sock, addr, "main", cseq, 200, "OK", helpers.xml_body({"Info": info}))
+            self._reply(sock, addr, name, cseq, 200, "OK", helpers.xml_body({"Info": info}))
         elif path == "/online/relay":
             body = helpers.xml_body({"Address": self._addr_text("relay")})
-            self._reply(sock, addr, "main", cseq, 200, "OK", body)
-        elif path == f"/device/{sn}/p2p-channel" and req.method == "DHPOST":
+            self._reply(sock, addr, name, cseq, 200, "OK", body)
+        elif path == f"/device/{sn}/p2p-channel" and req.body:
             trying = helpers.build_reply(100, "Trying", cseq=cseq)
-            self._replies[("main", addr, cseq)] = trying  # a retransmission meanwhile gets 100
+            self._replies[(name, addr, cseq)] = trying  # a retransmission meanwhile gets 100
             self._sendto(sock, addr, trying)
             code, reason, body = self._p2p_channel(req, addr)
-            self.schedule(0.05, lambda: self._reply(sock, addr, "main", cseq, code, reason, body))
-        elif path == f"/device/{sn}/relay-channel" and req.method == "DHPOST":
+            self.schedule(0.05, lambda: self._reply(sock, addr, name, cseq, code, reason, body))
+        elif path == f"/device/{sn}/relay-channel" and req.body:
             code, reason, body = self._relay_channel(req, addr)
             if code != 200:  # success is the agent's to tell (PROTOCOLS 2.2 step 8)
-                self._reply(sock, addr, "main", cseq, code, reason, body)
+                self._reply(sock, addr, name, cseq, code, reason, body)
+        elif path == f"/device/{sn}/local-channel":
+            if req.method != dialect.get_method:
+                self.violation(f"{name}: local-channel with {req.method}")
+            denied = self._check_auth(req.fields, "", "local-channel") if self.auth else None
+            if denied or not self.auth:
+                self.violation(f"{name}: local-channel {denied or 'without device credentials'}")
+            self.local_channels += 1
+            self._reply(sock, addr, name, cseq, 403 if denied else 200, denied or "OK")
         else:
-            self._reply(sock, addr, "main", cseq, 404, "Not Found")
+            self._reply(sock, addr, name, cseq, 404, "Not Found")
+
+    def _on_main_with_request_id(
+        self, name: str, sock, req: helpers.Request, addr, cseq: int, sn: str | None
+    ) -> None:
+        """p2p-channel in the DMSS dialect: replies carry the request's
+        x-pcs-request-id, the final 200 with ``CSeq: 0``; an error carries an id of
+        the server's making (PROTOCOLS 2.7 (c), Replies)."""
+        request_id = req.request_id
+        trying = helpers.build_reply(100, "Trying", cseq=cseq, request_id=request_id)
+        self._replies[(name, addr, cseq)] = trying
+        self._sendto(sock, addr, trying)
+        if req.path == f"/device/{sn}/p2p-channel" and req.body:
+            code, reason, body = self._p2p_channel(req, addr)
+        else:
+            code, reason, body = 404, "Not Found", None
+        if code >= 400:
+            request_id = hashlib.md5(f"{name}/{self.serial}".encode()).hexdigest()
+        final = helpers.build_reply(code, reason, cseq=0, body=body, request_id=request_id)
+
+        def send() -> None:
+            self._replies[(name, addr, cseq)] = final
+            self._sendto(sock, addr, final)
+
+        self.schedule(0.05, send)
 
     def _on_p2p(self, sock, req: helpers.Request, addr, cseq: int) -> None:
         if req.path == f"/probe/device/{self.serial}" and self.online:
@@ -915,7 +1055,7 @@ class Emulator:
             self.violation(f"agent: bad request {req.method} {req.path}")
             self._reply(sock, addr, "agent", cseq, 404, "Not Found")
             return
-        if req.method != "DHPOST" or req.body != "<body><Client>:0</Client></body>":
+        if not req.method.endswith("POST") or req.body != "<body><Client>:0</Client></body>":
             self.violation(f"agent: relay/start body {req.body!r}")
         if addr[0] != entry["client"][0]:
             # the same socket; behind a symmetric NAT it shows another port to the agent
@@ -960,8 +1100,18 @@ class Emulator:
             return 400, "Bad Request", None
         if not self.online:
             return 404, "Not Found", None
-        if fields.get("version") != "5.0.0":
+        dialect = self._dialect(req)
+        if fields.get("version") != dialect.body_version:
             self.violation(f"p2p-channel: version {fields.get('version')!r}")
+        for tag, value in dialect.channel_constants:
+            if fields.get(tag) != value:
+                self.violation(f"p2p-channel: <{tag}> {fields.get(tag)!r} != {value!r}")
+        if "ClientId" in dialect.channel_tags:
+            if not re.fullmatch(r"[0-9a-f]{32}:[0-9]{1,5}", fields.get("ClientId", "")):
+                self.violation(f"p2p-channel: ClientId {fields.get('ClientId')!r}")
+        padded = all(len(b) == 2 for b in fields.get("Identify", "").split())
+        if dialect.identify_padded and not padded:
+            self.violation(f"p2p-channel: Identify not zero-padded {fields.get('Identify')!r}")
         local_text = fields.get("LocalAddr", "")
         denied = self._check_auth(fields, local_text, "p2p-channel")
         if denied:
@@ -1000,6 +1150,7 @@ class Emulator:
         else:
             items.append(("LocalAddr", dev_lan))
         items.append(("Policy", "p2p,udprelay"))
+        items.append(("version", self.version))
         self.channels[addr] = channel
         if not self.relay_only:
             for dev in ("device", "lan"):
@@ -1153,6 +1304,14 @@ class Emulator:
         return any(e["sign"] == sign for e in self.relay_tokens.values() if e["sign"])
 
 
+#: The main servers' socket names and the app whose dialect each speaks.
+MAIN_SERVERS = {"main": "smartpss", "dmss": "dmss"}
+
+#: Running emulators by their SmartPSS port (tests/_p2p_support.py's dh_p2p_argv
+#: passes both main servers of the emulator behind a port).
+RUNNING: dict[int, Emulator] = {}
+
+
 def parse_local_addr(text: str) -> list[tuple[str, int]]:
     """LocalAddr as a list of addresses: ``ip,ip,...,ip:port`` shares the one port
     (PROTOCOLS 2.7 (c)); raises P2PProtocolError."""
@@ -1178,6 +1337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--map", action="append", default=[], help="PORT=HOST:PORT")
     parser.add_argument("--auth", help="USER:PASSWORD the device wants")
     parser.add_argument("--relay-only", action="store_true")
+    parser.add_argument(
+        "--app", choices=sorted(helpers.APP_PROFILES), default="smartpss", help="bound to"
+    )
+    parser.add_argument(
+        "--fw2024", action="store_true", help="firmware 6.x: no sign exchange wanted"
+    )
     parser.add_argument("--loss", type=float, default=0.0)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -1185,9 +1350,20 @@ def main(argv: list[str] | None = None) -> int:
     port_map = parse_port_map(args.map)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     emu = Emulator(
-        args.serial, port_map=port_map, auth=auth, relay_only=args.relay_only, loss=args.loss
+        args.serial,
+        port_map=port_map,
+        auth=auth,
+        relay_only=args.relay_only,
+        loss=args.loss,
+        app=args.app,
+        fw2024=args.fw2024,
     ).start()
-    print(f"cloud 127.0.0.1:{emu.cloud_port} serial {args.serial}", flush=True)
+    print(
+        f"cloud 127.0.0.1:{emu.cloud_port} serial {args.serial} "
+        f"(bound to {args.app}; --cloud smartpss=127.0.0.1:{emu.cloud_port} "
+        f"--cloud dmss=127.0.0.1:{emu.dmss_port})",
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

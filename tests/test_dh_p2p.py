@@ -22,6 +22,7 @@ DEV_PUB = ("127.0.0.1", 40000)
 DEV_LAN = ("127.0.0.1", 40001)
 LOCAL = ("127.0.0.1", 5555)
 SN = "SN0001"
+WALL = 1_767_323_045.0  # the wall clock at start (frozen: no time.time() in the handshake)
 
 
 def make(**kw) -> Handshake:
@@ -44,7 +45,7 @@ def answer(hs, sock, addr, req, code=200, reason="OK", body=None, now=0.0) -> No
 
 def drive_to_channel(hs: Handshake, now: float = 0.0) -> dict[str, tuple]:
     """Answer every request up to and including /relay/start; return requests by path."""
-    hs.start(now)
+    hs.start(now, WALL)
     seen: dict[str, tuple] = {}
     bodies = {
         "/probe/p2psrv": None,
@@ -71,7 +72,7 @@ def drive_to_channel(hs: Handshake, now: float = 0.0) -> dict[str, tuple]:
 
 def test_first_request_and_retry_schedule() -> None:
     hs = make(retry=dh_p2p.Retry(initial=0.5, cap=4.0, give_up=15.0))
-    hs.start(0.0)
+    hs.start(0.0, WALL)
     first = hs.datagrams_to_send()
     assert len(first) == 1
     sock, addr, data = first[0]
@@ -94,7 +95,7 @@ def test_first_request_and_retry_schedule() -> None:
 
 def test_unknown_serial_is_offline() -> None:
     hs = make()
-    hs.start(0.0)
+    hs.start(0.0, WALL)
     ((sock, addr, req),) = sent(hs)
     answer(hs, sock, addr, req)
     ((sock, addr, req),) = sent(hs)
@@ -447,7 +448,7 @@ def test_agent_refusing_relay_channel_fails_the_handshake() -> None:
 
 def test_reply_from_another_address_answers_nothing() -> None:
     hs = make()
-    hs.start(0.0)
+    hs.start(0.0, WALL)
     ((sock, addr, req),) = sent(hs)
     hs.receive(MAIN, ("127.0.0.1", 9999), helpers.build_reply(200, "OK", cseq=req.cseq), 0.0)
     assert not sent(hs) and hs.ignored

@@ -228,7 +228,13 @@ def test_unknown_serial_clear_message(spawn, emulator) -> None:
     argv += ["--retries", "1"]
     proc = spawn(argv)
     assert proc.wait(30) == ExitCode.UNREACHABLE
-    assert proc.lines == ["dh_p2p: device NOSUCHSERIAL is unknown or offline"]
+    assert proc.lines == [
+        "dh_p2p: device NOSUCHSERIAL is unknown to the SmartPSS and the DMSS cloud: "
+        "unknown serial, or bound to another cloud (or offline)"
+    ]
+    asked = {name for name, path in emu.requests if path == "/online/p2psrv/NOSUCHSERIAL"}
+    assert asked == {"main", "dmss"}  # --app auto tried both identities
+    assert emu.violations == []
 
 
 def test_auth_device_without_credentials(spawn, emulator) -> None:

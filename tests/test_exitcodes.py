@@ -23,6 +23,7 @@ def test_the_table() -> None:
         "LOGIN_REFUSED": 4,
         "PROTOCOL": 5,
         "CLOUD_UNREACHABLE": 6,
+        "WRONG_APP": 7,
         "INTERRUPTED": 130,
     }
     assert set(MEANINGS) == set(ExitCode)
