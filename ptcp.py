@@ -377,7 +377,8 @@ class SessionStats:
     out_of_order: int = 0
     dropped_ahead: int = 0
     ignored: int = 0
-    ack_beyond: int = 0
+    ack_beyond: int = 0  # packets dropped for acknowledging bytes never sent
+    out_of_window: int = 0  # packets dropped for a ``sent`` far outside the receive window
 
 
 class Session:
@@ -820,6 +821,9 @@ class Session:
         if self._dead:
             return
         self.stats.packets_in += 1
+        if self._unacceptable(off, ack, n):
+            self._ack()  # RFC 9293 3.10.7.4: drop it, answer with the current state
+            return
         self._last_rx = now
         if 0 < ((lmid - self._rmid) & MASK32) < HALF32 or not self._seen_peer:
             self._rmid = lmid
@@ -857,6 +861,24 @@ class Session:
             self.stats.duplicates += 1
         self._ack()
         self._push(now)
+
+    def _unacceptable(self, off: int, ack: int, n: int) -> bool:
+        """True (and counted) for a packet that is neither a real ack nor real data.
+
+        An ack of bytes never sent, or a body whose ``sent`` lies more than twice
+        ``max_ahead`` bytes either side of what we expect, comes from a confused or
+        forged peer: taking it would stop retransmission or corrupt the stream.
+        """
+        adv = (ack - self._snd_una) & MASK32
+        if HALF32 > adv > ((self._tx_nxt - self._snd_una) & MASK32):
+            self.stats.ack_beyond += 1
+            return True
+        if n:
+            far = min(2 * self.max_ahead, HALF32 // 2)
+            if far <= ((off - self._rcv_nxt) & MASK32) <= MASK32 + 1 - far:
+                self.stats.out_of_window += 1
+                return True
+        return False
 
     def _drain_ooo(self, now: float) -> None:
         ooo = self._ooo
@@ -926,11 +948,6 @@ class Session:
             return
         if adv >= HALF32:
             return  # an old acknowledgement, overtaken
-        if adv > ((self._tx_nxt - self._snd_una) & MASK32):
-            # more than we ever sent: public tools count retransmitted duplicates
-            # into recv; take it as acknowledging everything sent so far
-            self.stats.ack_beyond += 1
-            ack = self._tx_nxt
         inflight = self._inflight
         acked = 0
         while inflight and ((ack - inflight[0].end) & MASK32) < HALF32:
