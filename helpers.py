@@ -174,7 +174,7 @@ class _Headers:
     def cseq(self) -> int | None:
         """The CSeq as an integer, or None when absent or malformed."""
         value = self.header("CSeq")
-        if value is None or not value.isdigit() or not value.isascii():
+        if value is None or not value.isdigit() or not value.isascii() or len(value) > 10:
             return None
         return int(value)
 
@@ -206,6 +206,8 @@ class Request(_Headers):
             return False
         token = self.wsse()
         try:
+            if not re.fullmatch(r"-?[0-9]{1,10}", token["Nonce"]):
+                return False  # PROTOCOLS: a signed int32 in ASCII decimal
             nonce = int(token["Nonce"])
             created = token["Created"]
             user = token["Username"]
@@ -246,7 +248,7 @@ def _split_message(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
         headers.append((name, value.strip(" \t")))
     for name, value in headers:
         if name.lower() == "content-length":
-            if not value.isdigit() or not value.isascii():
+            if not value.isdigit() or not value.isascii() or len(value) > 10:
                 raise P2PProtocolError(f"bad Content-Length {value[:20]!r}")
             length = int(value)
             raw = body.encode("utf-8")
@@ -364,7 +366,7 @@ def xml_body(items: Iterable[tuple[str, object]] | dict[str, object]) -> str:
 def parse_host_port(text: str) -> tuple[str, int]:
     """Parse ``host:port`` (as in ``<US>``, ``<Address>``, ``<LocalAddr>``)."""
     host, colon, port = text.strip().rpartition(":")
-    if not colon or not host or not port.isdigit() or not port.isascii():
+    if not colon or not host or not port.isdigit() or not port.isascii() or len(port) > 5:
         raise P2PProtocolError(f"bad address {text[:60]!r}")
     number = int(port)
     if not 0 < number < 65536:

@@ -49,12 +49,23 @@ MAX_BODY_BYTES = 65536
 RTP_MAX_PAYLOAD = 1400  # RFC 6184 payload bytes per packet, FU indicator/header included
 H264_CLOCK = 90000
 
-_CHANNEL_RE = re.compile(r"live\.(\d{3})$")
+_CHANNEL_RE = re.compile(r"live\.([0-9]{3})$")
 _TOKEN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
 class ProxyError(Exception):
     """Base of every error this module raises about bad input."""
+
+
+def ascii_number(text: str, max_digits: int = 10) -> int | None:
+    """The value of 1 to ``max_digits`` ASCII digits (RFC 5234 DIGIT), else None.
+
+    ``str.isdigit`` and ``int`` also take other scripts' digits, superscripts
+    ("²", which ``int`` then refuses), signs, spaces and underscores.
+    """
+    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 class RTSPError(ProxyError):
@@ -212,10 +223,9 @@ class RTSPRequestParser:
         if head_end > self.max_head:
             raise RTSPError("request head too large")
         request = self._parse_head(bytes(buf[:head_end]))
-        length_text = request.header("Content-Length", "0") or "0"
-        if not length_text.isdigit() or int(length_text) > self.max_body:
+        length = ascii_number(request.header("Content-Length", "0") or "0")
+        if length is None or length > self.max_body:
             raise RTSPError("bad Content-Length", cseq=request.header("CSeq"))
-        length = int(length_text)
         if len(buf) < body_start + length:
             return None
         request.body = bytes(buf[body_start : body_start + length])
@@ -236,7 +246,7 @@ class RTSPRequestParser:
         headers = _split_header_lines(lines[1:], self.max_headers, RTSPError)
         request = RTSPRequest(method, url, headers, version=version)
         cseq = request.header("CSeq")
-        if cseq is None or not cseq.isdigit() or len(cseq) > 10:
+        if cseq is None or ascii_number(cseq) is None:
             raise RTSPError("missing or malformed CSeq")
         if not version.startswith("RTSP/"):
             raise RTSPError("not an RTSP request", cseq=cseq)
@@ -348,19 +358,23 @@ class ClientTransport:
         )
 
 
-def _port_pair(text: str, minimum: int = 1) -> tuple[int, int]:
+def _port_pair(text: str, minimum: int = 1) -> tuple[int, int] | None:
+    """``a-b`` or ``a`` (then b = a + 1); None when out of range, RTSPError(400) if not DIGITs."""
     first, _, second = text.partition("-")
-    if not first.isdigit() or (second and not second.isdigit()):
-        raise RTSPError("malformed port range", status=461)
-    a = int(first)
-    b = int(second) if second else a + 1
+    a = ascii_number(first, 5)
+    b = ascii_number(second, 5) if second else None if a is None else a + 1
+    if a is None or b is None:
+        raise RTSPError("malformed port range")  # RFC 2326 section 12.39: 1*DIGIT
     if not (minimum <= a < 65536 and minimum <= b < 65536):
-        raise RTSPError("port out of range", status=461)
+        return None
     return a, b
 
 
 def parse_client_transport(value: str | None) -> ClientTransport:
-    """Pick the first acceptable unicast RTP/AVP transport; RTSPError(461) if none."""
+    """Pick the first acceptable unicast RTP/AVP transport.
+
+    RTSPError(461) if none is acceptable, RTSPError(400) for a port that is not digits.
+    """
     if not value:
         raise RTSPError("SETUP without Transport", status=461)
     for spec in value.split(","):
@@ -376,17 +390,13 @@ def parse_client_transport(value: str | None) -> ClientTransport:
         if "multicast" in params:
             continue
         if upper == "RTP/AVP/TCP":
-            try:
-                inter = _port_pair(params["interleaved"], 0) if "interleaved" in params else (0, 1)
-            except RTSPError:
-                continue
-            if inter[0] > 255 or inter[1] > 255:
+            inter = _port_pair(params["interleaved"], 0) if "interleaved" in params else (0, 1)
+            if inter is None or inter[0] > 255 or inter[1] > 255:
                 continue
             return ClientTransport("tcp", profile, interleaved=inter)
         if upper in ("RTP/AVP", "RTP/AVP/UDP") and "client_port" in params:
-            try:
-                ports = _port_pair(params["client_port"])
-            except RTSPError:
+            ports = _port_pair(params["client_port"])
+            if ports is None:
                 continue
             return ClientTransport("udp", profile, client_port=ports)
     raise RTSPError("no supported transport", status=461)
@@ -430,8 +440,9 @@ def parse_dvr_describe(body: bytes) -> DVRDescription:
     mode = "tcp" if "TCP" in (t.upper() for t in tokens) else "udp"
     payload_type = 96
     for i, tok in enumerate(tokens):
-        if tok.upper() == "RTP/AVP" and i + 1 < len(tokens) and tokens[i + 1].isdigit():
-            payload_type = int(tokens[i + 1]) & 0x7F
+        number = ascii_number(tokens[i + 1], 3) if i + 1 < len(tokens) else None
+        if tok.upper() == "RTP/AVP" and number is not None:
+            payload_type = number & 0x7F
     return DVRDescription(mode, payload_type, title, attributes)
 
 
@@ -556,16 +567,14 @@ class DVRConnection:
         status_parts = lines[0].split(" ", 2)
         if len(status_parts) < 2 or not status_parts[0].startswith("RTSP/"):
             raise DVRError(f"DVR reply has no status line: {lines[0][:60]!r}")
-        if not status_parts[1].isdigit():
+        status = ascii_number(status_parts[1], 3)
+        if status is None:
             raise DVRError("DVR reply status is not a number")
         headers = _split_header_lines(lines[1:], 64, DVRError)
-        reply = RTSPResponse(
-            int(status_parts[1]), status_parts[2] if len(status_parts) > 2 else "", headers
-        )
-        length_text = reply.header("Content-Length", "0") or "0"
-        if not length_text.isdigit() or int(length_text) > MAX_BODY_BYTES:
+        reply = RTSPResponse(status, status_parts[2] if len(status_parts) > 2 else "", headers)
+        length = ascii_number(reply.header("Content-Length", "0") or "0")
+        if length is None or length > MAX_BODY_BYTES:
             raise DVRError("DVR reply has a bad Content-Length")
-        length = int(length_text)
         if len(buf) < body_start + length:
             return None
         reply.body = bytes(buf[body_start : body_start + length])
@@ -586,7 +595,7 @@ class DVRConnection:
 def side_port_from_transport(value: str | None, rtsp_port: int) -> int:
     """The DVR's side port: ``server_port=`` of the SETUP reply, else RTSP port + 2."""
     if value:
-        match = re.search(r"server_port=(\d+)", value)
+        match = re.search(r"server_port=([0-9]{1,5})(?:-[0-9]{1,5})?\s*(?:;|$)", value)
         if match and 0 < int(match.group(1)) < 65536:
             return int(match.group(1))
     return rtsp_port + 2
