@@ -988,7 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=seconds, default=15.0, help="give up a step after S seconds")
     p.add_argument(
         "--retries",
-        type=argtypes.integer_in(1, 1000, "count"),
+        type=argtypes.integer_in(0, 1000, "count"),
         default=2,
         help="handshake attempts before giving up",
     )

@@ -62,7 +62,7 @@ CASES = [
     ("rtsp_proxy", [*PROXY, "--max-clients", "0"]),
     ("rtsp_proxy", [*PROXY, "--max-client-sessions", "1.5"]),
     ("rtsp_proxy", [*PROXY, "--dvr-clock", "0"]),
-    ("dh_p2p", [*DH, "--retries", "0"]),
+    ("dh_p2p", [*DH, "--retries", "-1"]),
     # password files
     ("svtool", ["--password-file", "/nonexistent/pw", *SVTOOL, "describe"]),
     ("rtsp_proxy", [*PROXY, "--username", "u", "--password-file", "/nonexistent/pw"]),
