@@ -1139,7 +1139,7 @@ class LoginGuard:
         now = self.clock()
         with self._lock:
             self._prune(now)
-            count = self._addresses.get(address, (0, 0.0))[0] + 1
+            count = self._addresses.pop(address, (0, 0.0))[0] + 1  # re-added last: newest
             wait = self.backoff * 2 ** min(count - 1, self.MAX_DOUBLINGS)
             self._addresses[address] = (count, now + wait)
         return wait
@@ -1151,7 +1151,9 @@ class LoginGuard:
         now = self.clock()
         with self._lock:
             self._prune(now)
-            self._refused[self._key(creds)] = now + self.backoff * self.REFUSAL_FACTOR
+            key = self._key(creds)
+            self._refused.pop(key, None)
+            self._refused[key] = now + self.backoff * self.REFUSAL_FACTOR
 
     def succeeded(self, address: str) -> None:
         """A login for ``address`` worked: its refusals are forgotten."""
@@ -1159,13 +1161,14 @@ class LoginGuard:
             self._addresses.pop(address, None)
 
     def _prune(self, now: float) -> None:
+        """At MAX_ENTRIES, forget what expired, and at least the oldest eighth."""
         longest = self.backoff * 2**self.MAX_DOUBLINGS
         for table, ends in ((self._addresses, lambda e: e[1] + longest), (self._refused, float)):
             if len(table) >= self.MAX_ENTRIES:
                 for key in [k for k, e in table.items() if ends(e) <= now]:
                     del table[key]
-                while len(table) >= self.MAX_ENTRIES:  # all still live: forget the oldest
-                    del table[next(iter(table))]
+                for key in list(table)[: max(0, len(table) - self.MAX_ENTRIES * 7 // 8)]:
+                    del table[key]
 
 
 def dvr_channel_count(info: dict[str, str]) -> int | None:
