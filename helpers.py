@@ -501,12 +501,14 @@ _STUN_HEADER = struct.Struct("!HH4s12s")
 
 def _pack_address(value: tuple[str, int]) -> bytes:
     host, port = value
-    try:
-        packed = bytes(int(x) for x in host.split("."))
-    except ValueError as exc:
-        raise ValueError(f"not an IPv4 address: {host!r}") from exc
-    if len(packed) != 4:
+    parts = host.split(".")
+    # int() alone would take " 1", "1_0" or other scripts' digits for an octet
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
         raise ValueError(f"not an IPv4 address: {host!r}")
+    try:
+        packed = bytes(int(x) for x in parts)
+    except ValueError as exc:  # an octet above 255
+        raise ValueError(f"not an IPv4 address: {host!r}") from exc
     return struct.pack("!BBH", 0, 1, port) + packed
 
 

@@ -78,6 +78,12 @@ def test_parse_host_port_takes_ascii_digits_only(text: str) -> None:
         helpers.parse_host_port(text)
 
 
+@pytest.mark.parametrize("host", ["1.2.3", "1.2.3.256", "\u0661.2.3.4", " 1.2.3.4", "1_0.2.3.4"])
+def test_punch_address_must_be_dotted_ascii_ipv4(host: str) -> None:
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        helpers.build_punch_request(bytes(8), (host, 5000)).to_wire()
+
+
 def test_odd_cseq_and_nonce_are_not_numbers() -> None:
     data = helpers.build_request("/online/p2psrv/SN1", 3, cloud_user="u", cloud_key="k")
     for odd in ("\u0663", "1" * 5000):
