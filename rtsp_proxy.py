@@ -1786,6 +1786,8 @@ class ProxyServer:
         self.max_client_sessions = max_client_sessions
         self.login_guard = LoginGuard(login_backoff)
         self.dvr_channels: int | None = None  # from the DCP description, once logged in
+        self._refused_clients = 0  # connections refused at --max-clients
+        self._refusal_logged = float("-inf")
         self.session_timeout = session_timeout  # UDP viewers silent 1.5 times this are dropped
         self.dcp_port = dcp_port if dcp_port is not None else remote[1] + 1
         self._creds = (username, password or "") if username is not None else None
@@ -1913,7 +1915,16 @@ class ProxyServer:
             log.info("client %s:%d: closed to make room (no request yet)", *victim.addr)
             victim.disconnect()
         if viewer is None:
-            log.warning("client %s:%d: refused, %d clients connected", *addr, self.max_clients)
+            self._refused_clients += 1
+            now = time.monotonic()
+            if now >= self._refusal_logged + 1.0:  # a flood must not flood the log too
+                log.warning(
+                    "client %s:%d: refused, %d clients connected (%d refused so far)",
+                    *addr,
+                    self.max_clients,
+                    self._refused_clients,
+                )
+                self._refusal_logged = now
             try:
                 sock.setblocking(False)
                 sock.send(build_response(503, None))
