@@ -2033,12 +2033,8 @@ class ProxyServer:
                     partial_since = None
                 elif events or partial_since is None:
                     partial_since = now
-                for event in events:
-                    if isinstance(event, RTSPRequest):
-                        viewer.requests += 1
-                        viewer.last_seen = now
-                        if not self._handle(viewer, event, held):
-                            break
+                if not self._handle_all(viewer, events, held, now):
+                    break  # the last reply closes the connection
         except OSError:
             pass
         finally:
@@ -2052,6 +2048,22 @@ class ProxyServer:
             _shutdown(sock)
             sock.close()
             log.debug("client %s:%d gone", *addr)
+
+    def _handle_all(
+        self,
+        viewer: Viewer,
+        events: list[RTSPRequest | InterleavedData],
+        held: dict[int, Channel],
+        now: float,
+    ) -> bool:
+        """Handle the requests of one read in order; False once the connection must close."""
+        for event in events:
+            if isinstance(event, RTSPRequest):
+                viewer.requests += 1
+                viewer.last_seen = now
+                if not self._handle(viewer, event, held):
+                    return False
+        return True
 
     def _reply(self, viewer: Viewer, data: bytes) -> None:
         """Send a reply; a client that does not read its replies is disconnected."""
