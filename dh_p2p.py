@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import quote
 
+import argtypes
 import helpers
 import ptcp
 from exitcodes import EPILOG, ExitCode
@@ -1159,12 +1160,10 @@ def parse_forward(text: str) -> Forward:
         bind = bind.strip("[]") or "127.0.0.1"
     else:
         raise ValueError(f"expected [BIND:]LOCAL:REMOTE, got {text!r}")
-    if not (local.isdigit() and remote.isdigit()):
-        raise ValueError(f"ports must be numbers in {text!r}")
-    lport, rport = int(local), int(remote)
-    if not (0 <= lport < 65536 and 0 < rport < 65536):
-        raise ValueError(f"port out of range in {text!r}")
-    return Forward(bind, lport, rport)
+    try:
+        return Forward(bind, argtypes.split_port(local, lowest=0), argtypes.split_port(remote))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{exc} in {text!r}") from None
 
 
 def parse_cloud(text: str) -> tuple[str, int]:
@@ -1172,9 +1171,12 @@ def parse_cloud(text: str) -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
     if not colon:
         return text, helpers.DEFAULT_CLOUD_PORT
-    if not port.isdigit() or not host:
+    if not host:
         raise ValueError(f"expected HOST[:PORT], got {text!r}")
-    return host, int(port)
+    try:
+        return host, argtypes.split_port(port)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{exc} in {text!r}") from None
 
 
 def parse_cloud_option(text: str) -> tuple[str | None, tuple[str, int]]:
@@ -1740,7 +1742,7 @@ class Client:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(
+    p = argtypes.Parser(
         prog="dh_p2p.py",
         description="Forward local TCP ports to a Dahua device reached by serial number "
         "through the Easy4IPCloud P2P service.",
@@ -1761,6 +1763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--password", default=env("DH_P2P_PASSWORD"), help="device password (or DH_P2P_PASSWORD)"
     )
+    p.add_argument("--password-file", metavar="PATH", help="read --password from this file")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--direct", dest="mode", action="store_const", const="direct")
     mode.add_argument("--relay", dest="mode", action="store_const", const="relay")
@@ -1799,12 +1802,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channels", action="store_true", help="list channel titles and RTSP URLs (needs :80)"
     )
-    p.add_argument("--timeout", type=float, default=15.0, help="give up a step after S seconds")
-    p.add_argument("--retries", type=int, default=2, help="handshake attempts before giving up")
-    p.add_argument("--punch-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    seconds = argtypes.positive_seconds
+    p.add_argument("--timeout", type=seconds, default=15.0, help="give up a step after S seconds")
+    p.add_argument(
+        "--retries",
+        type=argtypes.integer_in(0, 1000, "count"),
+        default=2,
+        help="handshake attempts before giving up",
+    )
+    p.add_argument("--punch-timeout", type=seconds, default=5.0, help=argparse.SUPPRESS)
     p.add_argument(
         "--peer-timeout",
-        type=float,
+        type=seconds,
         default=120.0,
         help="reconnect after S seconds without a packet from the device",
     )
@@ -1882,7 +1891,9 @@ def main(argv: list[str] | None = None) -> int:
         identities, _ = plan_identities(args)
         cloud = identities[0].cloud
         forwards = [parse_forward(f) for f in args.port]
-    except ValueError as exc:
+        if args.password_file is not None:
+            args.password = argtypes.read_password_file(args.password_file)
+    except ValueError as exc:  # argtypes.UsageError too
         parser.error(str(exc))
     args.user = args.user or None  # an empty environment variable means "not given"
     args.password = args.password or None

@@ -404,6 +404,8 @@ class Request(_Headers):
             return False
         token = self.wsse()
         try:
+            if not re.fullmatch(r"-?[0-9]{1,10}", token["Nonce"]):
+                return False  # PROTOCOLS: a signed int32 in ASCII decimal
             nonce = int(token["Nonce"])
             created = token["Created"]
             user = token["Username"]
@@ -444,7 +446,7 @@ def _split_message(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
         headers.append((name, value.strip(" \t")))
     for name, value in headers:
         if name.lower() == "content-length":
-            if not value.isdigit() or not value.isascii():
+            if not value.isdigit() or not value.isascii() or len(value) > 10:
                 raise P2PProtocolError(f"bad Content-Length {value[:20]!r}")
             length = int(value)
             raw = body.encode("utf-8")
@@ -569,7 +571,7 @@ def xml_body(items: Iterable[tuple[str, object]] | dict[str, object]) -> str:
 def parse_host_port(text: str) -> tuple[str, int]:
     """Parse ``host:port`` (as in ``<US>``, ``<Address>``, ``<LocalAddr>``)."""
     host, colon, port = text.strip().rpartition(":")
-    if not colon or not host or not port.isdigit() or not port.isascii():
+    if not colon or not host or not port.isdigit() or not port.isascii() or len(port) > 5:
         raise P2PProtocolError(f"bad address {text[:60]!r}")
     number = int(port)
     if not 0 < number < 65536:
@@ -705,12 +707,14 @@ _STUN_HEADER = struct.Struct("!HH4s12s")
 
 def _pack_address(value: tuple[str, int]) -> bytes:
     host, port = value
-    try:
-        packed = bytes(int(x) for x in host.split("."))
-    except ValueError as exc:
-        raise ValueError(f"not an IPv4 address: {host!r}") from exc
-    if len(packed) != 4:
+    parts = host.split(".")
+    # int() alone would take " 1", "1_0" or other scripts' digits for an octet
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
         raise ValueError(f"not an IPv4 address: {host!r}")
+    try:
+        packed = bytes(int(x) for x in parts)
+    except ValueError as exc:  # an octet above 255
+        raise ValueError(f"not an IPv4 address: {host!r}") from exc
     return struct.pack("!BBH", 0, 1, port) + packed
 
 

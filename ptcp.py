@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import argtypes
 from exitcodes import EPILOG, ExitCode
 
 log = logging.getLogger("ptcp")
@@ -109,6 +110,7 @@ IDS_CAPTURE, IDS_COUNTER = "capture", "counter"  # how pid and lmid are made (PR
 LMID_START = 60_000  # capture-style lmid: ms since the session began, plus this
 LMID_MASK = 0x7FFFFFFF  # PROTOCOLS 2.7 (a): a device stops consuming once lmid >= 2^31
 PID_BAND = 4096  # capture-style pid stays within this many bytes below 0xFFFF
+MAX_WINDOW = 1 << 30  # the largest send window or queue the command line takes
 
 
 class PTCPError(Exception):
@@ -478,7 +480,8 @@ class SessionStats:
     out_of_order: int = 0
     dropped_ahead: int = 0
     ignored: int = 0
-    ack_beyond: int = 0
+    ack_beyond: int = 0  # packets dropped for acknowledging bytes never sent
+    out_of_window: int = 0  # packets dropped for a ``sent`` far outside the receive window
     resend_requests: int = 0  # 0x0a bodies received
     resend_answers: int = 0  # of those, the ones answered by resending what is unacked
 
@@ -993,7 +996,11 @@ class Session:
         if self._dead:
             return
         if type(body) is ResendRequest:
-            self._on_resend_request(ack, lmid, echo, now)
+            self._on_resend_request(off, ack, lmid, echo, now)
+            return
+        if self._unacceptable(off, ack, n):
+            self.stats.packets_in += 1
+            self._ack()  # RFC 9293 3.10.7.4: drop it, answer with the current state
             return
         self._heard(lmid, echo, now)
         self._rx_bytes += n
@@ -1031,13 +1038,17 @@ class Session:
         self._ack()
         self._push(now)
 
-    def _on_resend_request(self, ack: int, lmid: int, echo: int, now: float) -> None:
+    def _on_resend_request(self, off: int, ack: int, lmid: int, echo: int, now: float) -> None:
         # PROTOCOLS 2.5 / 2.7 (b): the peer holds a hole in our stream.  The body is
         # not part of its stream (its next data packet carries the same sent), its
         # layout is not settled, so only its header counts: take the acknowledgement
         # and resend everything not acknowledged, at most once per RESEND_EVERY.
-        self._heard(lmid, echo, now)
         self.stats.resend_requests += 1
+        if self._unacceptable(off, ack, 0):  # it acknowledges bytes never sent
+            self.stats.packets_in += 1
+            self._ack()
+            return
+        self._heard(lmid, echo, now)
         if ack != self._snd_una:
             self._on_ack(ack, now, False)
         if self._inflight and now - self._resent_at >= RESEND_EVERY:
@@ -1048,6 +1059,24 @@ class Session:
                 self.stats.retransmits += 1
                 self._transmit(seg, now)
             self._rto_deadline = now + self._rto
+
+    def _unacceptable(self, off: int, ack: int, n: int) -> bool:
+        """True (and counted) for a packet that is neither a real ack nor real data.
+
+        An ack of bytes never sent, or a body whose ``sent`` lies more than twice
+        ``max_ahead`` bytes either side of what we expect, comes from a confused or
+        forged peer: taking it would stop retransmission or corrupt the stream.
+        """
+        adv = (ack - self._snd_una) & MASK32
+        if HALF32 > adv > ((self._tx_nxt - self._snd_una) & MASK32):
+            self.stats.ack_beyond += 1
+            return True
+        if n:
+            far = min(2 * self.max_ahead, HALF32 // 2)
+            if far <= ((off - self._rcv_nxt) & MASK32) <= MASK32 + 1 - far:
+                self.stats.out_of_window += 1
+                return True
+        return False
 
     def _drain_ooo(self, now: float) -> None:
         ooo = self._ooo
@@ -1117,11 +1146,6 @@ class Session:
             return
         if adv >= HALF32:
             return  # an old acknowledgement, overtaken
-        if adv > ((self._tx_nxt - self._snd_una) & MASK32):
-            # more than we ever sent: public tools count retransmitted duplicates
-            # into recv; take it as acknowledging everything sent so far
-            self.stats.ack_beyond += 1
-            ack = self._tx_nxt
         inflight = self._inflight
         acked = 0
         while inflight and ((ack - inflight[0].end) & MASK32) < HALF32:
@@ -2248,47 +2272,60 @@ def _shutdown_close(sock: socket.socket) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", text
-    try:
-        return host or "127.0.0.1", int(port)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from exc
+_peer_address = argtypes.host_port("127.0.0.1")
+_bind_address = argtypes.host_port("127.0.0.1", lowest_port=0)  # port 0: any free port
 
 
 def _mapping(text: str) -> tuple[int, tuple[str, int]]:
+    """``PORT=HOST:PORT``: binds for PORT connect to HOST:PORT."""
     port, sep, target = text.partition("=")
-    if not sep or not port.isdigit():
+    if not sep:
         raise argparse.ArgumentTypeError(f"expected PORT=HOST:PORT, got {text!r}")
-    return int(port), _hostport(target)
+    return argtypes.split_port(port), _peer_address(target)
+
+
+def _syn_peer(text: str) -> tuple[str, int]:
+    """``HOST[:PORT]``; port 0 (or none) is any port of HOST."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, 0
+    if not host:
+        raise argparse.ArgumentTypeError(f"expected HOST[:PORT], got {text!r}")
+    return host.strip("[]"), argtypes.split_port(port, lowest=0)
 
 
 def _forwarding(text: str) -> tuple[str, int, int]:
+    """``[HOST:]LOCALPORT:REMOTEPORT``; LOCALPORT 0 is any free port."""
     parts = text.rsplit(":", 2)
-    try:
-        if len(parts) == 2:
-            return "127.0.0.1", int(parts[0]), int(parts[1])
-        if len(parts) == 3:
-            return parts[0], int(parts[1]), int(parts[2])
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected [HOST:]LOCALPORT:REMOTEPORT, got {text!r}")
+    if len(parts) < 2:
+        raise argparse.ArgumentTypeError(f"expected [HOST:]LOCALPORT:REMOTEPORT, got {text!r}")
+    host = parts[0] if len(parts) == 3 else "127.0.0.1"
+    return host, argtypes.split_port(parts[-2], lowest=0), argtypes.split_port(parts[-1])
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = argtypes.Parser(
         prog="ptcp.py",
         description="Run one end of a bare PTCP tunnel over UDP (no cloud handshake).",
         epilog=EPILOG + " A peer that stays silent counts as unreachable.",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    p.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval, s")
-    p.add_argument("--dead-after", type=float, default=60.0, help="peer silence limit, s")
-    p.add_argument("--max-data", type=int, default=DEFAULT_MAX_DATA, help="data bytes per body")
-    p.add_argument("--window", type=int, default=1 << 20, help="send window, bytes")
+    seconds = argtypes.positive_seconds
+    p.add_argument("--heartbeat", type=seconds, default=5.0, help="heartbeat interval, s")
+    p.add_argument("--dead-after", type=seconds, default=60.0, help="peer silence limit, s")
+    p.add_argument(
+        "--max-data",
+        type=argtypes.integer_in(1, 0xFFFFFF, "byte count"),
+        default=DEFAULT_MAX_DATA,
+        help=f"data bytes per body, 1-{0xFFFFFF} ({DEFAULT_MAX_DATA})",
+    )
+    p.add_argument(
+        "--window",
+        type=argtypes.integer_in(1, MAX_WINDOW, "byte count"),
+        default=1 << 20,
+        help=f"send window, bytes: at least --max-data + 12, at most {MAX_WINDOW} (1 MiB)",
+    )
     p.add_argument(
         "--delayed-ack",
         action="store_true",
@@ -2297,12 +2334,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add_ids_argument(p)
     p.add_argument(
         "--queue",
-        type=int,
+        type=argtypes.integer_in(65536, MAX_WINDOW, "byte count"),
         default=4 << 20,
         help="per-realm queue towards a local client, bytes; past it (or 4x it) a client "
         "that made no progress for --stall-timeout is disconnected",
     )
-    p.add_argument("--stall-timeout", type=float, default=5.0, help="see --queue, s")
+    p.add_argument("--stall-timeout", type=seconds, default=5.0, help="see --queue, s")
     p.add_argument(
         "--no-gso",
         action="store_true",
@@ -2310,7 +2347,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="play the device: turn binds into local TCP connections")
-    s.add_argument("--bind", type=_hostport, default=("127.0.0.1", 0), help="UDP HOST:PORT")
+    s.add_argument("--bind", type=_bind_address, default=("127.0.0.1", 0), help="UDP HOST:PORT")
+    s.add_argument(
+        "--peer",
+        type=_syn_peer,
+        help="take the session's SYN only from HOST[:PORT] (any port of HOST without one)",
+    )
     s.add_argument(
         "--map",
         type=_mapping,
@@ -2320,8 +2362,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="connect binds for PORT to HOST:PORT (repeatable); unmapped ports are refused",
     )
     c = sub.add_parser("connect", help="play the client: forward local TCP ports to the device")
-    c.add_argument("--peer", type=_hostport, required=True, help="UDP HOST:PORT of the far end")
-    c.add_argument("--bind", type=_hostport, default=("127.0.0.1", 0), help="UDP HOST:PORT")
+    c.add_argument(
+        "--peer", type=_peer_address, required=True, help="UDP HOST:PORT of the far end"
+    )
+    c.add_argument("--bind", type=_bind_address, default=("127.0.0.1", 0), help="UDP HOST:PORT")
     c.add_argument(
         "--forward",
         type=_forwarding,
@@ -2330,7 +2374,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="[HOST:]LPORT:RPORT",
         help="listen on HOST:LPORT (0 = any free port), forward to remote RPORT (repeatable)",
     )
-    c.add_argument("--timeout", type=float, default=10.0, help="wait this long for the SYN, s")
+    c.add_argument("--timeout", type=seconds, default=10.0, help="wait this long for the SYN, s")
     return p
 
 
@@ -2368,16 +2412,25 @@ def _tunnel_options(args: argparse.Namespace) -> dict[str, object]:
     return {"queue_bytes": args.queue, "stall_timeout": args.stall_timeout, "gso": not args.no_gso}
 
 
-def _wait_for_syn(sock: socket.socket) -> tuple[bytes, tuple[str, int]]:
-    """Device side: skip datagrams until a PTCP SYN arrives."""
+def is_syn_from(data: bytes, addr: tuple[str, int], peer: tuple[str, int] | None) -> bool:
+    """True for a PTCP SYN from ``peer`` (any sender when None; port 0: any port)."""
+    if peer is not None and (addr[0] != peer[0] or peer[1] not in (0, addr[1])):
+        return False
+    try:
+        return isinstance(decode_packet(data).body, Syn)
+    except PTCPError:
+        return False
+
+
+def _wait_for_syn(
+    sock: socket.socket, peer: tuple[str, int] | None
+) -> tuple[bytes, tuple[str, int]]:
+    """Device side: skip datagrams until a PTCP SYN arrives (from ``peer`` when given)."""
     while True:
         data, addr = sock.recvfrom(65536)
-        try:
-            if isinstance(decode_packet(data).body, Syn):
-                return data, addr
-        except PTCPError:
-            pass
-        log.info("ignoring a datagram that is not a PTCP SYN from %s:%d", *addr)
+        if is_syn_from(data, addr, peer):
+            return data, addr
+        log.info("ignoring a datagram from %s:%d: not a PTCP SYN from the peer", *addr)
 
 
 def _on_signals(handler: Callable[..., None]) -> None:
@@ -2402,7 +2455,10 @@ def _run_until(stop: threading.Event, tunnel: PTCPTunnel) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.window < args.max_data + 12:
+        parser.error(f"--window must be at least --max-data + 12 ({args.max_data + 12})")
     level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[
         min(args.verbose, 2)
     ]
@@ -2421,7 +2477,10 @@ def main(argv: list[str] | None = None) -> int:
                 target = mapping.get(rport)
                 return None if target is None else socket.create_connection(target, timeout=5)
 
-            first, peer = _wait_for_syn(sock)
+            peer = args.peer
+            if peer is not None:  # compare with what recvfrom reports: a resolved address
+                peer = (socket.gethostbyname(peer[0]), peer[1])
+            first, peer = _wait_for_syn(sock, peer)
             now = time.monotonic()
             session = Session(now=now, **_session_options(args))  # type: ignore[arg-type]
             session.receive_datagram(first, now)

@@ -19,12 +19,15 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import random
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -36,6 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
+import argtypes
 import svtool
 from exitcodes import EPILOG, ExitCode
 
@@ -50,12 +54,23 @@ MAX_BODY_BYTES = 65536
 RTP_MAX_PAYLOAD = 1400  # RFC 6184 payload bytes per packet, FU indicator/header included
 H264_CLOCK = 90000
 
-_CHANNEL_RE = re.compile(r"live\.(\d{3})$")
+_CHANNEL_RE = re.compile(r"live\.([0-9]{3})$")
 _TOKEN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
 class ProxyError(Exception):
     """Base of every error this module raises about bad input."""
+
+
+def ascii_number(text: str, max_digits: int = 10) -> int | None:
+    """The value of 1 to ``max_digits`` ASCII digits (RFC 5234 DIGIT), else None.
+
+    ``str.isdigit`` and ``int`` also take other scripts' digits, superscripts
+    ("²", which ``int`` then refuses), signs, spaces and underscores.
+    """
+    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 
 class RTSPError(ProxyError):
@@ -176,6 +191,11 @@ class RTSPRequestParser:
         self.max_headers = max_headers
         self.max_body = max_body
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of a request or interleaved block that is not complete yet."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[RTSPRequest | InterleavedData]:
         self._buf += data
         events: list[RTSPRequest | InterleavedData] = []
@@ -213,10 +233,9 @@ class RTSPRequestParser:
         if head_end > self.max_head:
             raise RTSPError("request head too large")
         request = self._parse_head(bytes(buf[:head_end]))
-        length_text = request.header("Content-Length", "0") or "0"
-        if not length_text.isdigit() or int(length_text) > self.max_body:
+        length = ascii_number(request.header("Content-Length", "0") or "0")
+        if length is None or length > self.max_body:
             raise RTSPError("bad Content-Length", cseq=request.header("CSeq"))
-        length = int(length_text)
         if len(buf) < body_start + length:
             return None
         request.body = bytes(buf[body_start : body_start + length])
@@ -237,7 +256,7 @@ class RTSPRequestParser:
         headers = _split_header_lines(lines[1:], self.max_headers, RTSPError)
         request = RTSPRequest(method, url, headers, version=version)
         cseq = request.header("CSeq")
-        if cseq is None or not cseq.isdigit() or len(cseq) > 10:
+        if cseq is None or ascii_number(cseq) is None:
             raise RTSPError("missing or malformed CSeq")
         if not version.startswith("RTSP/"):
             raise RTSPError("not an RTSP request", cseq=cseq)
@@ -349,19 +368,23 @@ class ClientTransport:
         )
 
 
-def _port_pair(text: str, minimum: int = 1) -> tuple[int, int]:
+def _port_pair(text: str, minimum: int = 1) -> tuple[int, int] | None:
+    """``a-b`` or ``a`` (then b = a + 1); None when out of range, RTSPError(400) if not DIGITs."""
     first, _, second = text.partition("-")
-    if not first.isdigit() or (second and not second.isdigit()):
-        raise RTSPError("malformed port range", status=461)
-    a = int(first)
-    b = int(second) if second else a + 1
+    a = ascii_number(first, 5)
+    b = ascii_number(second, 5) if second else None if a is None else a + 1
+    if a is None or b is None:
+        raise RTSPError("malformed port range")  # RFC 2326 section 12.39: 1*DIGIT
     if not (minimum <= a < 65536 and minimum <= b < 65536):
-        raise RTSPError("port out of range", status=461)
+        return None
     return a, b
 
 
 def parse_client_transport(value: str | None) -> ClientTransport:
-    """Pick the first acceptable unicast RTP/AVP transport; RTSPError(461) if none."""
+    """Pick the first acceptable unicast RTP/AVP transport.
+
+    RTSPError(461) if none is acceptable, RTSPError(400) for a port that is not digits.
+    """
     if not value:
         raise RTSPError("SETUP without Transport", status=461)
     for spec in value.split(","):
@@ -377,17 +400,13 @@ def parse_client_transport(value: str | None) -> ClientTransport:
         if "multicast" in params:
             continue
         if upper == "RTP/AVP/TCP":
-            try:
-                inter = _port_pair(params["interleaved"], 0) if "interleaved" in params else (0, 1)
-            except RTSPError:
-                continue
-            if inter[0] > 255 or inter[1] > 255:
+            inter = _port_pair(params["interleaved"], 0) if "interleaved" in params else (0, 1)
+            if inter is None or inter[0] > 255 or inter[1] > 255:
                 continue
             return ClientTransport("tcp", profile, interleaved=inter)
         if upper in ("RTP/AVP", "RTP/AVP/UDP") and "client_port" in params:
-            try:
-                ports = _port_pair(params["client_port"])
-            except RTSPError:
+            ports = _port_pair(params["client_port"])
+            if ports is None:
                 continue
             return ClientTransport("udp", profile, client_port=ports)
     raise RTSPError("no supported transport", status=461)
@@ -431,8 +450,9 @@ def parse_dvr_describe(body: bytes) -> DVRDescription:
     mode = "tcp" if "TCP" in (t.upper() for t in tokens) else "udp"
     payload_type = 96
     for i, tok in enumerate(tokens):
-        if tok.upper() == "RTP/AVP" and i + 1 < len(tokens) and tokens[i + 1].isdigit():
-            payload_type = int(tokens[i + 1]) & 0x7F
+        number = ascii_number(tokens[i + 1], 3) if i + 1 < len(tokens) else None
+        if tok.upper() == "RTP/AVP" and number is not None:
+            payload_type = number & 0x7F
     return DVRDescription(mode, payload_type, title, attributes)
 
 
@@ -557,16 +577,14 @@ class DVRConnection:
         status_parts = lines[0].split(" ", 2)
         if len(status_parts) < 2 or not status_parts[0].startswith("RTSP/"):
             raise DVRError(f"DVR reply has no status line: {lines[0][:60]!r}")
-        if not status_parts[1].isdigit():
+        status = ascii_number(status_parts[1], 3)
+        if status is None:
             raise DVRError("DVR reply status is not a number")
         headers = _split_header_lines(lines[1:], 64, DVRError)
-        reply = RTSPResponse(
-            int(status_parts[1]), status_parts[2] if len(status_parts) > 2 else "", headers
-        )
-        length_text = reply.header("Content-Length", "0") or "0"
-        if not length_text.isdigit() or int(length_text) > MAX_BODY_BYTES:
+        reply = RTSPResponse(status, status_parts[2] if len(status_parts) > 2 else "", headers)
+        length = ascii_number(reply.header("Content-Length", "0") or "0")
+        if length is None or length > MAX_BODY_BYTES:
             raise DVRError("DVR reply has a bad Content-Length")
-        length = int(length_text)
         if len(buf) < body_start + length:
             return None
         reply.body = bytes(buf[body_start : body_start + length])
@@ -587,7 +605,7 @@ class DVRConnection:
 def side_port_from_transport(value: str | None, rtsp_port: int) -> int:
     """The DVR's side port: ``server_port=`` of the SETUP reply, else RTSP port + 2."""
     if value:
-        match = re.search(r"server_port=(\d+)", value)
+        match = re.search(r"server_port=([0-9]{1,5})(?:-[0-9]{1,5})?\s*(?:;|$)", value)
         if match and 0 < int(match.group(1)) < 65536:
             return int(match.group(1))
     return rtsp_port + 2
@@ -1064,6 +1082,123 @@ class ClientProtocol:
         return self.reply(request, 200)
 
 
+# --------------------------------------------------------------------------
+# Exposure limits (pure state; the driver asks and reports)
+
+
+class LoginGuard:
+    """Spares the DVR's DCP login from guessing (see README, "Exposure").
+
+    After a refused login the client address waits ``backoff`` seconds before
+    the proxy logs in for it again, twice as long after each further refusal
+    (at most ``MAX_DOUBLINGS`` times); a success forgets its refusals.  A
+    refused credential pair is refused from memory for ``backoff`` *
+    ``REFUSAL_FACTOR`` seconds, whoever sends it.  ``backoff`` 0 turns both
+    off.  Credentials are kept as a salted digest only.  ``turn(address)`` is
+    the lock a client takes around a login, so that one address has at most
+    one login in flight (others wait for its outcome).
+    """
+
+    MAX_DOUBLINGS = 6
+    REFUSAL_FACTOR = 10
+    MAX_ENTRIES = 4096  # addresses and credential pairs remembered at most
+    TURNS = 64  # addresses that hash alike share a turn
+
+    def __init__(self, backoff: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.backoff = backoff
+        self.clock = clock
+        self._salt = secrets.token_bytes(16)
+        self._addresses: dict[str, tuple[int, float]] = {}  # refusals in a row, wait until
+        self._refused: dict[bytes, float] = {}  # credential digest -> remembered until
+        self._lock = threading.Lock()
+        self._turns = [threading.Lock() for _ in range(self.TURNS)]
+
+    def turn(self, address: str) -> threading.Lock:
+        """The lock to hold while logging in for ``address``."""
+        return self._turns[hash(address) % self.TURNS]
+
+    def _key(self, creds: tuple[str, str]) -> bytes:
+        joined = "\x00".join(creds).encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(joined, key=self._salt, digest_size=16).digest()
+
+    def wait_for(self, address: str) -> float:
+        """Seconds ``address`` must still wait before the proxy logs in for it (0: go)."""
+        with self._lock:
+            entry = self._addresses.get(address)
+        return max(0.0, entry[1] - self.clock()) if entry else 0.0
+
+    def refused_recently(self, creds: tuple[str, str]) -> bool:
+        """True while the DVR's refusal of ``creds`` is remembered."""
+        with self._lock:
+            until = self._refused.get(self._key(creds))
+        return until is not None and until > self.clock()
+
+    def refused(self, address: str) -> float:
+        """Note a refused login for ``address``; returns its wait in seconds."""
+        if self.backoff <= 0:
+            return 0.0
+        now = self.clock()
+        with self._lock:
+            self._prune(now)
+            count = self._addresses.pop(address, (0, 0.0))[0] + 1  # re-added last: newest
+            wait = self.backoff * 2 ** min(count - 1, self.MAX_DOUBLINGS)
+            self._addresses[address] = (count, now + wait)
+        return wait
+
+    def remember_refusal(self, creds: tuple[str, str]) -> None:
+        """The DVR refused ``creds``: refuse them from memory for a while."""
+        if self.backoff <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            self._prune(now)
+            key = self._key(creds)
+            self._refused.pop(key, None)
+            self._refused[key] = now + self.backoff * self.REFUSAL_FACTOR
+
+    def succeeded(self, address: str) -> None:
+        """A login for ``address`` worked: its refusals are forgotten."""
+        with self._lock:
+            self._addresses.pop(address, None)
+
+    def _prune(self, now: float) -> None:
+        """At MAX_ENTRIES, forget what expired, and at least the oldest eighth."""
+        longest = self.backoff * 2**self.MAX_DOUBLINGS
+        for table, ends in ((self._addresses, lambda e: e[1] + longest), (self._refused, float)):
+            if len(table) >= self.MAX_ENTRIES:
+                for key in [k for k, e in table.items() if ends(e) <= now]:
+                    del table[key]
+                for key in list(table)[: max(0, len(table) - self.MAX_ENTRIES * 7 // 8)]:
+                    del table[key]
+
+
+def dvr_channel_count(info: dict[str, str]) -> int | None:
+    """The ``channels`` value of the DVR's DCP description, None when absent or odd."""
+    return ascii_number(info.get("channels", "").strip("\r\n\x00 "), 3) or None
+
+
+def read_deadline(
+    now: float,
+    *,
+    partial_since: float | None,
+    last_request: float,
+    has_session: bool,
+    header_timeout: float,
+    idle_timeout: float,
+) -> float | None:
+    """Seconds left before a client connection is closed for slowness (None: no limit).
+
+    A request must be complete ``header_timeout`` seconds after its first byte;
+    a connection without a session must send a request every ``idle_timeout``
+    seconds.  A session ends by TEARDOWN, by its own timeout or by the client.
+    """
+    if partial_since is not None:
+        return partial_since + header_timeout - now
+    if not has_session:
+        return last_request + idle_timeout - now
+    return None
+
+
 # ==========================================================================
 # Driver: sockets and threads only move bytes
 # ==========================================================================
@@ -1119,8 +1254,7 @@ class Outbox:
         self._progress = clock()  # when the socket last took bytes (or the queue was empty)
         self._cond = threading.Condition()
         self.closed = False
-        self._thread = threading.Thread(target=self._run, name="client-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started by the first bytes to send
 
     @property
     def queued(self) -> int:
@@ -1138,18 +1272,45 @@ class Outbox:
         with self._cond:
             if self.closed:
                 return False
-            if media:
-                now = self.clock()
-                size = self._size + len(data)
-                if not self._size:
-                    self._progress = now  # the stall clock starts with a non-empty queue
-                elif size > self.limit and (
-                    size > self.hard_limit or now - self._progress > self.stall_timeout
-                ):
+            size = self._size + len(data)
+            if (
+                media
+                and self._size
+                and size > self.limit
+                and (size > self.hard_limit or self.clock() - self._progress > self.stall_timeout)
+            ):
+                return False
+            self._append(data)
+        return True
+
+    def _append(self, data: bytes) -> None:
+        if not self._size:
+            self._progress = self.clock()  # the stall clock starts with a non-empty queue
+        self._items.append(data)
+        self._size += len(data)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="client-writer", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    def put_reply(self, data: bytes) -> bool:
+        """Queue a reply once at most ``limit`` bytes wait (the client's requests wait too).
+
+        False, and the outbox is closed, when the client took nothing for
+        ``stall_timeout`` seconds meanwhile: it does not read its replies.
+        """
+        with self._cond:
+            while not self.closed and self._size > self.limit:
+                left = self._progress + self.stall_timeout - self.clock()
+                if left <= 0:
+                    self.closed = True
+                    self._items.clear()
+                    self._cond.notify_all()
                     return False
-            self._items.append(data)
-            self._size += len(data)
-            self._cond.notify()
+                self._cond.wait(left)
+            if self.closed:
+                return False
+            self._append(data)
         return True
 
     def _run(self) -> None:
@@ -1169,6 +1330,7 @@ class Outbox:
                     with self._cond:
                         self._size -= sent
                         self._progress = self.clock()
+                        self._cond.notify_all()
             except OSError:
                 self.close()
                 _shutdown(self.sock)
@@ -1180,10 +1342,13 @@ class Outbox:
             self.closed = True
             if not flush:
                 self._items.clear()
-            self._cond.notify()
+            self._cond.notify_all()
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+        with self._cond:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
 
 class Viewer:
@@ -1199,7 +1364,10 @@ class Viewer:
         self.transport: ClientTransport | None = None
         self.play_request: RTSPRequest | None = None
         self.play_started = threading.Event()
-        self.last_seen = time.monotonic()  # last request, or RTCP from a UDP viewer
+        self.connected_at = time.monotonic()
+        self.last_seen = self.connected_at  # last request, or RTCP from a UDP viewer
+        self.requests = 0  # complete requests received
+        self.evicted = False  # closed to make room for a new connection
         self.lock = threading.Lock()
 
     def disconnect(self) -> None:
@@ -1208,7 +1376,13 @@ class Viewer:
 
 
 class KeeperPool:
-    """One DCP login (svtool.TokenKeeper) per credentials, shared by channels."""
+    """One DCP login (svtool.TokenKeeper) per credentials, shared by channels.
+
+    At most one login per credential pair is in flight: the others wait for
+    its outcome.  A refusal the ``guard`` remembers is answered without a login.
+    """
+
+    LOGIN_LOCKS = 64  # logins of credential pairs that hash alike wait for each other
 
     def __init__(
         self,
@@ -1216,31 +1390,63 @@ class KeeperPool:
         dcp_port: int,
         timeout: float,
         on_lost: Callable[[svtool.TokenKeeper], None],
+        guard: LoginGuard | None = None,
     ) -> None:
         self.host = host
         self.dcp_port = dcp_port
         self.timeout = timeout
         self.on_lost = on_lost
+        self.guard = guard if guard is not None else LoginGuard(0)
         self._current: dict[tuple[str, str], svtool.TokenKeeper] = {}
         self._refs: dict[svtool.TokenKeeper, int] = {}
         self._lock = threading.Lock()
+        self._login_locks = [threading.Lock() for _ in range(self.LOGIN_LOCKS)]
+        self._closed = False
+
+    def has_live(self, creds: tuple[str, str]) -> bool:
+        """True when ``creds`` are logged in: using them costs the DVR no login."""
+        with self._lock:
+            keeper = self._current.get(creds)
+            return keeper is not None and keeper.alive
+
+    def _take_live(self, creds: tuple[str, str]) -> svtool.TokenKeeper | None:
+        with self._lock:
+            keeper = self._current.get(creds)
+            if keeper is None or not keeper.alive:
+                return None
+            self._refs[keeper] = self._refs.get(keeper, 0) + 1
+            return keeper
 
     def acquire(self, creds: tuple[str, str]) -> svtool.TokenKeeper:
         """A live keeper for ``creds``, logging in if needed.
 
         Raises svtool.AuthenticationError, svtool.SVError or OSError.
         """
-        with self._lock:
-            keeper = self._current.get(creds)
-            if keeper is None or not keeper.alive:
-                keeper = svtool.TokenKeeper(
-                    self.host, self.dcp_port, creds[0], creds[1], timeout=self.timeout
-                )
-                keeper.on_lost = lambda _exc, k=keeper: self.on_lost(k)
-                keeper.start()
-                self._current[creds] = keeper
-            self._refs[keeper] = self._refs.get(keeper, 0) + 1
+        keeper = self._take_live(creds)
+        if keeper is not None:
             return keeper
+        with self._login_locks[hash(creds) % self.LOGIN_LOCKS]:
+            keeper = self._take_live(creds)
+            if keeper is not None:
+                return keeper
+            if self.guard.refused_recently(creds):
+                raise svtool.AuthenticationError("refused moments ago (remembered)")
+            keeper = svtool.TokenKeeper(
+                self.host, self.dcp_port, creds[0], creds[1], timeout=self.timeout
+            )
+            keeper.on_lost = lambda _exc, k=keeper: self.on_lost(k)
+            try:
+                keeper.start()
+            except svtool.AuthenticationError:
+                self.guard.remember_refusal(creds)
+                raise
+            with self._lock:
+                if not self._closed:
+                    self._current[creds] = keeper
+                    self._refs[keeper] = 1
+                    return keeper
+        keeper.close()
+        raise svtool.SVError("the proxy is shutting down")
 
     def release(self, keeper: svtool.TokenKeeper, creds: tuple[str, str]) -> None:
         """Drop one user of ``keeper``; the last one logs out."""
@@ -1256,6 +1462,7 @@ class KeeperPool:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             keepers = list(self._refs)
             self._refs.clear()
             self._current.clear()
@@ -1321,6 +1528,11 @@ class Channel:
             raise UpstreamError("DVR login refused", status=401) from exc
         except (svtool.SVError, OSError) as exc:
             raise UpstreamError(f"DCP login failed: {exc}") from exc
+        count = dvr_channel_count(self.keeper.describe_info)
+        if count is not None:
+            srv.dvr_channels = count
+            if self.channel >= count:
+                raise UpstreamError(f"the DVR has {count} channels", status=404)
         token = self.keeper.token or ""
         try:
             ctrl = socket.create_connection((srv.remote_host, srv.remote_port), srv.timeout)
@@ -1535,7 +1747,18 @@ class Channel:
 
 
 class ProxyServer:
-    """The proxy: a threaded RTSP server in front of one DVR."""
+    """The proxy: a threaded RTSP server in front of one DVR.
+
+    Exposure limits: at most ``max_clients`` connections (when full, the
+    oldest one that never sent a complete request makes room, else the new one
+    gets 503); a request complete within ``header_timeout`` seconds of its
+    first byte; a connection without a session closed after ``idle_timeout``
+    seconds without a request; replies queued up to ``client_buffer`` bytes
+    (a client that then takes nothing for ``client_stall`` seconds is closed);
+    at most ``max_client_sessions`` DVR channels per connection; channels the
+    DVR does not have are 404 without a DVR request; ``login_backoff`` for
+    :class:`LoginGuard`.
+    """
 
     def __init__(
         self,
@@ -1551,8 +1774,21 @@ class ProxyServer:
         client_stall: float = 5.0,
         dvr_clock: int = 1000,
         session_timeout: float = SESSION_TIMEOUT,
+        max_clients: int = 64,
+        header_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+        max_client_sessions: int = 2,
+        login_backoff: float = 1.0,
     ) -> None:
         self.remote_host, self.remote_port = remote
+        self.max_clients = max_clients
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_client_sessions = max_client_sessions
+        self.login_guard = LoginGuard(login_backoff)
+        self.dvr_channels: int | None = None  # from the DCP description, once logged in
+        self._refused_clients = 0  # connections refused at --max-clients
+        self._refusal_logged = float("-inf")
         self.session_timeout = session_timeout  # UDP viewers silent 1.5 times this are dropped
         self.dcp_port = dcp_port if dcp_port is not None else remote[1] + 1
         self._creds = (username, password or "") if username is not None else None
@@ -1561,14 +1797,16 @@ class ProxyServer:
         self.client_buffer = client_buffer
         self.client_stall = client_stall  # seconds a client over client_buffer may take nothing
         self.dvr_clock = dvr_clock
-        self.keepers = KeeperPool(self.remote_host, self.dcp_port, timeout, self._keeper_lost)
+        self.keepers = KeeperPool(
+            self.remote_host, self.dcp_port, timeout, self._keeper_lost, self.login_guard
+        )
         self._channels: dict[tuple[tuple[str, str], int], Channel] = {}
         self._viewers: set[Viewer] = set()
         self._udp_peers: dict[tuple[str, int], Viewer] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.listener = socket.create_server(local, backlog=64)
+        self.listener = socket.create_server(local, backlog=1024)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.rtp_socket, self.rtcp_socket = self._bind_rtp_pair(self.address[0])
         self.server_ports = (self.rtp_socket.getsockname()[1], self.rtcp_socket.getsockname()[1])
@@ -1644,10 +1882,58 @@ class ProxyServer:
                 log.warning("accept failed: %s", exc)
                 self._stop.wait(0.2)  # e.g. out of file descriptors: do not spin
                 continue
-            thread = threading.Thread(
-                target=self._serve_client, args=(sock, addr), name="rtsp-client", daemon=True
-            )
-            thread.start()
+            viewer = self._admit(sock, addr[:2])
+            if viewer is not None:
+                thread = threading.Thread(
+                    target=self._serve_client, args=(viewer,), name="rtsp-client", daemon=True
+                )
+                thread.start()
+
+    @property
+    def client_count(self) -> int:
+        """Client connections open now (those being closed not counted)."""
+        with self._lock:
+            return sum(1 for v in self._viewers if not v.evicted)
+
+    def _admit(self, sock: socket.socket, addr: tuple[str, int]) -> Viewer | None:
+        """Register a new connection; when full, close the oldest silent one or refuse."""
+        victim = None
+        with self._lock:
+            live = [v for v in self._viewers if not v.evicted]
+            if len(live) >= self.max_clients:
+                silent = [v for v in live if not v.requests]
+                if silent:
+                    victim = min(silent, key=lambda v: v.connected_at)
+                    victim.evicted = True
+            if len(live) < self.max_clients or victim is not None:
+                outbox = Outbox(sock, self.client_buffer, self.client_stall)
+                proto = ClientProtocol(credentials_required=self._creds is None)
+                viewer: Viewer | None = Viewer(sock, addr, outbox, proto)
+                self._viewers.add(viewer)
+            else:
+                viewer = None
+        if victim is not None:
+            log.info("client %s:%d: closed to make room (no request yet)", *victim.addr)
+            victim.disconnect()
+        if viewer is None:
+            self._refused_clients += 1
+            now = time.monotonic()
+            if now >= self._refusal_logged + 1.0:  # a flood must not flood the log too
+                log.warning(
+                    "client %s:%d: refused, %d clients connected (%d refused so far)",
+                    *addr,
+                    self.max_clients,
+                    self._refused_clients,
+                )
+                self._refusal_logged = now
+            try:
+                sock.setblocking(False)
+                sock.send(build_response(503, None))
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            sock.close()
+        return viewer
 
     def _drain_udp(self) -> None:
         sel = selectors.DefaultSelector()
@@ -1707,37 +1993,51 @@ class ProxyServer:
             channel.fail("the DVR dropped the DCP connection")
 
     # ---- one client connection
-    def _serve_client(self, sock: socket.socket, addr: tuple[str, int]) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
-        outbox = Outbox(sock, self.client_buffer, self.client_stall)
-        proto = ClientProtocol(credentials_required=self._creds is None)
-        viewer = Viewer(sock, addr[:2], outbox, proto)
+    def _serve_client(self, viewer: Viewer) -> None:
+        sock, addr, outbox = viewer.sock, viewer.addr, viewer.outbox
         held: dict[int, Channel] = {}
         parser = RTSPRequestParser()
-        with self._lock:
-            self._viewers.add(viewer)
-        log.debug("client %s:%d connected", *addr[:2])
+        poller = select.poll()
+        partial_since: float | None = None  # when the first byte of an incomplete request came
+        log.debug("client %s:%d connected", *addr)
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 << 10)
+            poller.register(sock, select.POLLIN)
             while not self._stop.is_set():
-                try:
-                    data = sock.recv(65536)
-                except OSError:
+                left = read_deadline(
+                    time.monotonic(),
+                    partial_since=partial_since,
+                    last_request=viewer.last_seen,
+                    has_session=viewer.proto.session_id is not None,
+                    header_timeout=self.header_timeout,
+                    idle_timeout=self.idle_timeout,
+                )
+                if left is not None and left <= 0:
+                    why = "incomplete request" if partial_since is not None else "idle"
+                    log.info("client %s:%d: closed (%s)", *addr, why)
                     break
+                if left is not None and not poller.poll(int(left * 1000) + 1):
+                    continue
+                data = sock.recv(65536)
                 if not data:
                     break
                 try:
                     events = parser.feed(data)
                 except RTSPError as exc:
-                    log.info("client %s:%d: bad request: %s", *addr[:2], exc)
+                    log.info("client %s:%d: bad request: %s", *addr, exc)
                     outbox.put(viewer.proto.error(exc).data)
                     outbox.close(flush=True)
                     break
-                for event in events:
-                    if isinstance(event, RTSPRequest):
-                        viewer.last_seen = time.monotonic()
-                        if not self._handle(viewer, event, held):
-                            break
+                now = time.monotonic()
+                if not parser.buffered:
+                    partial_since = None
+                elif events or partial_since is None:
+                    partial_since = now
+                if not self._handle_all(viewer, events, held, now):
+                    break  # the last reply closes the connection
+        except OSError:
+            pass
         finally:
             self._udp_peers_of(viewer, None)
             with self._lock:
@@ -1748,7 +2048,88 @@ class ProxyServer:
             outbox.join(2.0)
             _shutdown(sock)
             sock.close()
-            log.debug("client %s:%d gone", *addr[:2])
+            log.debug("client %s:%d gone", *addr)
+
+    def _handle_all(
+        self,
+        viewer: Viewer,
+        events: list[RTSPRequest | InterleavedData],
+        held: dict[int, Channel],
+        now: float,
+    ) -> bool:
+        """Handle the requests of one read in order; False once the connection must close."""
+        for event in events:
+            if isinstance(event, RTSPRequest):
+                viewer.requests += 1
+                viewer.last_seen = now
+                if not self._handle(viewer, event, held):
+                    return False
+        return True
+
+    def _reply(self, viewer: Viewer, data: bytes) -> None:
+        """Send a reply; a client that does not read its replies is disconnected."""
+        if not viewer.outbox.put_reply(data):
+            log.warning(
+                "client %s:%d: closed, it does not read its replies (%d bytes queued)",
+                *viewer.addr,
+                viewer.outbox.queued,
+            )
+            _shutdown(viewer.sock)
+
+    def _open(
+        self,
+        viewer: Viewer,
+        action: NeedDescribe | NeedSetup,
+        creds: tuple[str, str],
+        held: dict[int, Channel],
+    ) -> Channel | None:
+        """The channel opened for this client, None after sending the error reply."""
+        request = action.request
+        channel = self._channel(action.channel, creds)
+        channel.hold(viewer)
+        held[action.channel] = channel
+        try:
+            channel.ensure_open()
+        except UpstreamError as exc:
+            log.warning("channel %d: %s", action.channel, exc)
+            held.pop(action.channel, None)
+            if exc.status == 401 and action.credentials is not None:
+                wait = self.login_guard.refused(viewer.addr[0])
+                if wait:
+                    log.info("client %s:%d: next DVR login in %.0f s", *viewer.addr, wait)
+            if exc.status == 401 and self._creds is None:
+                self._reply(viewer, viewer.proto.unauthorized(request))
+            else:
+                status = 404 if exc.status == 404 else 503
+                self._reply(viewer, viewer.proto.reply(request, status))
+            return None
+        if action.credentials is not None:
+            self.login_guard.succeeded(viewer.addr[0])
+        return channel
+
+    def _refusal(
+        self,
+        viewer: Viewer,
+        request: RTSPRequest,
+        channel: int,
+        creds: tuple[str, str],
+        held: dict[int, Channel],
+    ) -> bytes | None:
+        """The reply when this client may not open ``channel`` now, else None."""
+        proto = viewer.proto
+        if self.dvr_channels is not None and channel >= self.dvr_channels:
+            return proto.reply(request, 404)
+        if sum(1 for c in held.values() if not c.failed) >= self.max_client_sessions:
+            log.warning(
+                "client %s:%d: refused a DVR session beyond its %d",
+                *viewer.addr,
+                self.max_client_sessions,
+            )
+            return proto.reply(request, 503)
+        wait = self.login_guard.wait_for(viewer.addr[0])
+        if wait > 0 and not self.keepers.has_live(creds):
+            return proto.reply(request, 503, [("Retry-After", str(int(wait) + 1))])
+        return None
 
     def _udp_peers_of(self, viewer: Viewer, transport: ClientTransport | None) -> None:
         """Set the viewer's transport and which UDP sources count as its signs of life."""
@@ -1768,28 +2149,30 @@ class ProxyServer:
         log.debug("client %s:%d: %s %s", *viewer.addr, request.method, strip_userinfo(request.url))
         action = proto.handle(request)
         if isinstance(action, Reply):
-            viewer.outbox.put(action.data)
+            self._reply(viewer, action.data)
             return not action.close
         if isinstance(action, NeedDescribe | NeedSetup):
             creds = action.credentials or self._creds
             if creds is None:  # cannot happen: ClientProtocol asked for them
-                viewer.outbox.put(proto.unauthorized(request))
+                self._reply(viewer, proto.unauthorized(request))
                 return True
-            try:
-                channel = held.get(action.channel)
-                if channel is None or channel.failed:
-                    channel = self._channel(action.channel, creds)
-                    channel.hold(viewer)
-                    held[action.channel] = channel
-                channel.ensure_open()
-            except UpstreamError as exc:
-                log.warning("channel %d: %s", action.channel, exc)
-                held.pop(action.channel, None)
-                if exc.status == 401 and self._creds is None:
-                    viewer.outbox.put(proto.unauthorized(request))
-                else:
-                    viewer.outbox.put(proto.reply(request, 503))
-                return True
+            channel = held.get(action.channel)
+            if channel is None or channel.failed:
+                turn = self.login_guard.turn(viewer.addr[0])
+                with turn if action.credentials is not None else contextlib.nullcontext():
+                    refusal = self._refusal(viewer, request, action.channel, creds, held)
+                    channel = None if refusal else self._open(viewer, action, creds, held)
+                if channel is None:
+                    if refusal:
+                        self._reply(viewer, refusal)
+                    return True
+            else:
+                try:
+                    channel.ensure_open()  # waits for the open of the channel in progress
+                except UpstreamError:
+                    held.pop(action.channel, None)
+                    self._reply(viewer, proto.reply(request, 503))
+                    return True
             if isinstance(action, NeedDescribe):
                 channel.params_ready.wait(min(self.timeout, 3.0))
                 url = strip_userinfo(request.url)
@@ -1801,13 +2184,13 @@ class ProxyServer:
                     channel.media.sps,
                     channel.media.pps,
                 )
-                viewer.outbox.put(proto.describe_reply(request, sdp, url))
+                self._reply(viewer, proto.describe_reply(request, sdp, url))
                 return True
             self._udp_peers_of(viewer, action.transport)
             reply = proto.setup_reply(
                 request, action.channel, action.transport, channel.media.ssrc, self.server_ports
             )
-            viewer.outbox.put(reply)
+            self._reply(viewer, reply)
             return True
         channel = held.get(proto.channel) if proto.channel is not None else None
         if isinstance(action, NeedTeardown):
@@ -1815,23 +2198,23 @@ class ProxyServer:
                 channel.release(viewer)
                 held.pop(channel.channel, None)
             self._udp_peers_of(viewer, None)
-            viewer.outbox.put(proto.teardown_reply(request))
+            self._reply(viewer, proto.teardown_reply(request))
             return True
         if channel is None or channel.failed:
-            viewer.outbox.put(proto.reply(request, 503))
+            self._reply(viewer, proto.reply(request, 503))
             return False
         if isinstance(action, NeedPause):
             channel.pause(viewer)
-            viewer.outbox.put(proto.pause_reply(request))
+            self._reply(viewer, proto.pause_reply(request))
             return True
         # PLAY: the reply goes out with the first keyframe, so media follows it in order.
         try:
             channel.start_play(viewer, request)
         except UpstreamError:
-            viewer.outbox.put(proto.reply(request, 503))
+            self._reply(viewer, proto.reply(request, 503))
             return False
         if not viewer.play_started.wait(self.timeout) and channel.cancel_play(viewer):
-            viewer.outbox.put(proto.reply(request, 503))
+            self._reply(viewer, proto.reply(request, 503))
         return True
 
 
@@ -1842,11 +2225,13 @@ class ProxyServer:
 EXIT_OK, EXIT_USAGE, EXIT_CANNOT_LISTEN = ExitCode.OK, ExitCode.USAGE, ExitCode.ERROR
 
 
-def parse_hostport(text: str, default_host: str, default_port: int | None) -> tuple[str, int]:
+def parse_hostport(
+    text: str, default_host: str, default_port: int | None, lowest_port: int = 1
+) -> tuple[str, int]:
     """``host:port``, ``host`` or ``port`` to a (host, port) pair; ValueError if malformed."""
     host, sep, port = text.rpartition(":")
     if not sep:
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             host, port = default_host, text
         else:
             host, port = text, ""
@@ -1855,13 +2240,33 @@ def parse_hostport(text: str, default_host: str, default_port: int | None) -> tu
         if default_port is None:
             raise ValueError(f"{text!r} needs a port")
         return host, default_port
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port)
+    number = ascii_number(port, 5)
+    if number is None or not lowest_port <= number <= 65535:
+        raise ValueError(f"port must be {lowest_port}-65535 in {text!r}")
+    return host, number
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """argparse type of LOCAL: port 0 means any free port."""
+    try:
+        return parse_hostport(text, "127.0.0.1", 8554, lowest_port=0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dvr_address(text: str) -> tuple[str, int]:
+    """argparse type of REMOTE."""
+    try:
+        host, port = parse_hostport(text, "", 554)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not host:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a host")
+    return host, port
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argtypes.Parser(
         prog="rtsp_proxy.py",
         description=(
             "Serve a Samsung SmartViewer DVR to standard RTSP clients. Clients open "
@@ -1872,83 +2277,104 @@ def _build_parser() -> argparse.ArgumentParser:
             "the DVR login. Example: rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554. " + EPILOG
         ),
     )
-    parser.add_argument("local", metavar="LOCAL", help="listen address host:port (127.0.0.1:8554)")
-    parser.add_argument("remote", metavar="REMOTE", help="the DVR's RTSP address host[:port] (554)")
+    seconds, positive = argtypes.non_negative_seconds, argtypes.positive_seconds
+    parser.add_argument(
+        "local", metavar="LOCAL", type=_listen_address,
+        help="listen address host:port (127.0.0.1:8554); port 0: any free port",
+    )
+    parser.add_argument(
+        "remote", metavar="REMOTE", type=_dvr_address,
+        help="the DVR's RTSP address host[:port] (554)",
+    )
     parser.add_argument(
         "--username", default=os.environ.get("SV_USER"), help="DVR user held by the proxy (SV_USER)"
     )
     parser.add_argument(
-        "--password", default=None, help="DVR password (better: environment SV_PASS)"
+        "--password", default=None, help="DVR password (visible in ps: prefer --password-file)"
     )
-    parser.add_argument("--dcp-port", type=int, default=None, help="DCP port (RTSP port + 1)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="DVR I/O timeout, s (10)")
     parser.add_argument(
-        "--linger",
-        type=float,
-        default=5.0,
+        "--password-file", metavar="PATH", help="read the DVR password from this file's first line"
+    )
+    parser.add_argument(
+        "--dcp-port", type=argtypes.port_number, default=None, help="DCP port (RTSP port + 1)"
+    )
+    parser.add_argument("--timeout", type=positive, default=10.0, help="DVR I/O timeout, s (10)")
+    parser.add_argument(
+        "--linger", type=seconds, default=5.0,
         help="seconds a DVR session outlives its last viewer (5)",
     )
     parser.add_argument(
         "--client-buffer",
-        type=int,
+        type=argtypes.integer_in(65536, 1 << 30, "byte count"),
         default=2 << 20,
         help="bytes queued per TCP client beyond which it is dropped once it has taken "
         "nothing for --client-stall seconds, or at once past 4 times this, at least 16 MiB "
-        "(2 MiB)",
+        "(2 MiB); its replies wait while this much is queued",
     )
     parser.add_argument(
-        "--client-stall",
-        type=float,
-        default=5.0,
+        "--client-stall", type=positive, default=5.0,
         help="seconds a TCP client with a full --client-buffer may take nothing (5)",
     )
     parser.add_argument(
-        "--dvr-clock", type=int, default=1000, help="the DVR's RTP clock rate, Hz (1000)"
+        "--dvr-clock", type=argtypes.integer_in(1, 10_000_000, "clock rate"), default=1000,
+        help="the DVR's RTP clock rate, Hz (1000)",
+    )
+    limits = parser.add_argument_group("exposure limits (see README, Exposure)")
+    limits.add_argument(
+        "--max-clients", type=argtypes.integer_in(1, 10000, "count"), default=64,
+        help="client connections at once; when full, the oldest that sent no request yet "
+        "is closed, else the new one gets 503 (64)",
+    )
+    limits.add_argument(
+        "--header-timeout", type=positive, default=10.0,
+        help="seconds from a request's first byte to its end (10)",
+    )
+    limits.add_argument(
+        "--idle-timeout", type=positive, default=60.0,
+        help="seconds a connection without a session may send nothing (60)",
+    )
+    limits.add_argument(
+        "--max-client-sessions", type=argtypes.integer_in(1, 1000, "count"), default=2,
+        help="DVR channels one client connection may open (2)",
+    )
+    limits.add_argument(
+        "--login-backoff", type=seconds, default=1.0,
+        help="after a refused DVR login the client address waits this long, doubling with "
+        "each further refusal, and the refused credentials are refused from memory for 10 "
+        "times this; 0: off (1)",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
     parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
+    """The options and the DVR password; SystemExit(2) after a one-line usage error."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    try:
+        password = argtypes.password_from(args.password, args.password_file, "SV_PASS")
+    except argtypes.UsageError as exc:
+        parser.error(str(exc))
+    if args.username is not None and password is None:
+        parser.error("--username needs --password, --password-file or SV_PASS")
+    return args, password
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    try:
+        args, password = _parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage error, or the help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     level = logging.ERROR if args.quiet else (
         logging.WARNING, logging.INFO, logging.DEBUG
     )[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    password = args.password if args.password is not None else os.environ.get("SV_PASS")
-    try:
-        local = parse_hostport(args.local, "127.0.0.1", 8554)
-        remote = parse_hostport(args.remote, "", 554)
-    except ValueError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"rtsp_proxy.py: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if not remote[0]:
-        print("rtsp_proxy.py: error: REMOTE needs a host", file=sys.stderr)
-        return EXIT_USAGE
-    if args.username is not None and password is None:
-        print("rtsp_proxy.py: error: --username needs --password or SV_PASS", file=sys.stderr)
-        return EXIT_USAGE
-    if (
-        args.timeout <= 0
-        or args.linger < 0
-        or args.client_buffer < 65536
-        or args.client_stall <= 0
-        or args.dvr_clock <= 0
-    ):
-        print(
-            "rtsp_proxy.py: error: bad --timeout, --linger, --client-buffer, --client-stall "
-            "or --dvr-clock",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     try:
         server = ProxyServer(
-            local,
-            remote,
+            args.local,
+            args.remote,
             dcp_port=args.dcp_port,
             username=args.username,
             password=password,
@@ -1957,9 +2383,15 @@ def main(argv: list[str] | None = None) -> int:
             client_buffer=args.client_buffer,
             client_stall=args.client_stall,
             dvr_clock=args.dvr_clock,
+            max_clients=args.max_clients,
+            header_timeout=args.header_timeout,
+            idle_timeout=args.idle_timeout,
+            max_client_sessions=args.max_client_sessions,
+            login_backoff=args.login_backoff,
         )
     except OSError as exc:
-        print(f"rtsp_proxy.py: cannot listen on {args.local}: {exc}", file=sys.stderr)
+        where = "{}:{}".format(*args.local)
+        print(f"rtsp_proxy.py: cannot listen on {where}: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -1967,7 +2399,8 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     host, port = server.address
     if not args.quiet:
-        print(f"listening rtsp://{host}:{port}/live.000 (DVR {remote[0]}:{remote[1]})", flush=True)
+        dvr = "{}:{}".format(*args.remote)
+        print(f"listening rtsp://{host}:{port}/live.000 (DVR {dvr})", flush=True)
     try:
         while not stop.wait(1.0):
             pass

@@ -36,6 +36,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+import argtypes
 from exitcodes import EPILOG, ExitCode
 
 log = logging.getLogger("svtool")
@@ -664,22 +665,28 @@ EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argtypes.Parser(
         prog="svtool.py",
         description="Talk to a Samsung SmartViewer DVR's DCP service (RTSP port + 1): "
         "describe it, or obtain an RTSP authority token and keep it valid.",
-        epilog="Credentials come from --username/--password, else the URL, else the "
+        epilog="Credentials come from --username/--password(-file), else the URL, else the "
         "environment variables SV_USER / SV_PASS. " + EPILOG,
     )
     parser.add_argument("--username", help="DVR user name (at most 16 bytes)")
     parser.add_argument(
-        "--password", help="DVR password (other local users can see it: prefer SV_PASS)"
+        "--password", help="DVR password (other local users can see it: prefer --password-file)"
     )
     parser.add_argument(
-        "--dcp-port", type=_port, metavar="N", help="DCP port (default: RTSP port + 1)"
+        "--password-file", metavar="PATH", help="read the DVR password from this file's first line"
     )
     parser.add_argument(
-        "--timeout", type=_positive, default=10.0, metavar="S",
+        "--dcp-port",
+        type=argtypes.port_number,
+        metavar="N",
+        help="DCP port (default: RTSP port + 1)",
+    )
+    parser.add_argument(
+        "--timeout", type=argtypes.positive_seconds, default=10.0, metavar="S",
         help="network timeout in seconds (default 10)",
     )
     verbosity = parser.add_mutually_exclusive_group()
@@ -696,48 +703,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "valid until --duration ends or SIGINT/SIGTERM.",
     )
     auth.add_argument(
-        "--duration", type=_non_negative, default=0.0, metavar="S",
+        "--duration", type=argtypes.non_negative_seconds, default=0.0, metavar="S",
         help="seconds to keep the token valid; 0 = until interrupted (default)",
     )
     auth.add_argument(
-        "--heartbeat-interval", type=_positive, default=10.0, metavar="S",
+        "--heartbeat-interval", type=argtypes.positive_seconds, default=10.0, metavar="S",
         help="seconds between heartbeats (default 10)",
     )
     return parser
-
-
-def _positive(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 1-65535: {text!r}")
-    return value
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -764,13 +737,17 @@ def main(argv: list[str] | None = None) -> int:
     except SVArgumentError as exc:
         return _fail(EXIT_USAGE, str(exc))
     user = args.username or url_user or os.environ.get("SV_USER")
+    try:
+        given = argtypes.password_from(args.password, args.password_file)
+    except argtypes.UsageError as exc:
+        return _fail(EXIT_USAGE, str(exc))
     password = next(
-        (p for p in (args.password, url_pass, os.environ.get("SV_PASS")) if p is not None), None
+        (p for p in (given, url_pass, os.environ.get("SV_PASS")) if p is not None), None
     )
     if not user:
         return _fail(EXIT_USAGE, "no username: use --username, the URL, or SV_USER")
     if password is None:
-        return _fail(EXIT_USAGE, "no password: use --password, the URL, or SV_PASS")
+        return _fail(EXIT_USAGE, "no password: use --password-file, the URL, or SV_PASS")
     dcp_port = args.dcp_port or rtsp_port + 1
     if dcp_port > 65535:
         return _fail(EXIT_USAGE, f"RTSP port {rtsp_port} + 1 is no port: give --dcp-port")

@@ -1,13 +1,15 @@
 """Fixtures for the rtsp_proxy tests: H.264 samples, the emulated DVR, the proxy process.
 
 Import the fixtures into a test module with
-``from _proxy_support import dvr_factory, h264_big, h264_small, start_proxy  # noqa: F401``.
+``from _proxy_support import dvr_factory, h264_big, h264_small, proxied, start_proxy``
+(with ``# noqa: F401``).
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,6 +18,16 @@ from conftest import REPO_DIR, Proc, require_tool
 from dvr_rtsp_emulator import EmulatedDVR, access_units, encode_test_h264
 
 PROXY = REPO_DIR / "rtsp_proxy.py"
+CREDS_ENV = {"SV_USER": "admin", "SV_PASS": "4321"}
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling interval of a readiness check
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +76,18 @@ def start_proxy(spawn) -> Callable[..., tuple[Proc, str]]:
         return proc, match.group(1)
 
     return _start
+
+
+@pytest.fixture
+def proxied(dvr_factory, start_proxy, h264_small):
+    """(dvr, proxy process, "host:port"), credentials held by the proxy unless env says."""
+
+    def _make(mode: str = "tcp", *extra: str, h264: bytes | None = None, env=CREDS_ENV, **kw):
+        dvr = dvr_factory(mode, h264=h264 if h264 is not None else h264_small, **kw)
+        proc, address = start_proxy(dvr, *extra, env=env)
+        return dvr, proc, address
+
+    return _make
 
 
 class RawRTSP:

@@ -219,6 +219,7 @@ class EmulatedDVR:
         self.frames_sent = 0
         self.dead = False
         self.tokens_seen: set[str] = set()  # so tests can check that no log shows one
+        self.requests: list[tuple[str, str]] = []  # (method, URL) of every RTSP request
         self._violations: list[str] = []
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
@@ -390,6 +391,8 @@ class EmulatedDVR:
         except (ValueError, UnicodeDecodeError) as exc:
             self._violation(f"malformed request: {exc}")
             return None
+        with self._lock:
+            self.requests.append((method, url))
         names = [name for name, _ in headers]
         values = dict(headers)
         match = _URL_RE.match(url)

@@ -73,6 +73,29 @@ def test_request_roundtrip_and_wsse_check() -> None:
     assert not req.wsse_valid("v", "k")
 
 
+@pytest.mark.parametrize("text", ["h:\xb2", "h:\u0661", "h:1_0", "h:" + "1" * 5000, "h:-1"])
+def test_parse_host_port_takes_ascii_digits_only(text: str) -> None:
+    with pytest.raises(P2PProtocolError):
+        helpers.parse_host_port(text)
+
+
+@pytest.mark.parametrize("host", ["1.2.3", "1.2.3.256", "\u0661.2.3.4", " 1.2.3.4", "1_0.2.3.4"])
+def test_punch_address_must_be_dotted_ascii_ipv4(host: str) -> None:
+    with pytest.raises(ValueError, match="not an IPv4 address"):
+        helpers.build_punch_request(bytes(8), (host, 5000)).to_wire()
+
+
+def test_odd_cseq_and_nonce_are_not_numbers() -> None:
+    data = helpers.build_request("/online/p2psrv/SN1", 3, cloud_user="u", cloud_key="k")
+    for odd in ("\u0663", "1" * 5000):
+        req = helpers.parse_request(data.replace(b"CSeq: 3", f"CSeq: {odd}".encode()))
+        assert req.cseq is None
+    nonce = helpers.parse_request(data).wsse()["Nonce"]
+    odd = f"{nonce[:-1]}_{nonce[-1]}"  # int() reads it as the same number
+    forged = data.replace(f'Nonce="{nonce}"'.encode(), f'Nonce="{odd}"'.encode())
+    assert not helpers.parse_request(forged).wsse_valid("u", "k")
+
+
 def test_post_request_parse_has_body_fields() -> None:
     body = helpers.xml_body([("Identify", "1 2 3 4 5 6 7 8"), ("LocalAddr", "127.0.0.1:5")])
     req = helpers.parse_request(helpers.build_request("/device/X/p2p-channel", 2, body=body))
@@ -126,6 +149,9 @@ def test_build_reply_roundtrip() -> None:
         b"RTSP/1.0 200 OK\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n".encode(),
+        "HTTP/1.1 200 OK\r\nContent-Length: \u0661\r\n\r\n".encode(),
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"1" * 5000 + b"\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n<body/>",
         b"HTTP/1.1 200 OK\r\n\r\n<body><a></body>",
         b'HTTP/1.1 200 OK\r\n\r\n<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">]>'

@@ -25,6 +25,8 @@ from ptcp import (
     PTCPTunnel,
     RealmClosed,
     Session,
+    Syn,
+    decode_packet,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,3 +333,33 @@ def test_idle_realm_outlives_socket_timeouts(pair_factory, echo):
         b.sendall(b"two")
         b.settimeout(10)
         assert b.recv(3) == b"two"
+
+
+def test_cli_serve_with_peer_takes_the_syn_only_from_that_peer(spawn):
+    # Issue 13: without --peer, the first SYN from anyone becomes the session.
+    import json
+
+    vectors = json.loads((REPO.parent / "shared" / "vectors.json").read_text())["ptcp"]
+    syn = bytes.fromhex(vectors["syn_hex"])
+    with udp_socket() as rogue, udp_socket() as peer:
+        port = peer.getsockname()[1]
+        serve = spawn([sys.executable, PTCP, "-v", "serve", f"--peer=127.0.0.1:{port}"])
+        udp = int(serve.wait_line(r"ptcp: udp 127\.0\.0\.1:(\d+)").group(1))
+        rogue.sendto(syn, ("127.0.0.1", udp))
+        serve.wait_line(rf"ignoring a datagram from 127\.0\.0\.1:{rogue.getsockname()[1]}")
+        peer.sendto(syn, ("127.0.0.1", udp))
+        serve.wait_line(rf"ptcp: session with 127\.0\.0\.1:{port}$")
+        peer.settimeout(10)
+        assert decode_packet(peer.recv(2048)).sent == 0  # its answer goes to the peer
+
+
+def test_is_syn_from():
+    from ptcp import Packet, encode_packet, is_syn_from
+
+    syn = encode_packet(Packet(0, 0, 0xFFFF, 0, 0, Syn()))
+    assert is_syn_from(syn, ("10.0.0.1", 5), None)
+    assert is_syn_from(syn, ("10.0.0.1", 5), ("10.0.0.1", 5))
+    assert is_syn_from(syn, ("10.0.0.1", 5), ("10.0.0.1", 0))
+    assert not is_syn_from(syn, ("10.0.0.1", 6), ("10.0.0.1", 5))
+    assert not is_syn_from(syn, ("10.0.0.2", 5), ("10.0.0.1", 0))
+    assert not is_syn_from(b"PTCP junk", ("10.0.0.1", 5), None)

@@ -555,14 +555,58 @@ def test_out_of_order_buffer_is_bounded():
     assert b.recv == a.sent and a.unacked_bytes == 0
 
 
-def test_ack_beyond_what_was_sent_acknowledges_everything():
+def test_ack_beyond_what_was_sent_is_dropped_and_answered():
     s = Session(now=0.0, heartbeat_interval=None)
     s.send_syn(0.0)
     s.send_command(0x17, b"", 0.0)
     s.datagrams_to_send()
-    s.receive_datagram(pkt(0, 16 + 16, 0, 1), 0.1)  # a public tool counted a duplicate
-    assert s.unacked_bytes == 0 and s.stats.ack_beyond == 1
-    assert s.next_deadline() == pytest.approx(60.1)  # no retransmission timer left
+    s.receive_datagram(pkt(0, 16 + 16, 0, 1), 0.1)  # acknowledges 16 bytes never sent
+    (answer,) = decoded(s)  # RFC 9293 3.10.7.4: a current ack, nothing else
+    assert answer.body is None and answer.recv == 0 and answer.sent == s.sent
+    assert s.unacked_bytes == 16 and s.stats.ack_beyond == 1
+    assert s.next_deadline() == pytest.approx(1.0)  # the retransmission timer still runs
+
+
+def test_forged_ack_does_not_stop_a_transfer_that_lost_a_segment():
+    # The probe: one pure ACK far beyond what was sent, while a segment is lost.
+    a = Session(now=0.0, heartbeat_interval=None)
+    b = Session(now=0.0, heartbeat_interval=None)
+    realm = connect_pair(a, b)
+    a.send(realm, bytes(range(256)) * 40, 1.0)  # 10240 bytes, 8 segments
+    out = a.datagrams_to_send()
+    assert len(out) == 8
+    for d in out[:1] + out[2:]:  # the second segment is lost
+        b.receive_datagram(d, 1.0)
+    b.datagrams_to_send()  # its duplicate acks are lost too
+    a.receive_datagram(pkt(b.sent, (a.sent + (1 << 20)) & MASK32, b.lmid, a.lmid), 1.01)
+    assert a.stats.ack_beyond == 1 and a.unacked_bytes == 10240 + 8 * 12
+    got = b"".join(e.data for e in b.events() if isinstance(e, DataReceived))
+    now = 1.01
+    while a.unacked_bytes:
+        now = a.next_deadline()
+        a.handle_timers(now)
+        shuttle(a, b, now)
+        got += b"".join(e.data for e in b.events() if isinstance(e, DataReceived))
+        assert now < 30, "the transfer stalled"
+    assert got == bytes(range(256)) * 40
+
+
+def test_data_far_outside_the_receive_window_is_not_data():
+    a, b = Session(now=0.0, heartbeat_interval=None), Session(now=0.0, heartbeat_interval=None)
+    realm = connect_pair(a, b)
+    a.send(realm, b"real", 1.0)
+    (real,) = a.datagrams_to_send()
+    far = (b.recv + HALF_WINDOW) & MASK32
+    for off in (far, (b.recv - HALF_WINDOW) & MASK32):
+        b.receive_datagram(pkt(off, b.sent, 999, 0, Data(realm, b"forged")), 1.0)
+        (answer,) = decoded(b)
+        assert answer.body is None and answer.recv == decode_packet(real).sent
+    assert b.stats.out_of_window == 2 and b.events() == [] and b.rmid != 999
+    b.receive_datagram(real, 1.0)
+    assert b.events() == [DataReceived(realm, b"real")]
+
+
+HALF_WINDOW = 0x40000000  # far beyond any max_ahead, on either side
 
 
 def test_old_acks_and_old_lmids_are_harmless():

@@ -14,11 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from _proxy_support import (  # noqa: F401  (fixtures)
+    CREDS_ENV,
     RawRTSP,
     dvr_factory,
     h264_big,
     h264_small,
+    proxied,
     start_proxy,
+    wait_until,
 )
 
 import rtsp_proxy
@@ -27,29 +30,6 @@ from dvr_rtsp_emulator import access_units
 from exitcodes import ExitCode
 
 MODES = ["tcp", "udp"]
-CREDS_ENV = {"SV_USER": "admin", "SV_PASS": "4321"}
-
-
-def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling interval of a readiness check
-
-
-@pytest.fixture
-def proxied(dvr_factory, start_proxy, h264_small):  # noqa: F811
-    """(dvr, proxy process, "host:port") with credentials held by the proxy."""
-
-    def _make(mode: str = "tcp", *extra: str, h264: bytes | None = None, env=CREDS_ENV, **kw):
-        dvr = dvr_factory(mode, h264=h264 if h264 is not None else h264_small, **kw)
-        proc, address = start_proxy(dvr, *extra, env=env)
-        return dvr, proc, address
-
-    return _make
-
-
 def assert_clean(dvr, sessions: int = 1) -> None:
     assert dvr.violations == []
     assert dvr.rtsp_sessions_started == sessions
@@ -76,7 +56,7 @@ def assert_decoded(result, frames: int = 50) -> None:
         ("gst", "udp"),
     ],
 )
-def test_real_clients_decode(proxied, mode: str, client: str, transport: str) -> None:
+def test_real_clients_decode(proxied, mode: str, client: str, transport: str) -> None:  # noqa: F811
     dvr, _, address = proxied(mode)
     result = play(f"rtsp://{address}/live.000", client, transport, seconds=4)
     assert_decoded(result)
@@ -95,7 +75,7 @@ def test_keyframes_over_64k_decode(proxied, h264_big, mode, client, transport) -
 
 @pytest.mark.real_peer
 @pytest.mark.parametrize("mode", MODES)
-def test_four_clients_share_one_dvr_session(proxied, mode: str) -> None:
+def test_four_clients_share_one_dvr_session(proxied, mode: str) -> None:  # noqa: F811
     dvr, _, address = proxied(mode, "--linger", "0.5")
     url = f"rtsp://{address}/live.001"
     clients = [("ffprobe", "tcp"), ("ffprobe", "udp"), ("gst", "tcp"), ("ffmpeg", "udp")]
@@ -111,7 +91,7 @@ def test_four_clients_share_one_dvr_session(proxied, mode: str) -> None:
 
 
 @pytest.mark.real_peer
-def test_late_joiner_gets_cached_parameter_sets(proxied) -> None:
+def test_late_joiner_gets_cached_parameter_sets(proxied) -> None:  # noqa: F811
     # The DVR sends SPS/PPS only once: a later viewer depends on the proxy's cache.
     dvr, _, address = proxied("tcp", parameter_sets="first")
     with RawRTSP(address) as first:
@@ -259,7 +239,7 @@ def expect_400_or_close(address: str, data: bytes, close_after: bool = False) ->
 
 
 @pytest.mark.real_peer
-def test_garbage_requests_do_not_disturb_a_viewer(proxied) -> None:
+def test_garbage_requests_do_not_disturb_a_viewer(proxied) -> None:  # noqa: F811
     dvr, proc, address = proxied("udp")
     url = f"rtsp://{address}/live.000"
     rng = random.Random(4)
@@ -373,8 +353,9 @@ def test_rtsp_server_behaviour_and_rtp_stream(proxied, h264_small) -> None:  # n
     assert_clean(dvr)
 
 
-def test_basic_credentials_from_clients(proxied) -> None:
-    dvr, _, address = proxied("tcp", env={})
+def test_basic_credentials_from_clients(proxied) -> None:  # noqa: F811
+    # without the login backoff (test_rtsp_proxy_exposure covers it): a retry logs in at once
+    dvr, _, address = proxied("tcp", "--login-backoff", "0", env={})
     with RawRTSP(address) as raw:
         assert raw.request("OPTIONS")[0] == 200
         status, headers, _ = raw.request("DESCRIBE")
@@ -393,7 +374,7 @@ def test_basic_credentials_from_clients(proxied) -> None:
 
 
 @pytest.mark.real_peer
-def test_client_credentials_with_ffprobe(proxied) -> None:
+def test_client_credentials_with_ffprobe(proxied) -> None:  # noqa: F811
     password = "Zq-77-secret"
     dvr, proc, _ = proxied("udp", "-v", env={}, users={"admin": password})
     address = proc.wait_line(r"listening rtsp://([\d.]+:\d+)/").group(1)
@@ -404,7 +385,7 @@ def test_client_credentials_with_ffprobe(proxied) -> None:
 
 
 @pytest.mark.parametrize("event", ["reboot", "dcp-drop"])
-def test_dvr_reboot_ends_sessions_and_proxy_recovers(proxied, event: str) -> None:
+def test_dvr_reboot_ends_sessions_and_proxy_recovers(proxied, event: str) -> None:  # noqa: F811
     password = "Pw-9zq!x"
     users = {"admin": password}
     dvr, proc, address = proxied(
@@ -458,9 +439,7 @@ def test_unreachable_dvr_gives_503_and_proxy_keeps_running(spawn, start_proxy) -
 
 def test_cli_usage_errors(capsys, monkeypatch) -> None:
     monkeypatch.delenv("SV_PASS", raising=False)
-    with pytest.raises(SystemExit) as info:
-        rtsp_proxy.main(["--help"])
-    assert info.value.code == 0
+    assert rtsp_proxy.main(["--help"]) == 0
     assert "live.000" in capsys.readouterr().out
     assert rtsp_proxy.main(["127.0.0.1:notaport", "127.0.0.1:554"]) == 2
     assert rtsp_proxy.main(["127.0.0.1:0", "127.0.0.1:554", "--username", "u"]) == 2
@@ -544,7 +523,7 @@ def test_silent_udp_viewer_times_out_rtcp_keeps_it(dvr_factory, h264_small) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_side_port_out_of_step(proxied, mode: str) -> None:
+def test_side_port_out_of_step(proxied, mode: str) -> None:  # noqa: F811
     # TCP: the stream cannot be trusted any more, the session ends and the proxy serves on.
     # UDP: the bad datagram and its frame are dropped, the stream goes on.
     dvr, proc, address = proxied(mode, garbage_after=30)

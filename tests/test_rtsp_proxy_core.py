@@ -62,6 +62,51 @@ def test_parser_rejects_bad_requests_with_its_own_error(data: bytes) -> None:
     assert info.value.status in (400, 505)
 
 
+# Only ASCII DIGITs where RFC 2326 says DIGIT: str.isdigit() also takes "²" (which int()
+# then refuses with a ValueError) and int() takes other scripts' digits, "_" and spaces.
+ODD_NUMBERS = ["\xb2", "\u0661", "1_0", "+1", "1" * 5000, "\uff11"]
+
+
+@pytest.mark.parametrize("number", ODD_NUMBERS)
+@pytest.mark.parametrize("header", ["Content-Length", "CSeq"])
+def test_parser_accepts_ascii_digits_only(header: str, number: str) -> None:
+    cseq = "" if header == "CSeq" else "CSeq: 1\r\n"
+    data = f"OPTIONS rtsp://h/ RTSP/1.0\r\n{cseq}{header}: {number}\r\n\r\n"
+    with pytest.raises(rp.RTSPError) as info:
+        rp.RTSPRequestParser().feed(data.encode("utf-8"))
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("number", ["\xb2-\xb3", "\u0661-\u0662", "1_0-11", "5000-\xb3"])
+@pytest.mark.parametrize("key", ["client_port", "interleaved"])
+def test_transport_ports_accept_ascii_digits_only(key: str, number: str) -> None:
+    profile = "RTP/AVP" if key == "client_port" else "RTP/AVP/TCP"
+    with pytest.raises(rp.RTSPError) as info:
+        rp.parse_client_transport(f"{profile};unicast;{key}={number}")
+    assert info.value.status == 400
+    proto = rp.ClientProtocol(credentials_required=False)
+    text = f"SETUP rtsp://h/live.000 RTSP/1.0\nCSeq: 2\nTransport: {profile};{key}={number}"
+    action = proto.handle(_req(text))
+    assert isinstance(action, rp.Reply) and action.data.startswith(b"RTSP/1.0 400 ")
+
+
+@pytest.mark.parametrize("number", ODD_NUMBERS)
+def test_dvr_replies_accept_ascii_digits_only(number: str) -> None:
+    for reply in (
+        f"RTSP/1.0 {number} OK\r\n\r\n",
+        f"RTSP/1.0 200 OK\r\nContent-Length: {number}\r\n\r\n",
+    ):
+        dvr = rp.DVRConnection("h", 1, 0, "T")
+        dvr.describe()
+        with pytest.raises(rp.DVRError):
+            dvr.receive_data(reply.encode("utf-8"))
+    described = rp.parse_dvr_describe(f"m=video 0 RTP/AVP {number} H.264\r\n".encode())
+    assert described.payload_type == 96
+    assert rp.side_port_from_transport(f"RTP/AVP;server_port={number}", 554) == 556
+    if not number[:1].isascii():
+        assert rp.channel_from_url(f"rtsp://h/live.00{number[:1]}") is None
+
+
 def test_parser_keeps_cseq_for_error_reply() -> None:
     with pytest.raises(rp.RTSPError) as info:
         rp.RTSPRequestParser().feed(b"OPTIONS * RTSP/2.0\r\nCSeq: 9\r\n\r\n")
