@@ -139,13 +139,15 @@ def start_everything(programs: Programs) -> list[Stream]:
         "the emulated cloud and device",
         [python, TESTS / "p2p_emulator.py", "--map", f"554={camera_address}"],
     )
-    cloud_port, serial = programs.wait_line(
-        "the emulated cloud and device", emulator, r"^cloud 127\.0\.0\.1:(\d+) serial (\S+)$"
+    serial, smartpss, dmss = programs.wait_line(
+        "the emulated cloud and device",
+        emulator,
+        r"^cloud 127\.0\.0\.1:\d+ serial (\S+) .*--cloud (smartpss=\S+) --cloud (dmss=[^\s)]+)",
     ).groups()
     tunnel = programs.start(
         "dh_p2p.py",
         [
-            python, REPO_DIR / "dh_p2p.py", "--cloud", f"127.0.0.1:{cloud_port}",
+            python, REPO_DIR / "dh_p2p.py", "--cloud", smartpss, "--cloud", dmss,
             "-p", "127.0.0.1:0:554", serial,
         ],
     )  # fmt: skip
