@@ -1561,35 +1561,12 @@ def parse_service_config(data: dict, environ: dict[str, str] | None = None) -> S
     """A loaded TOML document -> ServiceConfig.  A wrong ``[[device]]`` entry (or one
     whose name or local port another entry already has) lands in ``errors`` and the
     rest are kept; a wrong file as a whole raises ConfigError."""
-    helpers.check_keys(data, ("health", "device", "dvr"), "the file")
-    health = data.get("health")
-    if health is not None:
-        helpers.parse_listen_address(health, "health")
-        health = str(health)
-    entries = data.get("device", [])
-    if not isinstance(entries, list):
-        raise helpers.ConfigError("device must be an array of tables ([[device]])")
-    devices: list[DeviceConfig] = []
-    errors: dict[str, str] = {}
-    ports: dict[tuple[str, int], str] = {}
-    for number, entry in enumerate(entries, 1):
-        label = entry.get("name", entry.get("serial")) if isinstance(entry, dict) else None
-        label = label if isinstance(label, str) and label else f"device {number}"
-        try:
-            device = parse_device_entry(entry, f"device {label!r}", environ)
-            if any(d.name == device.name for d in devices):
-                raise helpers.ConfigError(f"device {label!r}: another device has this name")
-            for fwd in device.forwards:
-                other = ports.get((fwd.bind, fwd.local))
-                if other is not None and fwd.local:
-                    raise helpers.ConfigError(
-                        f"device {label!r}: {fwd.bind}:{fwd.local} is {other!r}'s already"
-                    )
-        except helpers.ConfigError as exc:
-            errors[label if label not in errors else f"{label} ({number})"] = str(exc)
-            continue
-        devices.append(device)
-        ports.update({(f.bind, f.local): device.name for f in device.forwards})
+    health, devices, errors = helpers.parse_service_file(
+        data,
+        "device",
+        lambda entry, where: parse_device_entry(entry, where, environ),
+        lambda device: [f"{f.bind}:{f.local}" for f in device.forwards if f.local],
+    )
     return ServiceConfig(health, tuple(devices), errors)
 
 

@@ -782,6 +782,48 @@ def check_keys(entry: dict, allowed: Iterable[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r}")
 
 
+def parse_service_file(
+    data: dict,
+    table: str,
+    parse_entry: Callable[[object, str], object],
+    claims: Callable[[object], Iterable[str]],
+) -> tuple[str | None, list, dict[str, str]]:
+    """The part of a service config both tools share: the top-level keys, ``health``,
+    and the ``[[table]]`` entries, each turned into an object with a ``name`` by
+    ``parse_entry(entry, where)``.  An entry that is wrong, or whose name or one of
+    whose ``claims`` (local addresses) an earlier entry has, lands in the errors
+    (name -> why) and the others are kept.  A wrong file raises ConfigError.
+    Returns (health, objects, errors)."""
+    check_keys(data, ("health", "device", "dvr"), "the file")
+    health = data.get("health")
+    if health is not None:
+        parse_listen_address(health, "health")
+        health = str(health)
+    entries = data.get(table, [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{table} must be an array of tables ([[{table}]])")
+    items: list = []
+    errors: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for number, entry in enumerate(entries, 1):
+        label = entry.get("name", entry.get("serial")) if isinstance(entry, dict) else None
+        label = label if isinstance(label, str) and label else f"{table} {number}"
+        where = f"{table} {label!r}"
+        try:
+            item = parse_entry(entry, where)
+            if any(other.name == item.name for other in items):
+                raise ConfigError(f"{where}: another {table} has this name")
+            for claim in claims(item):
+                if claim in taken:
+                    raise ConfigError(f"{where}: {claim} is {taken[claim]!r}'s already")
+        except ConfigError as exc:
+            errors[label if label not in errors else f"{label} ({number})"] = str(exc)
+            continue
+        items.append(item)
+        taken.update({claim: item.name for claim in claims(item)})
+    return health, items, errors
+
+
 @dataclass(frozen=True)
 class Metric:
     """One Prometheus metric family: ``samples`` are (labels, value) pairs."""

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import dh_p2p
 import helpers
+import rtsp_proxy
 from helpers import ConfigError
 
 ENV = {"GARAGE_PASS": "s3cret"}
@@ -212,3 +213,42 @@ def test_health_routes() -> None:
     assert status == 200 and json.loads(body)["devices"]["a"]["up"] is True
     status, ctype, body = helpers.health_response(FakeSource({}), "/metrics")
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4") and body == b"\n"
+
+
+def test_the_issue_example_parses_for_the_proxy() -> None:
+    config = rtsp_proxy.parse_proxy_config(tomllib.loads(EXAMPLE), {"SHOP_PASS": "pw"})
+    assert config.errors == {}
+    (shop,) = config.dvrs
+    assert shop.listen == ("127.0.0.1", 8554) and shop.remote == ("192.168.1.50", 554)
+    assert (shop.username, shop.password) == ("admin", "pw") and "pw" not in repr(shop)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('remote = "h"', "listen"),
+        ('listen = "1"', "remote"),
+        ('listen = "1"\nremote = ":554"', "host"),
+        ('listen = "1"\nremote = "h"\nusername = "u"', "password_env"),
+        ('listen = "x"\nremote = "h"', "listen"),
+        ('listen = "1"\nremote = "h"\nport = 1', "unknown key"),
+    ],
+)
+def test_a_wrong_dvr_entry_is_reported(entry: str, message: str) -> None:
+    text = '[[dvr]]\nname = "ok"\nlisten = "2"\nremote = "h"\n[[dvr]]\nname = "bad"\n' + entry
+    config = rtsp_proxy.parse_proxy_config(tomllib.loads(text), {})
+    assert [d.name for d in config.dvrs] == ["ok"] and list(config.errors) == ["bad"]
+    assert message in config.errors["bad"]
+
+
+def test_proxy_metrics_parse_with_prometheus_client() -> None:
+    snap = {"viewers": 2, "clients": 3, "dvr_sessions": 1, "frames_forwarded": 9,
+            "clients_dropped": 0}
+    text = helpers.render_metrics(rtsp_proxy.proxy_metrics({"shop": snap}))
+    values = {
+        (s.name, tuple(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert values[("rtsp_proxy_viewers", (("dvr", "shop"),))] == 2
+    assert values[("rtsp_proxy_frames_forwarded_total", (("dvr", "shop"),))] == 9
