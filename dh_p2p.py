@@ -1264,8 +1264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--health",
         metavar="[HOST:]PORT",
-        help="with --config, serve /livez /readyz /metrics /status here (host 127.0.0.1 "
-        "unless given; default: the file's health, else off)",
+        help="serve /livez /readyz /metrics /status here (host 127.0.0.1 unless given; "
+        "with --config default: the file's health, else off)",
     )
     p.add_argument(
         "-p",
@@ -1379,10 +1379,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_service(args)
     if args.serial is None:
         parser.error("the serial number is required (or --config FILE)")
-    if args.health:
-        parser.error("--health needs --config")
     try:
         cloud = parse_cloud(args.cloud)
+        health_addr = helpers.parse_listen_address(args.health, "--health") if args.health else None
         forwards = [parse_forward(f) for f in args.port]
     except ValueError as exc:
         parser.error(str(exc))
@@ -1394,10 +1393,12 @@ def main(argv: list[str] | None = None) -> int:
         forwards.append(Forward("127.0.0.1", 0, 80))
     if not any(f.remote == 554 for f in forwards) and not args.port:
         forwards.insert(0, Forward("127.0.0.1", 554, 554, explicit=False))
-    client = Client(args, cloud)
+    client = Client(args, cloud) if health_addr is None else single_device(args, cloud, forwards)
     try:
         client.open_listeners(forwards)
+        health = serve_health(health_addr, client) if health_addr is not None else None
     except OSError as exc:
+        client.shutdown()
         print(f"dh_p2p: cannot listen: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -1410,6 +1411,8 @@ def main(argv: list[str] | None = None) -> int:
         return client.run()
     finally:
         client.shutdown()
+        if health is not None:
+            health.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1929,16 +1932,20 @@ class Service(helpers.HealthSource):
         while not self.stopping:
             self.wake.wait(1.0)
             self.wake.clear()
-            self.last_tick = time.monotonic()
-            with self.lock:
-                clients = list(self.devices.values())
-            for client in clients:
-                client.sample_counters()
+            self.tick()
             if self.reload_wanted and not self.stopping:
                 self.reload_wanted = False
                 self.reload()
         self.apply(ServiceConfig(None, (), {}))
         return EXIT_OK
+
+    def tick(self) -> None:
+        """Once a second: the loop is alive, and every device's counters are sampled."""
+        self.last_tick = time.monotonic()
+        with self.lock:
+            clients = list(self.devices.values())
+        for client in clients:
+            client.sample_counters()
 
     # -- health endpoints ------------------------------------------------------------------
 
@@ -1966,6 +1973,40 @@ class Service(helpers.HealthSource):
         with self.lock:
             errors = dict(self.errors)
         return {"config": self.path, "devices": self._snapshots(), "errors": errors}
+
+
+def single_device(
+    args: argparse.Namespace, cloud: tuple[str, int], forwards: list[Forward]
+) -> DeviceClient:
+    """The command line's one device as a DeviceClient (for --health without --config)."""
+    config = DeviceConfig(
+        name=args.serial,
+        serial=args.serial,
+        forwards=tuple(forwards),
+        app="auto",
+        clouds=(),
+        cloud=None,
+        mode=args.mode,
+        username=args.user,
+        password=args.password,
+    )
+    return DeviceClient(args, cloud, config)
+
+
+def serve_health(address: tuple[str, int], client: DeviceClient) -> helpers.HealthServer:
+    """Health endpoints for the command line's one device; raises OSError."""
+    service = Service(client.args, "", client.cloud)
+    service.devices[client.config.name] = client
+    server = helpers.HealthServer(address, service).start()
+
+    def tick() -> None:
+        while not client.stop.wait(1.0):
+            service.tick()
+
+    threading.Thread(target=tick, name="health tick", daemon=True).start()
+    host, port = server.address
+    print(f"health: http://{host}:{port}/readyz", flush=True)
+    return server
 
 
 def run_service(args: argparse.Namespace) -> int:

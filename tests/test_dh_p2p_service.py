@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _p2p_support import DH_P2P
+from _p2p_support import DH_P2P, dh_p2p_argv
 from _service_support import get, get_json, metric_samples, wait_until, write_config
 
 from conftest import free_port, play
@@ -70,7 +70,8 @@ def test_three_devices_one_unknown_then_fixed_by_sighup(
         f'health = "{health}"\n' + "".join(good)
         + device_toml("c", "NOSUCHSERIAL", emulators[2], ports[2]),
     )
-    proc = spawn([sys.executable, DH_P2P, "--config", config, "-v"], ready=r"^health: ", timeout=20)
+    argv = [sys.executable, DH_P2P, "--config", config, "-v"]
+    proc = spawn(argv, ready=r"^service: ", timeout=20)
 
     def only_c_missing() -> dict | None:
         status, body = get_json(health, "/readyz")
@@ -127,7 +128,7 @@ def test_on_demand_device_opens_on_first_client_and_closes_when_idle(
         device_toml("door", emu.serial, emu, port, "on_demand = true\nidle_close = 1"),
     )
     argv = [sys.executable, DH_P2P, "--config", config, "--health", str(health)]
-    proc = spawn(argv, ready=r"^health: ")
+    proc = spawn(argv, ready=r"^service: ")
     status, body = get_json(health, "/status")
     door = body["devices"]["door"]
     assert door["on_demand"] and door["tunnels"] == 0 and door["state"] == "idle", door
@@ -144,3 +145,18 @@ def test_on_demand_device_opens_on_first_client_and_closes_when_idle(
     wait_until(closed, "the on-demand tunnel closes after idle_close")
     wait_until(lambda: emu.open_realms() == 0, "the device's realms closed")
     assert proc.stop(signal.SIGTERM) == 0
+
+
+def test_health_without_config_for_the_command_lines_device(
+    spawn, emulators: list[Emulator]
+) -> None:
+    emu = emulators[0]
+    port, health = free_port(), free_port()
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"{port}:554", "--health", str(health))
+    spawn(argv, ready=r"^ready:", timeout=40)
+    wait_until(lambda: get(health, "/readyz")[0] == 200, "ready once the tunnel is up")
+    samples = metric_samples(health)
+    assert samples[("dh_p2p_device_up", (("device", emu.serial),))] == 1
+    frames(port)
+    received = ("dh_p2p_bytes_total", (("device", emu.serial), ("direction", "received")))
+    assert metric_samples(health)[received] > samples[received]
