@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import dh_p2p
 import helpers
+import ptcp
 import rtsp_proxy
 from helpers import ConfigError
 
@@ -252,3 +253,33 @@ def test_proxy_metrics_parse_with_prometheus_client() -> None:
     }
     assert values[("rtsp_proxy_viewers", (("dvr", "shop"),))] == 2
     assert values[("rtsp_proxy_frames_forwarded_total", (("dvr", "shop"),))] == 9
+
+
+class FakeTunnel:
+    """What DeviceClient reads of a PTCPTunnel: health() and session.recv."""
+
+    def __init__(self, sent: int, recv: int) -> None:
+        self.sent, self.retransmits = sent, 0
+        self.session = type("S", (), {"recv": recv})()
+
+    def health(self):
+        return ptcp.TunnelHealth(self.sent, 0, 0, 0, 0, self.retransmits, 0, 0)
+
+
+def test_device_counters_add_across_the_32_bit_wrap() -> None:
+    parser = dh_p2p.build_parser()
+    args = parser.parse_args(["--config", "x"])
+    config = dh_p2p.parse_service_config(
+        tomllib.loads('[[device]]\nserial = "S"\nforward = ["1554:554"]\n'), {}
+    ).devices[0]
+    client = dh_p2p.DeviceClient(dh_p2p.device_namespace(args, config), ("h", 1), config)
+    tunnel = FakeTunnel(sent=0xFFFF_FF00, recv=0xFFFF_FFF0)
+    client._last[tunnel] = client._readings(tunnel)
+    tunnel.sent, tunnel.session.recv, tunnel.retransmits = 0x100, 0x10, 3
+    client.sample_counters()
+    assert client.totals == {"sent": 0x200, "received": 0x20, "retransmits": 3,
+                             "resend_requests": 0}
+    tunnel.sent += 5
+    client.sample_counters()
+    assert client.totals["sent"] == 0x205
+    assert client.snapshot()["bytes_sent"] == 0x205 and client.snapshot()["up"] is False
