@@ -1584,6 +1584,18 @@ def device_namespace(base: argparse.Namespace, device: DeviceConfig) -> argparse
     return args
 
 
+_log_context = threading.local()  # .device: the device a thread works for
+
+
+class DeviceLogPrefix(logging.Filter):
+    """Gives every record ``device``: "[NAME] " in a device's own threads, else ""."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = getattr(_log_context, "device", None)
+        record.device = f"[{name}] " if name else ""
+        return True
+
+
 class DeviceClient(Client):
     """A Client run by a supervisor thread (:meth:`supervise`); keeps what /readyz,
     /metrics and /status show: its state, why it is not up, and counters summed over
@@ -1693,11 +1705,21 @@ class DeviceClient(Client):
             self.state, self.reason = "down", "the session with the device died; reconnecting"
 
     def _report(self) -> None:
+        _log_context.device = self.config.name
         if not self._reporting:  # run() starts one per call; the supervisor may call it again
             self._reporting = True
             super()._report()
 
+    def _accept_loop(self, lst: socket.socket, remote: int) -> None:
+        _log_context.device = self.config.name
+        super()._accept_loop(lst, remote)
+
+    def _open_extra(self) -> None:
+        _log_context.device = self.config.name
+        super()._open_extra()
+
     def _serve(self, client: socket.socket, remote: int) -> None:
+        _log_context.device = self.config.name
         with self.cond:
             self.waiting += 1
             self.cond.notify_all()
@@ -1723,6 +1745,7 @@ class DeviceClient(Client):
     def supervise(self) -> None:
         """Run the device until :meth:`shutdown`; ``run`` gives up only on refused
         credentials or a local error, and then it is tried again after a backoff."""
+        _log_context.device = self.config.name
         backoff = 5.0
         while not self.stop.is_set():
             code = self.run_on_demand() if self.config.on_demand else self.run()
@@ -2019,6 +2042,9 @@ def run_service(args: argparse.Namespace) -> int:
     except (helpers.ConfigError, ValueError) as exc:
         print(f"dh_p2p: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    for handler in logging.getLogger().handlers:  # which device a log line is about
+        handler.addFilter(DeviceLogPrefix())
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(device)s%(message)s"))
     service = Service(args, args.config, cloud)
     health = None
     if health_addr is not None:

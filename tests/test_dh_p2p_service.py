@@ -80,6 +80,7 @@ def test_three_devices_one_unknown_then_fixed_by_sighup(
     body = wait_until(only_c_missing, "a and b up, c not ready")
     assert "offline" in body["not_ready"]["c"] or "unknown" in body["not_ready"]["c"], body
     assert get(health, "/livez")[0] == 200
+    assert "INFO dh_p2p: [c] " in proc.output and "INFO dh_p2p: [a] " in proc.output  # log names
     for port in ports[:2]:
         frames(port)
 
