@@ -108,13 +108,27 @@ def test_three_devices_one_unknown_then_fixed_by_sighup(
     for port in ports:
         frames(port)
     assert rtsp_options(held, ports[0], 2).startswith(b"RTSP/1.0 200"), "a's realm was closed"
-    held.close()
     assert [emu.sessions_opened for emu in emulators[:2]] == opened, "a or b was restarted"
     after = metric_samples(health)
     for name in "ab":
         key = ("dh_p2p_bytes_total", (("device", name), ("direction", "received")))
         assert after[key] > before[key], (name, before[key], after[key])
     assert after[("dh_p2p_reconnects_total", (("device", "a"),))] == 0
+
+    # removing b closes its realm on the device (DISC) and its port; a is not disturbed
+    through_b = socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
+    assert rtsp_options(through_b, ports[1], 1).startswith(b"RTSP/1.0 200")
+    assert emulators[1].open_realms() == 1
+    write_config(config, f'health = "{health}"\n' + good[0] + fixed)
+    proc.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: emulators[1].open_realms() == 0, "b's realm closed on the device")
+    assert through_b.recv(4096) == b""
+    through_b.close()
+    assert "b" not in get_json(health, "/status")[1]["devices"]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
+    assert rtsp_options(held, ports[0], 3).startswith(b"RTSP/1.0 200"), "a was disturbed"
+    held.close()
     assert proc.stop(signal.SIGTERM) == 0
     wait_until(lambda: all(emu.open_realms() == 0 for emu in emulators), "realms closed on exit")
 
