@@ -1999,8 +1999,7 @@ def main(argv: list[str] | None = None) -> int:
     host, port = server.address
     if not args.quiet:
         print(f"listening rtsp://{host}:{port}/live.000 (DVR {remote[0]}:{remote[1]})", flush=True)
-    service = ProxyService({"dvr": server}, {})
-    return _serve_until_stopped(stop, service, health_addr, [server])
+    return _serve_until_stopped(stop, ProxyService({"dvr": server}), health_addr)
 
 
 # ---------------------------------------------------------------------------
@@ -2130,19 +2129,70 @@ def proxy_metrics(snapshots: dict[str, dict]) -> list[helpers.Metric]:
 class ProxyService(helpers.HealthSource):
     """Several ProxyServers, one per ``[[dvr]]``, behind one set of health endpoints."""
 
-    def __init__(self, servers: dict[str, ProxyServer], errors: dict[str, str]) -> None:
-        self.servers = servers
-        self.errors = errors
+    def __init__(self, servers: dict[str, ProxyServer], options: dict | None = None) -> None:
+        self.servers = dict(servers)
+        self.configs: dict[str, DVRConfig] = {}
+        self.errors: dict[str, str] = {}
+        self.options = options or {}  # ProxyServer keyword arguments shared by every DVR
+        self.lock = threading.Lock()
+
+    def apply(self, config: ProxyConfig) -> None:
+        """Close removed and changed DVRs' proxies, open added and changed ones; leave
+        the rest (their viewers keep watching)."""
+        wanted = {d.name: d for d in config.dvrs}
+        with self.lock:
+            stale = [n for n, c in self.configs.items() if wanted.get(n) != c]
+            closing = [self.servers.pop(n) for n in stale]
+            for name in stale:
+                del self.configs[name]
+        for server in closing:
+            server.close()
+        errors = dict(config.errors)
+        for name, dvr in wanted.items():
+            if name in self.configs:
+                continue
+            try:
+                server = ProxyServer(
+                    dvr.listen,
+                    dvr.remote,
+                    username=dvr.username,
+                    password=dvr.password,
+                    **self.options,
+                )
+            except OSError as exc:
+                errors[name] = f"dvr {name!r}: cannot listen on {dvr.listen}: {exc}"
+                continue
+            server.start()
+            with self.lock:
+                self.servers[name], self.configs[name] = server, dvr
+            host, port = server.address
+            print(f"{name}: listening rtsp://{host}:{port}/live.000 (DVR {dvr.remote[0]})",
+                  flush=True)  # fmt: skip
+        for why in errors.values():
+            print(f"rtsp_proxy.py: {why}", file=sys.stderr, flush=True)
+        with self.lock:
+            self.errors = errors
+
+    def close(self) -> None:
+        with self.lock:
+            servers, self.servers, self.configs = list(self.servers.values()), {}, {}
+        for server in servers:
+            server.close()
+
+    def _snapshots(self) -> dict[str, dict]:
+        with self.lock:
+            servers = dict(self.servers)
+        return {name: proxy_snapshot(server) for name, server in servers.items()}
 
     def not_ready(self) -> dict[str, str]:
-        return dict(self.errors)
+        with self.lock:
+            return dict(self.errors)
 
     def metrics(self) -> list[helpers.Metric]:
-        return proxy_metrics({name: proxy_snapshot(s) for name, s in self.servers.items()})
+        return proxy_metrics(self._snapshots())
 
     def status(self) -> dict:
-        dvrs = {name: proxy_snapshot(s) for name, s in self.servers.items()}
-        return {"dvrs": dvrs, "errors": dict(self.errors)}
+        return {"dvrs": self._snapshots(), "errors": self.not_ready()}
 
 
 def _server_options(args: argparse.Namespace) -> dict:
@@ -2158,7 +2208,8 @@ def _server_options(args: argparse.Namespace) -> dict:
 
 
 def run_proxy_service(args: argparse.Namespace) -> int:
-    """``--config FILE``: one proxy per ``[[dvr]]`` in this process, until SIGTERM."""
+    """``--config FILE``: one proxy per ``[[dvr]]`` in this process, until SIGTERM;
+    SIGHUP re-reads the file."""
     try:
         config = parse_proxy_config(helpers.load_toml(args.config))
         health_text = args.health or config.health
@@ -2167,29 +2218,21 @@ def run_proxy_service(args: argparse.Namespace) -> int:
         print(f"rtsp_proxy.py: {exc}", file=sys.stderr)
         return EXIT_USAGE
     stop = _stop_on_signals()
-    servers: dict[str, ProxyServer] = {}
-    errors = dict(config.errors)
-    for dvr in config.dvrs:
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    service = ProxyService({}, _server_options(args))
+    service.apply(config)
+
+    def reload() -> None:
+        hup.clear()
         try:
-            server = ProxyServer(
-                dvr.listen,
-                dvr.remote,
-                username=dvr.username,
-                password=dvr.password,
-                **_server_options(args),
-            )
-        except OSError as exc:
-            errors[dvr.name] = f"dvr {dvr.name!r}: cannot listen on {dvr.listen}: {exc}"
-            continue
-        server.start()
-        servers[dvr.name] = server
-        host, port = server.address
-        url = f"rtsp://{host}:{port}/live.000"
-        print(f"{dvr.name}: listening {url} (DVR {dvr.remote[0]})", flush=True)
-    for why in errors.values():
-        print(f"rtsp_proxy.py: {why}", file=sys.stderr, flush=True)
-    service = ProxyService(servers, errors)
-    return _serve_until_stopped(stop, service, health_addr, list(servers.values()))
+            service.apply(parse_proxy_config(helpers.load_toml(args.config)))
+        except helpers.ConfigError as exc:
+            print(f"rtsp_proxy.py: {exc}; keeping the running DVRs", file=sys.stderr, flush=True)
+            return
+        print(f"reloaded {args.config}", flush=True)
+
+    return _serve_until_stopped(stop, service, health_addr, hup, reload)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -2202,11 +2245,13 @@ def _stop_on_signals() -> threading.Event:
 
 def _serve_until_stopped(
     stop: threading.Event,
-    service: helpers.HealthSource,
+    service: ProxyService,
     health_addr: tuple[str, int] | None,
-    servers: list[ProxyServer],
+    hup: threading.Event | None = None,
+    reload: Callable[[], None] | None = None,
 ) -> int:
-    """Serve health (if asked) until ``stop``, then close ``servers``."""
+    """Serve health (if asked) until ``stop``, calling ``reload`` when ``hup`` is set;
+    close ``service`` at the end."""
     health = None
     try:
         if health_addr is not None:
@@ -2217,13 +2262,13 @@ def _serve_until_stopped(
                       file=sys.stderr)
                 return EXIT_CANNOT_LISTEN
             print(f"health: http://{health.address[0]}:{health.address[1]}/readyz", flush=True)
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(0.5):
+            if hup is not None and reload is not None and hup.is_set():
+                reload()
     finally:
         if health is not None:
             health.close()
-        for server in servers:
-            server.close()
+        service.close()
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -71,6 +72,27 @@ def test_two_dvrs_play_and_metrics_show_their_viewers(
         assert samples[("rtsp_proxy_clients_dropped_total", (("dvr", name),))] == 0
     status = get_json(health, "/status")[1]
     assert set(status["dvrs"]) == {"shop", "yard"} and "4321" not in str(status)
+
+    # SIGHUP: yard removed, gate added, shop untouched (its viewer keeps watching)
+    gate_port = free_port()
+    gate = (
+        f'[[dvr]]\nname = "gate"\nlisten = "127.0.0.1:{gate_port}"\n'
+        f'remote = "{dvrs[1].address}"\nusername = "admin"\npassword_file = "{secret}"\n'
+    )
+    shop_viewer = threading.Thread(target=watch, args=("shop", ports[0]))
+    shop_viewer.start()
+    wait_until(lambda: metric_samples(health)[("rtsp_proxy_viewers", (("dvr", "shop"),))] >= 1,
+               "a viewer on shop")  # fmt: skip
+    write_config(config, f'health = "{health}"\n' + entries[0] + gate)
+    proc.popen.send_signal(signal.SIGHUP)
+    proc.wait_line(r"^reloaded ")
+    assert set(get_json(health, "/status")[1]["dvrs"]) == {"shop", "gate"}
+    result = play(f"rtsp://127.0.0.1:{gate_port}/live.000", "ffprobe", "tcp", seconds=3.0)
+    assert result.frames >= 50, result.output[-2000:]
+    shop_viewer.join(60)
+    assert results["shop"].frames >= 50 and not results["shop"].errors, results["shop"].output
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
     assert proc.stop(signal.SIGTERM) == 0
     assert "4321" not in proc.output
 
