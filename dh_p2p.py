@@ -1502,7 +1502,9 @@ def _choice(entry: dict, key: str, choices: tuple[str, ...], where: str) -> str:
     return value
 
 
-def parse_device_entry(entry: object, where: str, environ: dict[str, str] | None = None):
+def parse_device_entry(
+    entry: object, where: str, environ: dict[str, str] | None = None
+) -> DeviceConfig:
     """One ``[[device]]`` table -> DeviceConfig; raises ConfigError."""
     if not isinstance(entry, dict):
         raise helpers.ConfigError(f"{where}: must be a table")

@@ -2043,7 +2043,9 @@ class ProxyConfig:
     errors: dict[str, str]  # dvr name (or "dvr N") -> why its entry was not taken
 
 
-def parse_dvr_entry(entry: object, where: str, environ: dict[str, str] | None = None):
+def parse_dvr_entry(
+    entry: object, where: str, environ: dict[str, str] | None = None
+) -> DVRConfig:
     """One ``[[dvr]]`` table -> DVRConfig; raises helpers.ConfigError."""
     if not isinstance(entry, dict):
         raise helpers.ConfigError(f"{where}: must be a table")
