@@ -7,6 +7,11 @@ their XML bodies, the device-credential crypto of newer firmware, the
 ``/info/device`` blob, and the inverted-STUN hole-punch messages.  No sockets.
 See PROTOCOLS.md section 2.
 
+The last section is what ``dh_p2p.py`` and ``rtsp_proxy.py`` share for service
+mode (``--config``, ``--health``): config-file checks and the Prometheus text
+rendering (pure), and ``HealthServer``, the one driver here: a stdlib
+``http.server`` thread around the pure ``health_response``.
+
 As a script it offers a few offline utilities (build a request, decode an
 Info blob, compute a device key); run ``helpers.py --help``.
 """
