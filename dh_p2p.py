@@ -1840,14 +1840,7 @@ DEVICE_METRICS = (
 
 def device_metrics(snapshots: dict[str, dict]) -> list[helpers.Metric]:
     """Metric families from ``{name: DeviceClient.snapshot()}``; pure."""
-    families = []
-    for metric, kind, text, key in DEVICE_METRICS:
-        samples = [
-            ({"device": name}, float(snap[key]))
-            for name, snap in snapshots.items()
-            if snap.get(key) is not None
-        ]
-        families.append(helpers.Metric(metric, kind, text, samples))
+    families = helpers.metric_families(DEVICE_METRICS, snapshots, "device")
     byte_samples = [
         ({"device": name, "direction": direction}, float(snap[f"bytes_{direction}"]))
         for name, snap in snapshots.items()

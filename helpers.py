@@ -839,6 +839,24 @@ class Metric:
     samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
 
 
+def metric_families(
+    table: Iterable[tuple[str, str, str, str]], snapshots: dict[str, dict], label: str
+) -> list[Metric]:
+    """One Metric per ``(name, kind, help, key)`` row of ``table``, with a sample
+    ``{label: unit}`` per unit of ``snapshots`` ({unit: {key: value}}) whose value
+    is not None."""
+    return [
+        Metric(
+            name,
+            kind,
+            text,
+            [({label: unit}, float(snap[key])) for unit, snap in snapshots.items()
+             if snap.get(key) is not None],
+        )  # fmt: skip
+        for name, kind, text, key in table
+    ]
+
+
 def _label_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 

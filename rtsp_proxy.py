@@ -2120,12 +2120,7 @@ def proxy_snapshot(server: ProxyServer) -> dict:
 
 def proxy_metrics(snapshots: dict[str, dict]) -> list[helpers.Metric]:
     """Metric families from ``{name: proxy_snapshot()}``; pure."""
-    return [
-        helpers.Metric(
-            metric, kind, text, [({"dvr": name}, float(s[key])) for name, s in snapshots.items()]
-        )
-        for metric, kind, text, key in PROXY_METRICS
-    ]
+    return helpers.metric_families(PROXY_METRICS, snapshots, "dvr")
 
 
 class ProxyService(helpers.HealthSource):
