@@ -1749,7 +1749,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Secrets may come from DH_P2P_USERNAME, DH_P2P_PASSWORD, DH_P2P_CLOUD_USER and "
         "DH_P2P_CLOUD_KEY. " + EPILOG,
     )
-    p.add_argument("serial", help="the device's serial number")
+    p.add_argument("serial", nargs="?", help="the device's serial number (none with --config)")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="run every [[device]] of this TOML file; SIGHUP re-reads it (see README)",
+    )
+    p.add_argument(
+        "--health",
+        metavar="[HOST:]PORT",
+        help="serve /livez /readyz /metrics /status here (host 127.0.0.1 unless given; "
+        "with --config default: the file's health, else off)",
+    )
     p.add_argument(
         "-p",
         "--port",
@@ -1887,9 +1898,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=max(logging.DEBUG, level), format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.config:
+        if args.serial or args.port:
+            parser.error("--config takes the serials and forwards from the file")
+        return run_service(args)
+    if args.serial is None:
+        parser.error("the serial number is required (or --config FILE)")
     try:
         identities, _ = plan_identities(args)
         cloud = identities[0].cloud
+        health_addr = helpers.parse_listen_address(args.health, "--health") if args.health else None
         forwards = [parse_forward(f) for f in args.port]
         if args.password_file is not None:
             args.password = argtypes.read_password_file(args.password_file)
@@ -1903,10 +1921,12 @@ def main(argv: list[str] | None = None) -> int:
         forwards.append(Forward("127.0.0.1", 0, 80))
     if not any(f.remote == 554 for f in forwards) and not args.port:
         forwards.insert(0, Forward("127.0.0.1", 554, 554, explicit=False))
-    client = Client(args, cloud)
+    client = Client(args, cloud) if health_addr is None else single_device(args, cloud, forwards)
     try:
         client.open_listeners(forwards)
+        health = serve_health(health_addr, client) if health_addr is not None else None
     except OSError as exc:
+        client.shutdown()
         print(f"dh_p2p: cannot listen: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -1919,6 +1939,635 @@ def main(argv: list[str] | None = None) -> int:
         return client.run()
     finally:
         client.shutdown()
+        if health is not None:
+            health.close()
+
+
+# ---------------------------------------------------------------------------
+# Service mode: many devices from one config file (--config), health endpoints
+# ---------------------------------------------------------------------------
+
+DEVICE_KEYS = (
+    "name",
+    "serial",
+    "forward",
+    "app",
+    "cloud",
+    "mode",
+    "username",
+    "password_env",
+    "password_file",
+    "on_demand",
+    "idle_close",
+)
+APPS = ("auto", "smartpss", "dmss")
+MODES = ("auto", "direct", "relay")
+SUPERVISED_RETRIES = 1 << 62  # a supervised device keeps retrying (with backoff)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One ``[[device]]`` entry, checked.  Equal configs mean "leave it running"."""
+
+    name: str
+    serial: str
+    forwards: tuple[Forward, ...]
+    app: str  # as --app
+    clouds: tuple[str, ...]  # as --cloud ([APP=]HOST[:PORT]); empty: the command line's
+    mode: str
+    username: str | None
+    password: str | None = field(default=None, repr=False)
+    on_demand: bool = False
+    idle_close: float = 60.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """A whole config file: the devices that are right, and what is wrong with the others."""
+
+    health: str | None
+    devices: tuple[DeviceConfig, ...]
+    errors: dict[str, str]  # device name (or "device N") -> why its entry was not taken
+
+
+def check_clouds(entries: list, app: str, where: str) -> tuple[str, ...]:
+    """``cloud`` entries ``[APP=]HOST[:PORT]``, as ``--cloud`` takes them; raises
+    ConfigError.  With ``app`` not auto, an entry naming another app is an error."""
+    checked = []
+    for text in entries:
+        if not isinstance(text, str):
+            raise helpers.ConfigError(f"{where}: cloud entries must be strings")
+        try:
+            named, _address = parse_cloud_option(text)
+        except ValueError as exc:
+            raise helpers.ConfigError(f"{where}: cloud {text!r}: {exc}") from None
+        if named is not None and app != "auto" and named != app:
+            raise helpers.ConfigError(f"{where}: cloud {text!r} is for {named}, app is {app}")
+        checked.append(text)
+    return tuple(checked)
+
+
+def _choice(entry: dict, key: str, choices: tuple[str, ...], where: str) -> str:
+    value = entry.get(key, choices[0])
+    if value not in choices:
+        raise helpers.ConfigError(f"{where}: {key} must be one of {', '.join(choices)}")
+    return value
+
+
+def parse_device_entry(
+    entry: object, where: str, environ: dict[str, str] | None = None
+) -> DeviceConfig:
+    """One ``[[device]]`` table -> DeviceConfig; raises ConfigError."""
+    if not isinstance(entry, dict):
+        raise helpers.ConfigError(f"{where}: must be a table")
+    helpers.check_keys(entry, (*DEVICE_KEYS, "password"), where)  # password: a clear error below
+    serial = entry.get("serial")
+    if not isinstance(serial, str) or not serial.strip() or serial != serial.strip():
+        raise helpers.ConfigError(f"{where}: serial must be a non-empty string")
+    name = entry.get("name", serial)
+    if not isinstance(name, str) or not name.strip():
+        raise helpers.ConfigError(f"{where}: name must be a non-empty string")
+    forward = entry.get("forward")
+    if isinstance(forward, str):
+        forward = [forward]
+    if not isinstance(forward, list) or not forward:
+        raise helpers.ConfigError(f"{where}: forward must list [BIND:]LOCAL:REMOTE entries")
+    if not all(isinstance(f, str) for f in forward):
+        raise helpers.ConfigError(f"{where}: forward entries must be strings")
+    try:
+        forwards = tuple(parse_forward(f) for f in forward)
+    except ValueError as exc:
+        raise helpers.ConfigError(f"{where}: forward: {exc}") from None
+    app = _choice(entry, "app", APPS, where)
+    clouds = entry.get("cloud", [])
+    if isinstance(clouds, str):
+        clouds = [clouds]
+    if not isinstance(clouds, list):
+        raise helpers.ConfigError(f"{where}: cloud must be a list of [APP=]HOST[:PORT]")
+    clouds = check_clouds(clouds, app, where)
+    username = entry.get("username")
+    if username is not None and (not isinstance(username, str) or not username):
+        raise helpers.ConfigError(f"{where}: username must be a non-empty string")
+    password = helpers.entry_password(entry, where, environ)
+    if (username is None) != (password is None):
+        raise helpers.ConfigError(
+            f"{where}: give username with password_env or password_file (or none of them)"
+        )
+    on_demand = entry.get("on_demand", False)
+    if not isinstance(on_demand, bool):
+        raise helpers.ConfigError(f"{where}: on_demand must be true or false")
+    idle_close = entry.get("idle_close", 60)
+    if isinstance(idle_close, bool) or not isinstance(idle_close, int | float) or idle_close < 0:
+        raise helpers.ConfigError(f"{where}: idle_close must be a number of seconds >= 0")
+    return DeviceConfig(
+        name=name,
+        serial=serial,
+        forwards=forwards,
+        app=app,
+        clouds=tuple(clouds),
+        mode=_choice(entry, "mode", MODES, where),
+        username=username,
+        password=password,
+        on_demand=on_demand,
+        idle_close=float(idle_close),
+    )
+
+
+def parse_service_config(data: dict, environ: dict[str, str] | None = None) -> ServiceConfig:
+    """A loaded TOML document -> ServiceConfig.  A wrong ``[[device]]`` entry (or one
+    whose name or local port another entry already has) lands in ``errors`` and the
+    rest are kept; a wrong file as a whole raises ConfigError."""
+    health, devices, errors = helpers.parse_service_file(
+        data,
+        "device",
+        lambda entry, where: parse_device_entry(entry, where, environ),
+        lambda device: [f"{f.bind}:{f.local}" for f in device.forwards if f.local],
+    )
+    return ServiceConfig(health, tuple(devices), errors)
+
+
+def device_namespace(base: argparse.Namespace, device: DeviceConfig) -> argparse.Namespace:
+    """The command line's options with this device's settings on top."""
+    args = argparse.Namespace(**vars(base))
+    args.serial = device.serial
+    args.app = device.app
+    if device.clouds:
+        args.cloud = list(device.clouds)
+    args.user, args.password = device.username, device.password
+    args.mode = device.mode
+    args.channels = False
+    args.retries = SUPERVISED_RETRIES
+    return args
+
+
+_log_context = threading.local()  # .device: the device a thread works for
+
+
+class DeviceLogPrefix(logging.Filter):
+    """Gives every record ``device``: "[NAME] " in a device's own threads, else ""."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = getattr(_log_context, "device", None)
+        record.device = f"[{name}] " if name else ""
+        return True
+
+
+class DeviceClient(Client):
+    """A Client run by a supervisor thread (:meth:`supervise`); keeps what /readyz,
+    /metrics and /status show: its state, why it is not up, and counters summed over
+    every tunnel it opened (wrap-safe, sampled by :meth:`sample_counters`)."""
+
+    def __init__(self, args: argparse.Namespace, cloud: tuple[str, int], config: DeviceConfig):
+        super().__init__(args, cloud)
+        self.config = config
+        self.state = "idle" if config.on_demand else "starting"
+        self.reason = "on demand: no client" if config.on_demand else "not connected yet"
+        self.handshake_seconds: float | None = None
+        self.reconnects = 0
+        self.waiting = 0  # local clients waiting for a tunnel (on demand: the demand)
+        self._reporting = False
+        self._counts_lock = threading.Lock()
+        self._last: dict[ptcp.PTCPTunnel, tuple[int, int, int, int]] = {}
+        self.totals = {"sent": 0, "received": 0, "retransmits": 0, "resend_requests": 0}
+
+    # -- what the supervisor and the health endpoints read ----------------------------
+
+    def is_up(self) -> bool:
+        main = self.main
+        return main is not None and not main.tunnel.dead.is_set()
+
+    @staticmethod
+    def _readings(tunnel: ptcp.PTCPTunnel) -> tuple[int, int, int, int]:
+        health = tunnel.health()
+        return health.sent, tunnel.session.recv, health.retransmits, health.resend_requests
+
+    def _add(self, tunnel: ptcp.PTCPTunnel) -> None:
+        before = self._last[tunnel]
+        now = self._readings(tunnel)
+        self._last[tunnel] = now
+        for key, old, new in zip(self.totals, before, now, strict=True):
+            self.totals[key] += (new - old) & ptcp.MASK32
+
+    def sample_counters(self) -> None:
+        """Add what every open tunnel did since the last sample (call at least once a
+        few seconds: the stream offsets are 32 bits)."""
+        with self._counts_lock:
+            for tunnel in list(self._last):
+                self._add(tunnel)
+
+    def snapshot(self) -> dict:
+        """State and counters now, as plain values (no credentials)."""
+        self.sample_counters()
+        with self.cond:
+            main = self.main
+            slots = ([main] if main else []) + list(self.extras)
+        srtt = main.tunnel.session.srtt if main is not None else None
+        with self._counts_lock:
+            totals = dict(self.totals)
+        return {
+            "serial": self.config.serial,
+            "on_demand": self.config.on_demand,
+            "up": self.is_up(),
+            "state": self.state,
+            "reason": "" if self.is_up() else self.reason,
+            "path": main.est.path if main is not None else None,
+            "forwards": [f"{f.bind}:{f.local}->{f.remote}" for _, f in self.listeners],
+            "handshake_seconds": self.handshake_seconds,
+            "reconnects": self.reconnects,
+            "tunnels": len(slots),
+            "realms": sum(s.tunnel.realm_count for s in slots),
+            "bytes_sent": totals["sent"],
+            "bytes_received": totals["received"],
+            "retransmissions": totals["retransmits"],
+            "resend_requests": totals["resend_requests"],
+            "round_trip_seconds": srtt,
+        }
+
+    # -- hooks into Client --------------------------------------------------------------
+
+    def handshake(self) -> tuple[Established, dict[str, socket.socket]]:
+        started = time.monotonic()
+        try:
+            result = super().handshake()
+        except HandshakeError as exc:
+            if exc.kind != "stopped":
+                self.reason = f"handshake failed ({exc.kind}): {exc}"
+                log.info("device %s: %s", self.config.name, self.reason)
+            raise
+        self.handshake_seconds = time.monotonic() - started
+        return result
+
+    def _start_tunnel(
+        self, est: Established, socks: dict[str, socket.socket], extra: bool = False
+    ) -> _Slot:
+        slot = super()._start_tunnel(est, socks, extra)
+        with self._counts_lock:
+            self._last[slot.tunnel] = self._readings(slot.tunnel)
+        return slot
+
+    def _close_slot(self, slot: _Slot) -> None:
+        super()._close_slot(slot)
+        with self._counts_lock:
+            if slot.tunnel in self._last:
+                self._add(slot.tunnel)
+                del self._last[slot.tunnel]
+
+    def _run_tunnel(self, est: Established, socks: dict[str, socket.socket]) -> None:
+        if self.ready_printed:
+            self.reconnects += 1
+        self.state, self.reason = "up", ""
+        super()._run_tunnel(est, socks)
+        if not self.stop.is_set():
+            self.state, self.reason = "down", "the session with the device died; reconnecting"
+
+    def _report(self) -> None:
+        _log_context.device = self.config.name
+        if not self._reporting:  # run() starts one per call; the supervisor may call it again
+            self._reporting = True
+            super()._report()
+
+    def _accept_loop(self, lst: socket.socket, remote: int) -> None:
+        _log_context.device = self.config.name
+        super()._accept_loop(lst, remote)
+
+    def _open_extra(self) -> None:
+        _log_context.device = self.config.name
+        super()._open_extra()
+
+    def _serve(self, client: socket.socket, remote: int) -> None:
+        _log_context.device = self.config.name
+        with self.cond:
+            self.waiting += 1
+            self.cond.notify_all()
+        try:
+            super()._serve(client, remote)
+        finally:
+            with self.cond:
+                self.waiting -= 1
+                self.cond.notify_all()
+
+    def shutdown(self) -> None:
+        # a listener closed while its thread sits in accept() stays bound on Linux until
+        # accept returns; shutdown() wakes it, so a restarted device can bind the port again
+        for lst, _ in self.listeners:
+            try:
+                lst.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().shutdown()
+
+    # -- supervision ---------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Run the device until :meth:`shutdown`; ``run`` gives up only on refused
+        credentials or a local error, and then it is tried again after a backoff."""
+        _log_context.device = self.config.name
+        backoff = 5.0
+        while not self.stop.is_set():
+            code = self.run_on_demand() if self.config.on_demand else self.run()
+            if self.stop.is_set():
+                break
+            self.state = "down"
+            log.warning(
+                "device %s: gave up (exit %d: %s); trying again in %.0f s",
+                self.config.name,
+                code,
+                self.reason,
+                backoff,
+            )
+            self.stop.wait(backoff)
+            backoff = min(backoff * 2, 300.0)
+        self.state, self.reason = "stopped", "stopped"
+
+    def run_on_demand(self) -> int:
+        """Open the tunnel when a local client comes (its connection is accepted at
+        once and held meanwhile), close it ``idle_close`` s after the last one."""
+        backoff = 1.0
+        self.state, self.reason = "idle", "on demand: no client"
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.stop.is_set() or self.waiting > 0)
+            if self.stop.is_set():
+                return EXIT_OK
+            try:
+                est, socks = self.handshake()
+            except HandshakeError as exc:
+                if exc.kind == "stopped":
+                    return EXIT_OK
+                self.state = "down"
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            self._run_on_demand_tunnel(est, socks)
+
+    def _run_on_demand_tunnel(self, est: Established, socks: dict[str, socket.socket]) -> None:
+        slot = self._start_tunnel(est, socks)
+        log.info("device %s: on-demand tunnel open (%s)", self.config.name, est.path)
+        with self.cond:
+            self.main = slot
+            self.cond.notify_all()
+        self.state, self.reason = "up", ""
+        if not self.ready_printed:
+            self.ready_printed = True
+            self._print_ready(est)
+        idle_since: float | None = None
+        with self.cond:
+            while not (self.stop.is_set() or slot.tunnel.dead.is_set()):
+                busy = self.waiting or any(s.tunnel.realm_count for s in [slot, *self.extras])
+                now = time.monotonic()
+                if busy:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= self.config.idle_close:
+                    break
+                self.cond.wait(0.25)
+            self.main = None
+            extras, self.extras = self.extras, []
+        died = slot.tunnel.dead.is_set() and not self.stop.is_set()
+        for extra in extras:
+            self._close_slot(extra)
+        self._close_slot(slot)
+        if died:
+            self.reconnects += 1
+            self.state, self.reason = "down", "the session with the device died"
+        else:
+            log.info("device %s: on-demand tunnel closed (idle)", self.config.name)
+            self.state, self.reason = "idle", "on demand: no client"
+
+
+DEVICE_METRICS = (
+    # (name, kind, help, key of DeviceClient.snapshot())
+    ("dh_p2p_device_up", "gauge", "1 when the device's main tunnel is open.", "up"),
+    ("dh_p2p_handshake_seconds", "gauge", "Duration of the last handshake.", "handshake_seconds"),
+    ("dh_p2p_reconnects_total", "counter", "Tunnels reopened after one died.", "reconnects"),
+    ("dh_p2p_realms_open", "gauge", "Connections (realms) open through the device's tunnels.",
+     "realms"),
+    ("dh_p2p_retransmissions_total", "counter", "PTCP packets sent again.", "retransmissions"),
+    ("dh_p2p_resend_requests_total", "counter", "0x0a resend requests from the device.",
+     "resend_requests"),
+    ("dh_p2p_round_trip_seconds", "gauge", "Smoothed round trip of the main tunnel.",
+     "round_trip_seconds"),
+)
+
+
+def device_metrics(snapshots: dict[str, dict]) -> list[helpers.Metric]:
+    """Metric families from ``{name: DeviceClient.snapshot()}``; pure."""
+    families = helpers.metric_families(DEVICE_METRICS, snapshots, "device")
+    byte_samples = [
+        ({"device": name, "direction": direction}, float(snap[f"bytes_{direction}"]))
+        for name, snap in snapshots.items()
+        for direction in ("sent", "received")
+    ]
+    families.append(
+        helpers.Metric(
+            "dh_p2p_bytes_total", "counter", "PTCP stream bytes by direction.", byte_samples
+        )
+    )
+    return families
+
+
+class Service(helpers.HealthSource):
+    """The devices of a config file, each a DeviceClient with its supervisor thread."""
+
+    def __init__(self, base_args: argparse.Namespace, path: str, cloud: tuple[str, int]):
+        self.base_args = base_args
+        self.path = path
+        self.cloud = cloud
+        self.devices: dict[str, DeviceClient] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.errors: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.reload_wanted = False
+        self.stopping = False
+        self.last_tick = time.monotonic()
+
+    def load(self) -> ServiceConfig:
+        return parse_service_config(helpers.load_toml(self.path))
+
+    def apply(self, config: ServiceConfig) -> None:
+        """Stop removed and changed devices, start added and changed ones; leave the rest."""
+        wanted = {d.name: d for d in config.devices}
+        with self.lock:
+            running = dict(self.devices)
+        stale = [n for n, c in running.items() if wanted.get(n) != c.config]
+        stoppers = [threading.Thread(target=self._stop_device, args=(n,)) for n in stale]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        errors = dict(config.errors)
+        for name, device in wanted.items():
+            if name not in self.devices:
+                why = self._start_device(device)
+                if why:
+                    errors[name] = why
+        for why in errors.values():
+            print(f"dh_p2p: {why}", file=sys.stderr, flush=True)
+        with self.lock:
+            self.errors = errors
+
+    def _start_device(self, device: DeviceConfig) -> str | None:
+        args = device_namespace(self.base_args, device)
+        client = DeviceClient(args, plan_identities(args)[0][0].cloud, device)
+        try:
+            client.open_listeners(list(device.forwards))
+        except OSError as exc:
+            client.shutdown()
+            return f"device {device.name!r}: cannot listen: {exc}"
+        thread = threading.Thread(
+            target=client.supervise, name=f"device {device.name}", daemon=True
+        )
+        with self.lock:
+            self.devices[device.name] = client
+            self.threads[device.name] = thread
+        thread.start()
+        log.info("device %s (%s) started", device.name, device.serial)
+        return None
+
+    def _stop_device(self, name: str) -> None:
+        with self.lock:
+            client = self.devices.pop(name)
+            thread = self.threads.pop(name)
+        client.shutdown()
+        thread.join(15.0)
+        log.info("device %s stopped", name)
+
+    def reload(self) -> None:
+        """Re-read the file (SIGHUP); a file that cannot be read keeps what runs."""
+        try:
+            config = self.load()
+        except helpers.ConfigError as exc:
+            print(f"dh_p2p: {exc}; keeping the running devices", file=sys.stderr, flush=True)
+            return
+        self.apply(config)
+        print(f"reloaded {self.path}: {len(self.devices)} devices", flush=True)
+
+    def run(self, config: ServiceConfig) -> int:
+        """Apply ``config``, then serve until SIGTERM/SIGINT; SIGHUP reloads."""
+
+        def on_hup(signum, frame) -> None:
+            self.reload_wanted = True
+            self.wake.set()
+
+        def on_stop(signum, frame) -> None:
+            self.stopping = True
+            self.wake.set()
+
+        signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        self.apply(config)
+        print(f"service: {len(self.devices)} devices from {self.path}", flush=True)
+        while not self.stopping:
+            self.wake.wait(1.0)
+            self.wake.clear()
+            self.tick()
+            if self.reload_wanted and not self.stopping:
+                self.reload_wanted = False
+                self.reload()
+        self.apply(ServiceConfig(None, (), {}))
+        return EXIT_OK
+
+    def tick(self) -> None:
+        """Once a second: the loop is alive, and every device's counters are sampled."""
+        self.last_tick = time.monotonic()
+        with self.lock:
+            clients = list(self.devices.values())
+        for client in clients:
+            client.sample_counters()
+
+    # -- health endpoints ------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.last_tick < 10.0
+
+    def _snapshots(self) -> dict[str, dict]:
+        with self.lock:
+            clients = dict(self.devices)
+        return {name: client.snapshot() for name, client in clients.items()}
+
+    def not_ready(self) -> dict[str, str]:
+        with self.lock:
+            missing = dict(self.errors)
+            clients = dict(self.devices)
+        for name, client in clients.items():
+            if not client.config.on_demand and not client.is_up():
+                missing[name] = client.reason or client.state
+        return missing
+
+    def metrics(self) -> list[helpers.Metric]:
+        return device_metrics(self._snapshots())
+
+    def status(self) -> dict:
+        with self.lock:
+            errors = dict(self.errors)
+        return {"config": self.path, "devices": self._snapshots(), "errors": errors}
+
+
+def single_device(
+    args: argparse.Namespace, cloud: tuple[str, int], forwards: list[Forward]
+) -> DeviceClient:
+    """The command line's one device as a DeviceClient (for --health without --config)."""
+    config = DeviceConfig(
+        name=args.serial,
+        serial=args.serial,
+        forwards=tuple(forwards),
+        app=args.app,
+        clouds=tuple(args.cloud),
+        mode=args.mode,
+        username=args.user,
+        password=args.password,
+    )
+    return DeviceClient(args, cloud, config)
+
+
+def serve_health(address: tuple[str, int], client: DeviceClient) -> helpers.HealthServer:
+    """Health endpoints for the command line's one device; raises OSError."""
+    service = Service(client.args, "", client.cloud)
+    service.devices[client.config.name] = client
+    server = helpers.HealthServer(address, service).start()
+
+    def tick() -> None:
+        while not client.stop.wait(1.0):
+            service.tick()
+
+    threading.Thread(target=tick, name="health tick", daemon=True).start()
+    host, port = server.address
+    print(f"health: http://{host}:{port}/readyz", flush=True)
+    return server
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """``--config FILE``: every device of the file in this process."""
+    try:
+        config = parse_service_config(helpers.load_toml(args.config))
+        cloud = plan_identities(args)[0][0].cloud
+        health_text = args.health or config.health
+        health_addr = helpers.parse_listen_address(health_text, "health") if health_text else None
+    except (helpers.ConfigError, ValueError) as exc:
+        print(f"dh_p2p: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for handler in logging.getLogger().handlers:  # which device a log line is about
+        handler.addFilter(DeviceLogPrefix())
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(device)s%(message)s"))
+    service = Service(args, args.config, cloud)
+    health = None
+    if health_addr is not None:
+        try:
+            health = helpers.HealthServer(health_addr, service).start()
+        except OSError as exc:
+            print(f"dh_p2p: cannot serve health on {health_text}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        host, port = health.address
+        print(f"health: http://{host}:{port}/readyz", flush=True)
+    try:
+        return service.run(config)
+    finally:
+        if health is not None:
+            health.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ their XML bodies, the device-credential crypto of newer firmware, the
 ``/info/device`` blob, and the inverted-STUN hole-punch messages.  No sockets.
 See PROTOCOLS.md section 2.
 
+The last section is what ``dh_p2p.py`` and ``rtsp_proxy.py`` share for service
+mode (``--config``, ``--health``): config-file checks and the Prometheus text
+rendering (pure), and ``HealthServer``, the one driver here: a stdlib
+``http.server`` thread around the pure ``health_response``.
+
 As a script it offers a few offline utilities (build a request, decode an
 Info blob, compute a device key); run ``helpers.py --help``.
 """
@@ -26,6 +31,7 @@ import re
 import secrets
 import struct
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
@@ -929,6 +935,249 @@ def main(argv: list[str] | None = None) -> int:
     dkey = device_key(args.user, password, args.randsalt)
     print(f"nonce={nonce} LocalAddr={encrypt_local_addr(dkey, nonce, args.local_addr)}")
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Service mode: config files and the health endpoints (dh_p2p.py, rtsp_proxy.py)
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A service config file, or one entry of it, is wrong (the message says where)."""
+
+
+def load_toml(path: str) -> dict:
+    """Read a TOML file; raises ConfigError (unreadable, not TOML)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def parse_listen_address(text: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` or ``PORT`` (then 127.0.0.1) -> (host, port); raises ConfigError."""
+    if not isinstance(text, str | int) or isinstance(text, bool):
+        raise ConfigError(f"{what} must be a string HOST:PORT or a port")
+    host, colon, port = str(text).strip().rpartition(":")
+    host = host.strip("[]") if colon else "127.0.0.1"
+    if not host or not port.isdigit() or not port.isascii() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what} must be HOST:PORT or PORT (1-65535), not {str(text)[:60]!r}")
+    return host, int(port)
+
+
+def entry_password(entry: dict, where: str, environ: dict[str, str] | None = None) -> str | None:
+    """The password of a config entry, from ``password_env`` (an environment variable's
+    name) or ``password_file`` (a file whose first line it is); None when neither is
+    given.  Raises ConfigError; the message never contains the password."""
+    env = os.environ if environ is None else environ
+    if "password" in entry:
+        raise ConfigError(f"{where}: no inline password; use password_env or password_file")
+    name, path = entry.get("password_env"), entry.get("password_file")
+    if name is not None and path is not None:
+        raise ConfigError(f"{where}: give password_env or password_file, not both")
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: password_env must name an environment variable")
+        if not env.get(name):
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+        return env[name]
+    if path is not None:
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}: password_file must be a path")
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read password_file {path}: {exc}") from exc
+        if not first:
+            raise ConfigError(f"{where}: password_file {path} is empty")
+        return first
+    return None
+
+
+def check_keys(entry: dict, allowed: Iterable[str], where: str) -> None:
+    """Raise ConfigError naming the first key of ``entry`` not in ``allowed``."""
+    known = set(allowed)
+    for key in entry:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}")
+
+
+def parse_service_file(
+    data: dict,
+    table: str,
+    parse_entry: Callable[[object, str], object],
+    claims: Callable[[object], Iterable[str]],
+) -> tuple[str | None, list, dict[str, str]]:
+    """The part of a service config both tools share: the top-level keys, ``health``,
+    and the ``[[table]]`` entries, each turned into an object with a ``name`` by
+    ``parse_entry(entry, where)``.  An entry that is wrong, or whose name or one of
+    whose ``claims`` (local addresses) an earlier entry has, lands in the errors
+    (name -> why) and the others are kept.  A wrong file raises ConfigError.
+    Returns (health, objects, errors)."""
+    check_keys(data, ("health", "device", "dvr"), "the file")
+    health = data.get("health")
+    if health is not None:
+        parse_listen_address(health, "health")
+        health = str(health)
+    entries = data.get(table, [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{table} must be an array of tables ([[{table}]])")
+    items: list = []
+    errors: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for number, entry in enumerate(entries, 1):
+        label = entry.get("name", entry.get("serial")) if isinstance(entry, dict) else None
+        label = label if isinstance(label, str) and label else f"{table} {number}"
+        where = f"{table} {label!r}"
+        try:
+            item = parse_entry(entry, where)
+            if any(other.name == item.name for other in items):
+                raise ConfigError(f"{where}: another {table} has this name")
+            for claim in claims(item):
+                if claim in taken:
+                    raise ConfigError(f"{where}: {claim} is {taken[claim]!r}'s already")
+        except ConfigError as exc:
+            errors[label if label not in errors else f"{label} ({number})"] = str(exc)
+            continue
+        items.append(item)
+        taken.update({claim: item.name for claim in claims(item)})
+    return health, items, errors
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One Prometheus metric family: ``samples`` are (labels, value) pairs."""
+
+    name: str
+    kind: str  # "gauge" or "counter"
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+
+def metric_families(
+    table: Iterable[tuple[str, str, str, str]], snapshots: dict[str, dict], label: str
+) -> list[Metric]:
+    """One Metric per ``(name, kind, help, key)`` row of ``table``, with a sample
+    ``{label: unit}`` per unit of ``snapshots`` ({unit: {key: value}}) whose value
+    is not None."""
+    return [
+        Metric(
+            name,
+            kind,
+            text,
+            [({label: unit}, float(snap[key])) for unit, snap in snapshots.items()
+             if snap.get(key) is not None],
+        )  # fmt: skip
+        for name, kind, text, key in table
+    ]
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample_value(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def render_metrics(metrics: Iterable[Metric]) -> str:
+    """The Prometheus text exposition format (0.0.4), with # HELP and # TYPE lines."""
+    lines: list[str] = []
+    for metric in metrics:
+        lines.append(f"# HELP {metric.name} {metric.help}")
+        lines.append(f"# TYPE {metric.name} {metric.kind}")
+        for labels, value in metric.samples:
+            pairs = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+            label_text = "{" + pairs + "}" if pairs else ""
+            lines.append(f"{metric.name}{label_text} {_sample_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+class HealthSource:
+    """What a service shows on its health endpoints; subclasses override these."""
+
+    def alive(self) -> bool:
+        """The process loop is alive (GET /livez)."""
+        return True
+
+    def not_ready(self) -> dict[str, str]:
+        """Name -> why, for each always-up unit that is not up (GET /readyz)."""
+        return {}
+
+    def metrics(self) -> list[Metric]:
+        """The metric families (GET /metrics)."""
+        return []
+
+    def status(self) -> dict:
+        """Everything as JSON-ready values, no secrets (GET /status)."""
+        return {}
+
+
+def health_response(source: HealthSource, path: str) -> tuple[int, str, bytes]:
+    """(HTTP status, content type, body) for a GET of ``path``; pure, no sockets."""
+    route = path.split("?", 1)[0]
+    as_json = "application/json"
+    if route == "/livez":
+        ok = source.alive()
+        return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"stalled\n")
+    if route == "/readyz":
+        missing = source.not_ready()
+        body = json.dumps({"ready": not missing, "not_ready": missing}, sort_keys=True)
+        return (503 if missing else 200), as_json, body.encode() + b"\n"
+    if route == "/metrics":
+        text = render_metrics(source.metrics())
+        return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode()
+    if route == "/status":
+        return 200, as_json, json.dumps(source.status(), sort_keys=True, indent=1).encode()
+    return 404, "text/plain", b"not found: try /livez /readyz /metrics /status\n"
+
+
+class HealthServer:
+    """GET /livez, /readyz, /metrics and /status over HTTP, served by a thread."""
+
+    def __init__(self, address: tuple[str, int], source: HealthSource) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                log.debug("health: %s", args[0] % args[1:] if len(args) > 1 else args)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                try:
+                    status, ctype, body = health_response(source, self.path)
+                except Exception:  # a bug in a source must not kill the server
+                    log.exception("health endpoint %s failed", self.path)
+                    status, ctype, body = 500, "text/plain", b"internal error\n"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._httpd = ThreadingHTTPServer(address, Handler)
+        self._httpd.daemon_threads = True
+        self.address: tuple[str, int] = self._httpd.server_address[:2]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="health", daemon=True
+        )
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import argtypes
+import helpers
 import svtool
 from exitcodes import EPILOG, ExitCode
 
@@ -1648,6 +1649,7 @@ class Channel:
                     dropped.append(viewer)
             for viewer in dropped:
                 self.active.discard(viewer)
+            self.server.counters.add(len(self.active), len(dropped))
         for viewer in dropped:
             log.warning(
                 "channel %d: dropping slow client %s:%d (%d bytes queued, none taken for %.1f s)",
@@ -1800,6 +1802,7 @@ class ProxyServer:
         self.keepers = KeeperPool(
             self.remote_host, self.dcp_port, timeout, self._keeper_lost, self.login_guard
         )
+        self.counters = ProxyCounters()
         self._channels: dict[tuple[tuple[str, str], int], Channel] = {}
         self._viewers: set[Viewer] = set()
         self._udp_peers: dict[tuple[str, int], Viewer] = {}
@@ -2279,12 +2282,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     seconds, positive = argtypes.non_negative_seconds, argtypes.positive_seconds
     parser.add_argument(
-        "local", metavar="LOCAL", type=_listen_address,
+        "local", metavar="LOCAL", type=_listen_address, nargs="?",
         help="listen address host:port (127.0.0.1:8554); port 0: any free port",
     )
     parser.add_argument(
-        "remote", metavar="REMOTE", type=_dvr_address,
+        "remote", metavar="REMOTE", type=_dvr_address, nargs="?",
         help="the DVR's RTSP address host[:port] (554)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="serve every [[dvr]] of this TOML file, each on its own listen address",
+    )
+    parser.add_argument(
+        "--health",
+        metavar="[HOST:]PORT",
+        help="serve /livez /readyz /metrics /status here (host 127.0.0.1 unless given)",
     )
     parser.add_argument(
         "--username", default=os.environ.get("SV_USER"), help="DVR user held by the proxy (SV_USER)"
@@ -2371,41 +2384,311 @@ def main(argv: list[str] | None = None) -> int:
         logging.WARNING, logging.INFO, logging.DEBUG
     )[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.config:
+        if args.local or args.remote:
+            print("rtsp_proxy.py: error: --config takes LOCAL and REMOTE from the file",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return run_proxy_service(args)
+    if args.local is None or args.remote is None:
+        print("rtsp_proxy.py: error: LOCAL and REMOTE are required (or --config FILE)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        health_addr = helpers.parse_listen_address(args.health, "--health") if args.health else None
+    except helpers.ConfigError as exc:
+        print(f"rtsp_proxy.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         server = ProxyServer(
             args.local,
             args.remote,
-            dcp_port=args.dcp_port,
             username=args.username,
             password=password,
-            timeout=args.timeout,
-            linger=args.linger,
-            client_buffer=args.client_buffer,
-            client_stall=args.client_stall,
-            dvr_clock=args.dvr_clock,
-            max_clients=args.max_clients,
-            header_timeout=args.header_timeout,
-            idle_timeout=args.idle_timeout,
-            max_client_sessions=args.max_client_sessions,
-            login_backoff=args.login_backoff,
+            **_server_options(args),
         )
     except OSError as exc:
         where = "{}:{}".format(*args.local)
         print(f"rtsp_proxy.py: cannot listen on {where}: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = _stop_on_signals()
     server.start()
     host, port = server.address
     if not args.quiet:
         dvr = "{}:{}".format(*args.remote)
         print(f"listening rtsp://{host}:{port}/live.000 (DVR {dvr})", flush=True)
+    return _serve_until_stopped(stop, ProxyService({"dvr": server}), health_addr)
+
+
+# ---------------------------------------------------------------------------
+# Service mode: several DVRs from one config file (--config), health endpoints
+# ---------------------------------------------------------------------------
+
+DVR_KEYS = ("name", "listen", "remote", "username", "password_env", "password_file")
+
+
+class ProxyCounters:
+    """Counters of one ProxyServer for /metrics, updated by the channels' pumps."""
+
+    def __init__(self) -> None:
+        self.frames_forwarded = 0  # frames handed to viewers, one per viewer
+        self.clients_dropped = 0  # viewers dropped for not reading
+        self._lock = threading.Lock()
+
+    def add(self, frames: int, dropped: int) -> None:
+        with self._lock:
+            self.frames_forwarded += frames
+            self.clients_dropped += dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class DVRConfig:
+    """One ``[[dvr]]`` entry, checked."""
+
+    name: str
+    listen: tuple[str, int]
+    remote: tuple[str, int]
+    username: str | None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+    """A config file as rtsp_proxy.py reads it: its DVRs and what is wrong with others."""
+
+    health: str | None
+    dvrs: tuple[DVRConfig, ...]
+    errors: dict[str, str]  # dvr name (or "dvr N") -> why its entry was not taken
+
+
+def parse_dvr_entry(
+    entry: object, where: str, environ: dict[str, str] | None = None
+) -> DVRConfig:
+    """One ``[[dvr]]`` table -> DVRConfig; raises helpers.ConfigError."""
+    if not isinstance(entry, dict):
+        raise helpers.ConfigError(f"{where}: must be a table")
+    helpers.check_keys(entry, (*DVR_KEYS, "password"), where)
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise helpers.ConfigError(f"{where}: name must be a non-empty string")
+    if "listen" not in entry:
+        raise helpers.ConfigError(f"{where}: listen HOST:PORT is required")
+    listen = helpers.parse_listen_address(entry["listen"], f"{where}: listen")
+    remote_text = entry.get("remote")
+    if not isinstance(remote_text, str):
+        raise helpers.ConfigError(f"{where}: remote must be the DVR's HOST[:PORT]")
     try:
-        while not stop.wait(1.0):
-            pass
+        remote = parse_hostport(remote_text, "", 554)
+    except ValueError as exc:
+        raise helpers.ConfigError(f"{where}: remote: {exc}") from None
+    if not remote[0]:
+        raise helpers.ConfigError(f"{where}: remote needs a host")
+    username = entry.get("username")
+    if username is not None and (not isinstance(username, str) or not username):
+        raise helpers.ConfigError(f"{where}: username must be a non-empty string")
+    password = helpers.entry_password(entry, where, environ)
+    if username is not None and password is None:
+        raise helpers.ConfigError(f"{where}: username needs password_env or password_file")
+    return DVRConfig(name, listen, remote, username, password)
+
+
+def parse_proxy_config(data: dict, environ: dict[str, str] | None = None) -> ProxyConfig:
+    """A loaded TOML document -> ProxyConfig; a wrong ``[[dvr]]`` entry (or a name or
+    listen address another has) lands in ``errors``; a wrong file raises ConfigError."""
+    health, dvrs, errors = helpers.parse_service_file(
+        data,
+        "dvr",
+        lambda entry, where: parse_dvr_entry(entry, where, environ),
+        lambda dvr: [f"{dvr.listen[0]}:{dvr.listen[1]}"],
+    )
+    return ProxyConfig(health, tuple(dvrs), errors)
+
+
+PROXY_METRICS = (
+    # (name, kind, help, key of proxy_snapshot())
+    ("rtsp_proxy_viewers", "gauge", "Clients receiving (or waiting for) video.", "viewers"),
+    ("rtsp_proxy_clients", "gauge", "Client connections open.", "clients"),
+    ("rtsp_proxy_dvr_sessions", "gauge", "DVR channel sessions open.", "dvr_sessions"),
+    ("rtsp_proxy_frames_forwarded_total", "counter", "Frames handed to viewers (one per viewer).",
+     "frames_forwarded"),
+    ("rtsp_proxy_clients_dropped_total", "counter", "Viewers dropped for not reading.",
+     "clients_dropped"),
+)
+
+
+def proxy_snapshot(server: ProxyServer) -> dict:
+    """One proxy's numbers now, as plain values (no credentials)."""
+    with server._lock:
+        channels = list(server._channels.values())
+        clients = len(server._viewers)
+    viewers = 0
+    for channel in channels:
+        with channel.lock:
+            viewers += len(channel.active | channel.waiting)
+    return {
+        "listen": f"{server.address[0]}:{server.address[1]}",
+        "remote": f"{server.remote_host}:{server.remote_port}",
+        "viewers": viewers,
+        "clients": clients,
+        "dvr_sessions": sum(1 for c in channels if c.opened and not c.failed),
+        "frames_forwarded": server.counters.frames_forwarded,
+        "clients_dropped": server.counters.clients_dropped,
+    }
+
+
+def proxy_metrics(snapshots: dict[str, dict]) -> list[helpers.Metric]:
+    """Metric families from ``{name: proxy_snapshot()}``; pure."""
+    return helpers.metric_families(PROXY_METRICS, snapshots, "dvr")
+
+
+class ProxyService(helpers.HealthSource):
+    """Several ProxyServers, one per ``[[dvr]]``, behind one set of health endpoints."""
+
+    def __init__(self, servers: dict[str, ProxyServer], options: dict | None = None) -> None:
+        self.servers = dict(servers)
+        self.configs: dict[str, DVRConfig] = {}
+        self.errors: dict[str, str] = {}
+        self.options = options or {}  # ProxyServer keyword arguments shared by every DVR
+        self.lock = threading.Lock()
+
+    def apply(self, config: ProxyConfig) -> None:
+        """Close removed and changed DVRs' proxies, open added and changed ones; leave
+        the rest (their viewers keep watching)."""
+        wanted = {d.name: d for d in config.dvrs}
+        with self.lock:
+            stale = [n for n, c in self.configs.items() if wanted.get(n) != c]
+            closing = [self.servers.pop(n) for n in stale]
+            for name in stale:
+                del self.configs[name]
+        for server in closing:
+            server.close()
+        errors = dict(config.errors)
+        for name, dvr in wanted.items():
+            if name in self.configs:
+                continue
+            try:
+                server = ProxyServer(
+                    dvr.listen,
+                    dvr.remote,
+                    username=dvr.username,
+                    password=dvr.password,
+                    **self.options,
+                )
+            except OSError as exc:
+                errors[name] = f"dvr {name!r}: cannot listen on {dvr.listen}: {exc}"
+                continue
+            server.start()
+            with self.lock:
+                self.servers[name], self.configs[name] = server, dvr
+            host, port = server.address
+            print(f"{name}: listening rtsp://{host}:{port}/live.000 (DVR {dvr.remote[0]})",
+                  flush=True)  # fmt: skip
+        for why in errors.values():
+            print(f"rtsp_proxy.py: {why}", file=sys.stderr, flush=True)
+        with self.lock:
+            self.errors = errors
+
+    def close(self) -> None:
+        with self.lock:
+            servers, self.servers, self.configs = list(self.servers.values()), {}, {}
+        for server in servers:
+            server.close()
+
+    def _snapshots(self) -> dict[str, dict]:
+        with self.lock:
+            servers = dict(self.servers)
+        return {name: proxy_snapshot(server) for name, server in servers.items()}
+
+    def not_ready(self) -> dict[str, str]:
+        with self.lock:
+            return dict(self.errors)
+
+    def metrics(self) -> list[helpers.Metric]:
+        return proxy_metrics(self._snapshots())
+
+    def status(self) -> dict:
+        return {"dvrs": self._snapshots(), "errors": self.not_ready()}
+
+
+def _server_options(args: argparse.Namespace) -> dict:
+    """ProxyServer keyword arguments shared by every DVR (from the command line)."""
+    return {
+        "dcp_port": args.dcp_port,
+        "timeout": args.timeout,
+        "linger": args.linger,
+        "client_buffer": args.client_buffer,
+        "client_stall": args.client_stall,
+        "dvr_clock": args.dvr_clock,
+        "max_clients": args.max_clients,
+        "header_timeout": args.header_timeout,
+        "idle_timeout": args.idle_timeout,
+        "max_client_sessions": args.max_client_sessions,
+        "login_backoff": args.login_backoff,
+    }
+
+
+def run_proxy_service(args: argparse.Namespace) -> int:
+    """``--config FILE``: one proxy per ``[[dvr]]`` in this process, until SIGTERM;
+    SIGHUP re-reads the file."""
+    try:
+        config = parse_proxy_config(helpers.load_toml(args.config))
+        health_text = args.health or config.health
+        health_addr = helpers.parse_listen_address(health_text, "health") if health_text else None
+    except helpers.ConfigError as exc:
+        print(f"rtsp_proxy.py: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stop = _stop_on_signals()
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    service = ProxyService({}, _server_options(args))
+    service.apply(config)
+
+    def reload() -> None:
+        hup.clear()
+        try:
+            service.apply(parse_proxy_config(helpers.load_toml(args.config)))
+        except helpers.ConfigError as exc:
+            print(f"rtsp_proxy.py: {exc}; keeping the running DVRs", file=sys.stderr, flush=True)
+            return
+        print(f"reloaded {args.config}", flush=True)
+
+    return _serve_until_stopped(stop, service, health_addr, hup, reload)
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set (install before saying "listening")."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _serve_until_stopped(
+    stop: threading.Event,
+    service: ProxyService,
+    health_addr: tuple[str, int] | None,
+    hup: threading.Event | None = None,
+    reload: Callable[[], None] | None = None,
+) -> int:
+    """Serve health (if asked) until ``stop``, calling ``reload`` when ``hup`` is set;
+    close ``service`` at the end."""
+    health = None
+    try:
+        if health_addr is not None:
+            try:
+                health = helpers.HealthServer(health_addr, service).start()
+            except OSError as exc:
+                print(f"rtsp_proxy.py: cannot serve health on {health_addr}: {exc}",
+                      file=sys.stderr)
+                return EXIT_CANNOT_LISTEN
+            print(f"health: http://{health.address[0]}:{health.address[1]}/readyz", flush=True)
+        while not stop.wait(0.5):
+            if hup is not None and reload is not None and hup.is_set():
+                reload()
     finally:
-        server.close()
+        if health is not None:
+            health.close()
+        service.close()
     return EXIT_OK
 
 

@@ -39,6 +39,7 @@ import platform
 import re
 import selectors
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -79,6 +80,8 @@ TARGETS = [
      "download from a device (one datagram per packet): near side <= 3 CPU s/GB"),
     ("realms_32_min_vs_fair", ">=", 0.5, "no realm starves (slowest >= 50% of fair share)"),
     ("proxy_32_cpu_share", "<=", 0.25, "proxy, 32 viewers <= 25% of one core"),
+    ("service_32_cpu_share", "<=", 0.35, "dh_p2p --config, 32 devices <= 35% of one core"),
+    ("service_32_rss_MB", "<=", 150, "dh_p2p --config, 32 devices <= 150 MB RSS"),
     ("lab_ready_direct_s", "<=", 2.0, "NAT lab: start to ready, direct <= 2 s"),
     ("lab_ready_relay_s", "<=", 4.0, "NAT lab: start to ready, relay fallback <= 4 s"),
 ]
@@ -621,6 +624,175 @@ def proxy_bench(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------
+# Service mode: one dh_p2p.py --config process, many devices
+# ---------------------------------------------------------------------------
+
+
+class PacedStream(TcpService):
+    """Sends PROXY_BITRATE bit/s to every client (in 20 slices a second) until it breaks."""
+
+    slices = 20
+    block = os.urandom(PROXY_BITRATE // 8 // 20)
+
+    def serve(self, conn: socket.socket) -> str:
+        due = time.monotonic()
+        while True:
+            conn.sendall(self.block)
+            due += 1 / self.slices
+            time.sleep(max(0.0, due - time.monotonic()))  # pacing, not a readiness wait
+
+
+def device_farm(count: int) -> None:
+    """Child process: ``count`` emulated devices (each its own cloud) whose port 554
+    streams PROXY_BITRATE to each client; prints one line per device, until stdin closes."""
+    from p2p_emulator import Emulator
+
+    stream = PacedStream()
+    emus = [
+        Emulator(f"BENCH{n:05d}", port_map={554: ("127.0.0.1", stream.port)}, seed=n).start()
+        for n in range(count)
+    ]
+    for emu in emus:
+        print(f"device {emu.serial} {emu.cloud_port} {emu.dmss_port}", flush=True)
+    print("farm ready", flush=True)
+    sys.stdin.read()
+    for emu in emus:
+        emu.close()
+
+
+def _http_json(port: int, path: str) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _poll(condition, what: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(0.02)  # polling a condition
+    return result
+
+
+def _device_toml(serial: str, cloud_port: int, dmss_port: int) -> str:
+    """A [[device]] entry with both of the emulator's clouds (never the real ones)."""
+    return (
+        f'[[device]]\nname = "{serial}"\nserial = "{serial}"\n'
+        f'forward = ["127.0.0.1:0:554"]\n'
+        f'cloud = ["smartpss=127.0.0.1:{cloud_port}", "dmss=127.0.0.1:{dmss_port}"]\n'
+    )
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":", 1) for line in lines if ":" in line)
+
+
+def service_bench(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """CPU, RSS and threads of one --config process with ``args.devices`` devices each
+    streaming PROXY_BITRATE to its own client; then SIGHUP-to-ready of one more."""
+    count = args.devices
+    farm = subprocess.Popen(
+        [sys.executable, __file__, "--device-farm", str(count + 1)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+    )  # fmt: skip
+    service = None
+    clients: list[socket.socket] = []
+    try:
+        devices = []
+        assert farm.stdout is not None
+        for line in farm.stdout:
+            if line.startswith("farm ready"):
+                break
+            _, serial, port, dmss_port = line.split()
+            devices.append((serial, int(port), int(dmss_port)))
+        config = workdir / "devices.toml"
+        config.write_text("".join(_device_toml(*d) for d in devices[:count]))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            health = probe.getsockname()[1]
+        argv = [sys.executable, str(REPO / "dh_p2p.py"), "--config", str(config),
+                "--health", str(health)]  # fmt: skip
+        service, _ = start(argv, r"^service: ")
+        _poll(lambda: _http_json(health, "/readyz")[0] == 200, "every device up", 180)
+        status = _http_json(health, "/status")[1]["devices"]
+        for serial, _port in devices[:count]:
+            local = int(status[serial]["forwards"][0].split("->")[0].rsplit(":", 1)[1])
+            clients.append(socket.create_connection(("127.0.0.1", local)))
+        got = [0] * count
+        stop_reading = threading.Event()
+
+        def read_all() -> None:
+            sel = selectors.DefaultSelector()
+            for i, sock in enumerate(clients):
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ, i)
+            while not stop_reading.is_set():
+                for key, _ in sel.select(0.2):
+                    with contextlib.suppress(BlockingIOError):
+                        got[key.data] += len(key.fileobj.recv(1 << 20))
+            sel.close()
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        _poll(lambda: min(got) > 0, "every client receives", 60)
+        time.sleep(2.0)  # settle: the first seconds carry the handshakes' and binds' costs
+        got0, cpu0, t0 = list(got), cpu_seconds(service.pid), time.perf_counter()
+        time.sleep(args.service_seconds)  # the measurement window
+        dt = time.perf_counter() - t0
+        cpu = cpu_seconds(service.pid) - cpu0
+        rates = [(g - g0) * 8 / dt / 1e6 for g, g0 in zip(got, got0, strict=True)]
+        proc = _proc_status(service.pid)
+        out = {
+            "service_devices": count,
+            f"service_{count}_cpu_share": cpu / dt,
+            f"service_{count}_rss_MB": int(proc["VmRSS"].split()[0]) / 1024,
+            f"service_{count}_threads": int(proc["Threads"]),
+            "service_total_Mbps": sum(rates),
+            "service_slowest_Mbps": min(rates),
+        }
+        config.write_text(config.read_text() + _device_toml(*devices[count]))
+        began = time.monotonic()
+        service.send_signal(signal.SIGHUP)
+
+        def added_up() -> bool:
+            return bool(_http_json(health, "/status")[1]["devices"].get(serial, {}).get("up"))
+
+        _poll(added_up, "the added device up", 60)
+        out["service_sighup_to_ready_s"] = time.monotonic() - began
+        stop_reading.set()
+        reader.join(5)
+        return out
+    finally:
+        for sock in clients:
+            sock.close()
+        if service is not None:
+            stop(service)
+        if farm.stdin is not None:
+            farm.stdin.close()
+        stop(farm)
+
+
+def service_rows(res: dict) -> list[tuple[str, str]]:
+    if "service_devices" not in res:
+        return []
+    n = res["service_devices"]
+    return [
+        (f"dh_p2p --config, {n} devices x {PROXY_BITRATE / 1e6:.0f} Mbit/s",
+         f"{res[f'service_{n}_cpu_share']:.1%} of a core, RSS {res[f'service_{n}_rss_MB']:.0f} MB, "
+         f"{res[f'service_{n}_threads']} threads; clients got {res['service_total_Mbps']:.0f} "
+         f"Mbit/s in all, slowest {res['service_slowest_Mbps']:.2f}"),
+        ("  SIGHUP to a new device ready", f"{res['service_sighup_to_ready_s']:.2f} s"),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -654,7 +826,8 @@ def lab_bench(args: argparse.Namespace) -> dict:
                 for _ in range(args.lab_runs):
                     argv = lab.cmd(
                         "cli", sys.executable, str(REPO / "dh_p2p.py"),
-                        "--cloud", f"{INET_IP}:{emu.cloud_port}", "-p", "127.0.0.1:1554:554",
+                        "--cloud", f"smartpss={INET_IP}:{emu.cloud_port}",
+                        "--cloud", f"dmss={INET_IP}:{emu.dmss_port}", "-p", "127.0.0.1:1554:554",
                         emu.serial,
                     )  # fmt: skip
                     began = time.monotonic()
@@ -699,6 +872,8 @@ def check(res: dict) -> list[tuple[str, float | None, str, bool | None]]:
             ok = None
         if value is None and key.startswith("lab_") and res.get("lab_skipped"):
             ok = None
+        if value is None and key.startswith("service_") and res.get("service_skipped"):
+            ok = None
         rows.append((text, value, f"{op} {limit:g}", ok))
     return rows
 
@@ -737,6 +912,7 @@ def print_table(res: dict, info: dict) -> None:
                          f"viewer {res[f'proxy_{n}_slowest_viewer_Mbps']:.2f} Mbit/s"))  # fmt: skip
         extra = res["proxy_marginal_viewer_cpu_share"]
         rows.append(("proxy, each extra viewer", f"{extra:.2%} of a core"))
+    rows += service_rows(res)
     rows += lab_rows(res)
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
@@ -784,6 +960,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-proxy", action="store_true", help="skip the proxy fan-out part")
     p.add_argument("--no-lab", action="store_true", help="skip the NAT lab part")
+    p.add_argument("--no-service", action="store_true", help="skip the --config part")
+    p.add_argument(
+        "--only-service", action="store_true", help="run the dh_p2p --config part alone"
+    )
+    p.add_argument("--devices", type=int, default=32, help="devices of the --config part (32)")
+    p.add_argument(
+        "--service-seconds", type=float, default=10.0, help="its measurement window (10)"
+    )
+    p.add_argument("--device-farm", type=int, help=argparse.SUPPRESS)
     p.add_argument("--only-lab", action="store_true", help="run the NAT lab part alone")
     p.add_argument("--lab-runs", type=int, default=5, help="dh_p2p starts per lab path (5)")
     p.add_argument(
@@ -798,6 +983,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.raw_rx is not None:
         raw_receiver(args.raw_rx)
         return 0
+    if args.device_farm is not None:
+        device_farm(args.device_farm)
+        return 0
+    if args.only_service:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            res = service_bench(args, Path(tmp))
+        res["service_skipped"] = args.devices != 32  # the targets are for 32
+        for name, value in service_rows(res):
+            print(f"{name}  {value}")
+        rows = [row for row in check(res) if row[0].startswith("dh_p2p --config")]
+        print_targets(rows)
+        if args.json:
+            args.json.write_text(json.dumps({"figures": res}, indent=2) + "\n")
+        return 0 if all(ok is not False for *_, ok in rows) else 1
     if args.flood_server:
         flood_server()
         return 0
@@ -833,6 +1032,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
             res |= proxy_bench(args, Path(tmp))
+    if args.no_service or args.devices != 32:
+        res["service_skipped"] = True
+    if not args.no_service:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            res |= service_bench(args, Path(tmp))
     info["load_1min_after"] = round(os.getloadavg()[0], 2)
     print_table(res, info)
     if args.json:

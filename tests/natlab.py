@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per WAN leg")
     up.add_argument("--loss", type=int, default=0, help="%% loss on each WAN leg")
     up.add_argument(
+        "--device-beside-client",
+        action="store_true",
+        help="the device host on the client's LAN, behind the same gateway",
+    )
+    up.add_argument(
         "--emulator",
         action="store_true",
         help="also run the emulated cloud (in inet) and device (in dev)",
@@ -446,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         device_delay_ms=args.delay_ms,
         client_loss=args.loss,
         device_loss=args.loss,
+        device_on_client_lan=args.device_beside_client,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -468,10 +474,11 @@ def main(argv: list[str] | None = None) -> int:
             emulator = Emulator(
                 port_map=parse_port_map(args.map),
                 cloud_at=(lab.ns("inet"), INET_IP),
-                device_at=(lab.ns("dev"), DEVICE_IP),
+                device_at=(lab.ns("dev"), lab.device_ip),
             ).start()
             print(
-                f"emulator: cloud {INET_IP}:{emulator.cloud_port} serial {emulator.serial}",
+                f"emulator: serial {emulator.serial}: --cloud smartpss={INET_IP}:"
+                f"{emulator.cloud_port} --cloud dmss={INET_IP}:{emulator.dmss_port}",
                 flush=True,
             )
         stop.wait()

@@ -47,7 +47,8 @@ class LabRig:
         """dh_p2p.py on the client host with default flags; waits for ``ready:``."""
         local = free_port()
         argv = self.lab.cmd(
-            "cli", sys.executable, DH_P2P, "--cloud", f"{INET_IP}:{self.emu.cloud_port}",
+            "cli", sys.executable, DH_P2P, "--cloud", f"smartpss={INET_IP}:{self.emu.cloud_port}",
+            "--cloud", f"dmss={INET_IP}:{self.emu.dmss_port}",
             "-p", f"127.0.0.1:{local}:{remote}", "-v", *extra, self.emu.serial,
         )  # fmt: skip
         proc = spawn(argv, ready=r"^ready:", timeout=60)
