@@ -38,11 +38,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from urllib.parse import quote
 
-import argtypes
 import helpers
 import ptcp
-from exitcodes import EPILOG, ExitCode
-from helpers import P2PProtocolError
+from helpers import EPILOG, ExitCode, P2PProtocolError
 
 log = logging.getLogger("dh_p2p")
 
@@ -1161,7 +1159,7 @@ def parse_forward(text: str) -> Forward:
     else:
         raise ValueError(f"expected [BIND:]LOCAL:REMOTE, got {text!r}")
     try:
-        return Forward(bind, argtypes.split_port(local, lowest=0), argtypes.split_port(remote))
+        return Forward(bind, helpers.split_port(local, lowest=0), helpers.split_port(remote))
     except argparse.ArgumentTypeError as exc:
         raise ValueError(f"{exc} in {text!r}") from None
 
@@ -1174,7 +1172,7 @@ def parse_cloud(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"expected HOST[:PORT], got {text!r}")
     try:
-        return host, argtypes.split_port(port)
+        return host, helpers.split_port(port)
     except argparse.ArgumentTypeError as exc:
         raise ValueError(f"{exc} in {text!r}") from None
 
@@ -1742,7 +1740,7 @@ class Client:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argtypes.Parser(
+    p = helpers.Parser(
         prog="dh_p2p.py",
         description="Forward local TCP ports to a Dahua device reached by serial number "
         "through the Easy4IPCloud P2P service.",
@@ -1813,11 +1811,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channels", action="store_true", help="list channel titles and RTSP URLs (needs :80)"
     )
-    seconds = argtypes.positive_seconds
+    seconds = helpers.positive_seconds
     p.add_argument("--timeout", type=seconds, default=15.0, help="give up a step after S seconds")
     p.add_argument(
         "--retries",
-        type=argtypes.integer_in(0, 1000, "count"),
+        type=helpers.integer_in(0, 1000, "count"),
         default=2,
         help="handshake attempts before giving up",
     )
@@ -1910,8 +1908,8 @@ def main(argv: list[str] | None = None) -> int:
         health_addr = helpers.parse_listen_address(args.health, "--health") if args.health else None
         forwards = [parse_forward(f) for f in args.port]
         if args.password_file is not None:
-            args.password = argtypes.read_password_file(args.password_file)
-    except ValueError as exc:  # argtypes.UsageError too
+            args.password = helpers.read_password_file(args.password_file)
+    except ValueError as exc:  # helpers.UsageError too
         parser.error(str(exc))
     args.user = args.user or None  # an empty environment variable means "not given"
     args.password = args.password or None

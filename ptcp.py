@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import argtypes
-from exitcodes import EPILOG, ExitCode
+import helpers
+from helpers import EPILOG, ExitCode
 
 log = logging.getLogger("ptcp")
 
@@ -2272,8 +2272,8 @@ def _shutdown_close(sock: socket.socket) -> None:
 # ---------------------------------------------------------------------------
 
 
-_peer_address = argtypes.host_port("127.0.0.1")
-_bind_address = argtypes.host_port("127.0.0.1", lowest_port=0)  # port 0: any free port
+_peer_address = helpers.host_port("127.0.0.1")
+_bind_address = helpers.host_port("127.0.0.1", lowest_port=0)  # port 0: any free port
 
 
 def _mapping(text: str) -> tuple[int, tuple[str, int]]:
@@ -2281,7 +2281,7 @@ def _mapping(text: str) -> tuple[int, tuple[str, int]]:
     port, sep, target = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected PORT=HOST:PORT, got {text!r}")
-    return argtypes.split_port(port), _peer_address(target)
+    return helpers.split_port(port), _peer_address(target)
 
 
 def _syn_peer(text: str) -> tuple[str, int]:
@@ -2291,7 +2291,7 @@ def _syn_peer(text: str) -> tuple[str, int]:
         return text, 0
     if not host:
         raise argparse.ArgumentTypeError(f"expected HOST[:PORT], got {text!r}")
-    return host.strip("[]"), argtypes.split_port(port, lowest=0)
+    return host.strip("[]"), helpers.split_port(port, lowest=0)
 
 
 def _forwarding(text: str) -> tuple[str, int, int]:
@@ -2300,29 +2300,29 @@ def _forwarding(text: str) -> tuple[str, int, int]:
     if len(parts) < 2:
         raise argparse.ArgumentTypeError(f"expected [HOST:]LOCALPORT:REMOTEPORT, got {text!r}")
     host = parts[0] if len(parts) == 3 else "127.0.0.1"
-    return host, argtypes.split_port(parts[-2], lowest=0), argtypes.split_port(parts[-1])
+    return host, helpers.split_port(parts[-2], lowest=0), helpers.split_port(parts[-1])
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argtypes.Parser(
+    p = helpers.Parser(
         prog="ptcp.py",
         description="Run one end of a bare PTCP tunnel over UDP (no cloud handshake).",
         epilog=EPILOG + " A peer that stays silent counts as unreachable.",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
-    seconds = argtypes.positive_seconds
+    seconds = helpers.positive_seconds
     p.add_argument("--heartbeat", type=seconds, default=5.0, help="heartbeat interval, s")
     p.add_argument("--dead-after", type=seconds, default=60.0, help="peer silence limit, s")
     p.add_argument(
         "--max-data",
-        type=argtypes.integer_in(1, 0xFFFFFF, "byte count"),
+        type=helpers.integer_in(1, 0xFFFFFF, "byte count"),
         default=DEFAULT_MAX_DATA,
         help=f"data bytes per body, 1-{0xFFFFFF} ({DEFAULT_MAX_DATA})",
     )
     p.add_argument(
         "--window",
-        type=argtypes.integer_in(1, MAX_WINDOW, "byte count"),
+        type=helpers.integer_in(1, MAX_WINDOW, "byte count"),
         default=1 << 20,
         help=f"send window, bytes: at least --max-data + 12, at most {MAX_WINDOW} (1 MiB)",
     )
@@ -2334,7 +2334,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_ids_argument(p)
     p.add_argument(
         "--queue",
-        type=argtypes.integer_in(65536, MAX_WINDOW, "byte count"),
+        type=helpers.integer_in(65536, MAX_WINDOW, "byte count"),
         default=4 << 20,
         help="per-realm queue towards a local client, bytes; past it (or 4x it) a client "
         "that made no progress for --stall-timeout is disconnected",

@@ -39,10 +39,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
-import argtypes
 import helpers
 import svtool
-from exitcodes import EPILOG, ExitCode
+from helpers import EPILOG, ExitCode
 
 log = logging.getLogger("rtsp_proxy")
 
@@ -2269,7 +2268,7 @@ def _dvr_address(text: str) -> tuple[str, int]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argtypes.Parser(
+    parser = helpers.Parser(
         prog="rtsp_proxy.py",
         description=(
             "Serve a Samsung SmartViewer DVR to standard RTSP clients. Clients open "
@@ -2280,7 +2279,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "the DVR login. Example: rtsp_proxy.py 127.0.0.1:8554 192.168.1.50:554. " + EPILOG
         ),
     )
-    seconds, positive = argtypes.non_negative_seconds, argtypes.positive_seconds
+    seconds, positive = helpers.non_negative_seconds, helpers.positive_seconds
     parser.add_argument(
         "local", metavar="LOCAL", type=_listen_address, nargs="?",
         help="listen address host:port (127.0.0.1:8554); port 0: any free port",
@@ -2309,7 +2308,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--password-file", metavar="PATH", help="read the DVR password from this file's first line"
     )
     parser.add_argument(
-        "--dcp-port", type=argtypes.port_number, default=None, help="DCP port (RTSP port + 1)"
+        "--dcp-port", type=helpers.port_number, default=None, help="DCP port (RTSP port + 1)"
     )
     parser.add_argument("--timeout", type=positive, default=10.0, help="DVR I/O timeout, s (10)")
     parser.add_argument(
@@ -2318,7 +2317,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--client-buffer",
-        type=argtypes.integer_in(65536, 1 << 30, "byte count"),
+        type=helpers.integer_in(65536, 1 << 30, "byte count"),
         default=2 << 20,
         help="bytes queued per TCP client beyond which it is dropped once it has taken "
         "nothing for --client-stall seconds, or at once past 4 times this, at least 16 MiB "
@@ -2329,12 +2328,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds a TCP client with a full --client-buffer may take nothing (5)",
     )
     parser.add_argument(
-        "--dvr-clock", type=argtypes.integer_in(1, 10_000_000, "clock rate"), default=1000,
+        "--dvr-clock", type=helpers.integer_in(1, 10_000_000, "clock rate"), default=1000,
         help="the DVR's RTP clock rate, Hz (1000)",
     )
     limits = parser.add_argument_group("exposure limits (see README, Exposure)")
     limits.add_argument(
-        "--max-clients", type=argtypes.integer_in(1, 10000, "count"), default=64,
+        "--max-clients", type=helpers.integer_in(1, 10000, "count"), default=64,
         help="client connections at once; when full, the oldest that sent no request yet "
         "is closed, else the new one gets 503 (64)",
     )
@@ -2347,7 +2346,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds a connection without a session may send nothing (60)",
     )
     limits.add_argument(
-        "--max-client-sessions", type=argtypes.integer_in(1, 1000, "count"), default=2,
+        "--max-client-sessions", type=helpers.integer_in(1, 1000, "count"), default=2,
         help="DVR channels one client connection may open (2)",
     )
     limits.add_argument(
@@ -2366,8 +2365,8 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, str | None]
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        password = argtypes.password_from(args.password, args.password_file, "SV_PASS")
-    except argtypes.UsageError as exc:
+        password = helpers.password_from(args.password, args.password_file, "SV_PASS")
+    except helpers.UsageError as exc:
         parser.error(str(exc))
     if args.username is not None and password is None:
         parser.error("--username needs --password, --password-file or SV_PASS")

@@ -36,8 +36,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-import argtypes
-from exitcodes import EPILOG, ExitCode
+import helpers
+from helpers import EPILOG, ExitCode
 
 log = logging.getLogger("svtool")
 
@@ -665,7 +665,7 @@ EXIT_INTERRUPTED = ExitCode.INTERRUPTED
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argtypes.Parser(
+    parser = helpers.Parser(
         prog="svtool.py",
         description="Talk to a Samsung SmartViewer DVR's DCP service (RTSP port + 1): "
         "describe it, or obtain an RTSP authority token and keep it valid.",
@@ -681,12 +681,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dcp-port",
-        type=argtypes.port_number,
+        type=helpers.port_number,
         metavar="N",
         help="DCP port (default: RTSP port + 1)",
     )
     parser.add_argument(
-        "--timeout", type=argtypes.positive_seconds, default=10.0, metavar="S",
+        "--timeout", type=helpers.positive_seconds, default=10.0, metavar="S",
         help="network timeout in seconds (default 10)",
     )
     verbosity = parser.add_mutually_exclusive_group()
@@ -703,11 +703,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "valid until --duration ends or SIGINT/SIGTERM.",
     )
     auth.add_argument(
-        "--duration", type=argtypes.non_negative_seconds, default=0.0, metavar="S",
+        "--duration", type=helpers.non_negative_seconds, default=0.0, metavar="S",
         help="seconds to keep the token valid; 0 = until interrupted (default)",
     )
     auth.add_argument(
-        "--heartbeat-interval", type=argtypes.positive_seconds, default=10.0, metavar="S",
+        "--heartbeat-interval", type=helpers.positive_seconds, default=10.0, metavar="S",
         help="seconds between heartbeats (default 10)",
     )
     return parser
@@ -738,8 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_USAGE, str(exc))
     user = args.username or url_user or os.environ.get("SV_USER")
     try:
-        given = argtypes.password_from(args.password, args.password_file)
-    except argtypes.UsageError as exc:
+        given = helpers.password_from(args.password, args.password_file)
+    except helpers.UsageError as exc:
         return _fail(EXIT_USAGE, str(exc))
     password = next(
         (p for p in (given, url_pass, os.environ.get("SV_PASS")) if p is not None), None

@@ -21,7 +21,7 @@ import helpers
 import ptcp
 from conftest import free_port, play, require_tool
 from dh_p2p import MAIN, CloudIdentity, Handshake, PathStep, Step
-from exitcodes import ExitCode
+from helpers import ExitCode
 from p2p_emulator import Emulator
 from pcap import Datagram, write_udp_pcap
 

@@ -23,7 +23,7 @@ from _ptcp_support import EchoServer
 
 import helpers
 from conftest import free_port
-from exitcodes import ExitCode
+from helpers import ExitCode
 from p2p_emulator import Emulator
 
 ECHO_PORT = 9000  # device-side port numbers the emulator maps to local services

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exitcodes import EPILOG, MEANINGS, ExitCode
+from helpers import EPILOG, MEANINGS, ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from _ptcp_support import (
     udp_socket,
 )
 
-from exitcodes import ExitCode
+from helpers import ExitCode
 from ptcp import (
     PTCPError,
     PTCPTunnel,

@@ -27,7 +27,7 @@ from _proxy_support import (  # noqa: F401  (fixtures)
 import rtsp_proxy
 from conftest import play
 from dvr_rtsp_emulator import access_units
-from exitcodes import ExitCode
+from helpers import ExitCode
 
 MODES = ["tcp", "udp"]
 def assert_clean(dvr, sessions: int = 1) -> None:

@@ -24,7 +24,7 @@ from dvr_emulator import (
     EmulatedDCP,
     reply,
 )
-from exitcodes import ExitCode
+from helpers import ExitCode
 from svtool import (
     AuthenticationError,
     AuthResult,
