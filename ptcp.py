@@ -574,6 +574,7 @@ class Session:
         self._peer_clock0: tuple[int, float] | None = None  # its first lmid, and when
         self._clock = ids == IDS_CAPTURE
         self._t0 = now
+        self._ticked = now - 1.0  # when _tick last ran
         self._lmid = initial_lmid & MASK32
         if self._clock:
             self._lmid = (initial_lmid or LMID_START) & LMID_MASK
@@ -655,6 +656,7 @@ class Session:
         """Capture-style lmid (PROTOCOLS 2.7 (a)): a millisecond clock in 10 ms steps,
         so packets of one tick share it; it starts well above 0 (0 is the "nothing
         received" rmid) and stays below 2^31."""
+        self._ticked = now
         ms = int((now - self._t0) * 100) * 10
         self._lmid = (self._lmid0 + ms) & LMID_MASK
 
@@ -717,12 +719,13 @@ class Session:
 
     def _transmit(self, seg: _Seg, now: float) -> None:
         if self._clock:
-            self._tick(now)
-        if seg.syn:
-            pid = SYN_PID
-        elif self._clock:
+            if now != self._ticked:
+                self._tick(now)
             # PROTOCOLS 2.7 (a): 0xFFFF less the body bytes received since we last sent
-            pid = 0xFFFF - min(self._rx_bytes, PID_BAND)
+            rx = self._rx_bytes
+            pid = SYN_PID if seg.syn else 0xFFFF - (rx if rx < PID_BAND else PID_BAND)
+        elif seg.syn:
+            pid = SYN_PID
         else:
             pid = (0xFFFF - self._count) & 0xFFFF
             self._count += 1
@@ -742,7 +745,8 @@ class Session:
 
     def _ack(self) -> None:
         if self._clock:
-            pid = 0xFFFF - min(self._rx_bytes, PID_BAND)
+            rx = self._rx_bytes
+            pid = 0xFFFF - (rx if rx < PID_BAND else PID_BAND)
         else:
             pid = (0xFFFF - self._count) & 0xFFFF
         self._rx_bytes = 0
