@@ -584,7 +584,6 @@ class Handshake:
         if not reply.ok:
             return self._fail(f"p2p-channel refused ({reply.code} {reply.reason})", "cloud")
         fields = reply.fields
-        self.device_pub = helpers.parse_host_port(fields.get("PubAddr", ""))
         local = fields.get("LocalAddr", "")
         if self.key is not None and "Nonce" in fields:
             try:
@@ -592,7 +591,13 @@ class Handshake:
             except ValueError as exc:
                 raise P2PProtocolError("non-numeric device Nonce") from exc
             local = helpers.decrypt_local_addr(self.key, self.device_nonce, local)
-        self.device_local = helpers.parse_host_port(local) if local else self.device_pub
+        # PubAddr is occasionally missing (PROTOCOLS 2.7 (c)): then the LAN address only
+        pub = fields.get("PubAddr", "")
+        self.device_local = device_address(local) if local else None
+        self.device_pub = device_address(pub) if pub else self.device_local
+        if self.device_pub is None:
+            raise P2PProtocolError("the p2p-channel reply names no device address")
+        self.device_local = self.device_local or self.device_pub
         self.channel_reply = reply
         self.device_version = fields.get("version", "")
         self.sign_exchange = sign_exchange_wanted(self.sign_mode, self.device_version)
@@ -1076,6 +1081,17 @@ _REPLY_HANDLERS: dict[Step, Callable[[Handshake, helpers.Reply, float], None]] =
 }
 
 
+def device_address(text: str) -> tuple[str, int]:
+    """A device's ``IPv4:port`` from a p2p-channel reply (punches carry IPv4 only,
+    PROTOCOLS 2.3); raises P2PProtocolError."""
+    host, port = helpers.parse_host_port(text)
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise P2PProtocolError(f"device address {text!r} is not IPv4:port") from None
+    return host, port
+
+
 def _same_endpoint(expected: tuple[str, int], actual: tuple[str, int]) -> bool:
     """Whether a datagram from ``actual`` can be the answer of ``expected``: the same
     IP and port, or the same port when we only know ``expected`` by a host name."""
@@ -1243,7 +1259,7 @@ def parse_channel_titles(text: str) -> dict[int, str]:
         if not eq or not key.startswith("table.ChannelTitle[") or not key.endswith("].Name"):
             continue
         index = key[len("table.ChannelTitle[") : -len("].Name")]
-        if index.isdigit():
+        if index.isascii() and index.isdigit():
             titles[int(index) + 1] = value
     return titles
 

@@ -556,3 +556,32 @@ def test_tunnel_with_a_realm_dies_when_the_peer_acknowledges_nothing() -> None:
         idle.handle_timers(now)
         idle.datagrams_to_send()
     assert not idle.dead
+
+
+@pytest.mark.parametrize(
+    ("fields", "expect"),
+    [
+        ({"PubAddr": "example.com:40000", "LocalAddr": "127.0.0.1:40001"}, "not IPv4"),
+        ({"PubAddr": "127.0.0.1:40000", "LocalAddr": "10.0.0.1.5:1"}, "not IPv4"),
+        ({}, "names no device address"),
+    ],
+)
+def test_device_addresses_must_be_ipv4(fields: dict, expect: str) -> None:
+    hs = make(mode="direct")
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    answer(hs, sock, addr, chan, body=helpers.xml_body(fields))
+    assert hs.error is not None and expect in str(hs.error)
+
+
+def test_missing_pub_addr_punches_the_lan_address() -> None:
+    hs = make(mode="direct")
+    seen = drive_to_channel(hs)
+    sock, addr, chan = seen[f"/device/{SN}/p2p-channel"]
+    answer(hs, sock, addr, chan, body=helpers.xml_body({"LocalAddr": "127.0.0.1:40001"}))
+    assert hs.error is None and hs.device_pub == hs.device_local == DEV_LAN
+
+
+def test_channel_titles_take_ascii_indexes_only() -> None:
+    text = "table.ChannelTitle[0].Name=Front\r\ntable.ChannelTitle[\u00b2].Name=Odd\r\n"
+    assert dh_p2p.parse_channel_titles(text) == {1: "Front"}
