@@ -335,12 +335,9 @@ def test_idle_realm_outlives_socket_timeouts(pair_factory, echo):
         assert b.recv(3) == b"two"
 
 
-def test_cli_serve_with_peer_takes_the_syn_only_from_that_peer(spawn):
+def test_cli_serve_with_peer_takes_the_syn_only_from_that_peer(spawn, vectors):
     # Issue 13: without --peer, the first SYN from anyone becomes the session.
-    import json
-
-    vectors = json.loads((REPO.parent / "shared" / "vectors.json").read_text())["ptcp"]
-    syn = bytes.fromhex(vectors["syn_hex"])
+    syn = bytes.fromhex(vectors["ptcp"]["syn_hex"])
     with udp_socket() as rogue, udp_socket() as peer:
         port = peer.getsockname()[1]
         serve = spawn([sys.executable, PTCP, "-v", "serve", f"--peer=127.0.0.1:{port}"])

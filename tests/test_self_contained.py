@@ -12,7 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Built from parts so that this file does not match its own pattern.
 _SHARED = "shared"
-OUTSIDE = re.compile(re.escape(".." + "/" + _SHARED) + "|" + re.escape(_SHARED + "/vectors"))
+OUTSIDE = re.compile(
+    re.escape(".." + "/" + _SHARED)
+    + "|" + re.escape(_SHARED + "/vectors")
+    + "|" + re.escape('"' + _SHARED + '"') + r"\s*/"  # a pathlib join of that folder
+)
 
 
 def tracked_files() -> list[Path]:
@@ -28,6 +32,7 @@ def tracked_files() -> list[Path]:
 def test_pattern_finds_what_it_looks_for() -> None:
     assert OUTSIDE.search("see " + ".." + "/" + _SHARED + "/PROTOCOLS.md")
     assert OUTSIDE.search("tests read " + _SHARED + "/vectors.json")
+    assert OUTSIDE.search('json.loads((REPO.parent / "' + _SHARED + '" / "vectors.json"))')
     assert not OUTSIDE.search("tests/data/vectors.json, a shared window")
 
 
