@@ -1259,8 +1259,9 @@ def parse_channel_titles(text: str) -> dict[int, str]:
         if not eq or not key.startswith("table.ChannelTitle[") or not key.endswith("].Name"):
             continue
         index = key[len("table.ChannelTitle[") : -len("].Name")]
-        if index.isascii() and index.isdigit():
-            titles[int(index) + 1] = value
+        number = helpers.ascii_number(index, 4)
+        if number is not None:
+            titles[number + 1] = value
     return titles
 
 

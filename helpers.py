@@ -118,6 +118,18 @@ MAX_MESSAGE = 65536
 MAX_XML = 16384
 
 
+def ascii_number(text: str, max_digits: int = 10) -> int | None:
+    """The value of 1 to ``max_digits`` ASCII digits (RFC 5234 DIGIT), else None.
+
+    ``str.isdigit`` and ``int`` also take other scripts' digits, superscripts
+    ("²", which ``int`` then refuses), signs, spaces and underscores: every
+    number that comes from the network or the command line goes through here.
+    """
+    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 class P2PProtocolError(Exception):
     """A cloud, device or punch message could not be parsed or is invalid."""
 
@@ -457,9 +469,9 @@ def _split_message(data: bytes) -> tuple[str, list[tuple[str, str]], str]:
         headers.append((name, value.strip(" \t")))
     for name, value in headers:
         if name.lower() == "content-length":
-            if not value.isdigit() or not value.isascii() or len(value) > 10:
+            length = ascii_number(value)
+            if length is None:
                 raise P2PProtocolError(f"bad Content-Length {value[:20]!r}")
-            length = int(value)
             raw = body.encode("utf-8")
             if length > len(raw):
                 raise P2PProtocolError("body shorter than Content-Length")
@@ -582,9 +594,9 @@ def xml_body(items: Iterable[tuple[str, object]] | dict[str, object]) -> str:
 def parse_host_port(text: str) -> tuple[str, int]:
     """Parse ``host:port`` (as in ``<US>``, ``<Address>``, ``<LocalAddr>``)."""
     host, colon, port = text.strip().rpartition(":")
-    if not colon or not host or not port.isdigit() or not port.isascii() or len(port) > 5:
+    number = ascii_number(port, 5) if colon and host else None
+    if number is None:
         raise P2PProtocolError(f"bad address {text[:60]!r}")
-    number = int(port)
     if not 0 < number < 65536:
         raise P2PProtocolError(f"bad port in {text[:60]!r}")
     return host, number
@@ -720,12 +732,10 @@ def _pack_address(value: tuple[str, int]) -> bytes:
     host, port = value
     parts = host.split(".")
     # int() alone would take " 1", "1_0" or other scripts' digits for an octet
-    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
+    octets = [ascii_number(p, 3) for p in parts] if len(parts) == 4 else [None]
+    if any(o is None or o > 255 for o in octets):
         raise ValueError(f"not an IPv4 address: {host!r}")
-    try:
-        packed = bytes(int(x) for x in parts)
-    except ValueError as exc:  # an octet above 255
-        raise ValueError(f"not an IPv4 address: {host!r}") from exc
+    packed = bytes(octets)  # type: ignore[arg-type]
     return struct.pack("!BBH", 0, 1, port) + packed
 
 
@@ -945,10 +955,8 @@ def non_negative_seconds(text: str) -> float:
 
 
 def _ascii_int(text: str) -> int | None:
-    digits = text[1:] if text[:1] == "-" else text
-    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
-        return None
-    return int(text)
+    value = ascii_number(text[1:] if text[:1] == "-" else text, 20)
+    return -value if value is not None and text[:1] == "-" else value
 
 
 def integer_in(low: int, high: int, what: str = "number") -> Callable[[str], int]:
@@ -1119,9 +1127,10 @@ def parse_listen_address(text: str, what: str = "address") -> tuple[str, int]:
         raise ConfigError(f"{what} must be a string HOST:PORT or a port")
     host, colon, port = str(text).strip().rpartition(":")
     host = host.strip("[]") if colon else "127.0.0.1"
-    if not host or not port.isdigit() or not port.isascii() or not 0 < int(port) < 65536:
+    number = ascii_number(port, 5)
+    if not host or number is None or not 0 < number < 65536:
         raise ConfigError(f"{what} must be HOST:PORT or PORT (1-65535), not {str(text)[:60]!r}")
-    return host, int(port)
+    return host, number
 
 
 def entry_password(entry: dict, where: str, environ: dict[str, str] | None = None) -> str | None:

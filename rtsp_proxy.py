@@ -62,17 +62,6 @@ class ProxyError(Exception):
     """Base of every error this module raises about bad input."""
 
 
-def ascii_number(text: str, max_digits: int = 10) -> int | None:
-    """The value of 1 to ``max_digits`` ASCII digits (RFC 5234 DIGIT), else None.
-
-    ``str.isdigit`` and ``int`` also take other scripts' digits, superscripts
-    ("²", which ``int`` then refuses), signs, spaces and underscores.
-    """
-    if not 0 < len(text) <= max_digits or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
-
-
 class RTSPError(ProxyError):
     """A client sent something that is not acceptable RTSP; ``status`` is the reply code."""
 
@@ -233,7 +222,7 @@ class RTSPRequestParser:
         if head_end > self.max_head:
             raise RTSPError("request head too large")
         request = self._parse_head(bytes(buf[:head_end]))
-        length = ascii_number(request.header("Content-Length", "0") or "0")
+        length = helpers.ascii_number(request.header("Content-Length", "0") or "0")
         if length is None or length > self.max_body:
             raise RTSPError("bad Content-Length", cseq=request.header("CSeq"))
         if len(buf) < body_start + length:
@@ -256,7 +245,7 @@ class RTSPRequestParser:
         headers = _split_header_lines(lines[1:], self.max_headers, RTSPError)
         request = RTSPRequest(method, url, headers, version=version)
         cseq = request.header("CSeq")
-        if cseq is None or ascii_number(cseq) is None:
+        if cseq is None or helpers.ascii_number(cseq) is None:
             raise RTSPError("missing or malformed CSeq")
         if not version.startswith("RTSP/"):
             raise RTSPError("not an RTSP request", cseq=cseq)
@@ -371,8 +360,8 @@ class ClientTransport:
 def _port_pair(text: str, minimum: int = 1) -> tuple[int, int] | None:
     """``a-b`` or ``a`` (then b = a + 1); None when out of range, RTSPError(400) if not DIGITs."""
     first, _, second = text.partition("-")
-    a = ascii_number(first, 5)
-    b = ascii_number(second, 5) if second else None if a is None else a + 1
+    a = helpers.ascii_number(first, 5)
+    b = helpers.ascii_number(second, 5) if second else None if a is None else a + 1
     if a is None or b is None:
         raise RTSPError("malformed port range")  # RFC 2326 section 12.39: 1*DIGIT
     if not (minimum <= a < 65536 and minimum <= b < 65536):
@@ -450,7 +439,7 @@ def parse_dvr_describe(body: bytes) -> DVRDescription:
     mode = "tcp" if "TCP" in (t.upper() for t in tokens) else "udp"
     payload_type = 96
     for i, tok in enumerate(tokens):
-        number = ascii_number(tokens[i + 1], 3) if i + 1 < len(tokens) else None
+        number = helpers.ascii_number(tokens[i + 1], 3) if i + 1 < len(tokens) else None
         if tok.upper() == "RTP/AVP" and number is not None:
             payload_type = number & 0x7F
     return DVRDescription(mode, payload_type, title, attributes)
@@ -577,12 +566,12 @@ class DVRConnection:
         status_parts = lines[0].split(" ", 2)
         if len(status_parts) < 2 or not status_parts[0].startswith("RTSP/"):
             raise DVRError(f"DVR reply has no status line: {lines[0][:60]!r}")
-        status = ascii_number(status_parts[1], 3)
+        status = helpers.ascii_number(status_parts[1], 3)
         if status is None:
             raise DVRError("DVR reply status is not a number")
         headers = _split_header_lines(lines[1:], 64, DVRError)
         reply = RTSPResponse(status, status_parts[2] if len(status_parts) > 2 else "", headers)
-        length = ascii_number(reply.header("Content-Length", "0") or "0")
+        length = helpers.ascii_number(reply.header("Content-Length", "0") or "0")
         if length is None or length > MAX_BODY_BYTES:
             raise DVRError("DVR reply has a bad Content-Length")
         if len(buf) < body_start + length:
@@ -1174,7 +1163,7 @@ class LoginGuard:
 
 def dvr_channel_count(info: dict[str, str]) -> int | None:
     """The ``channels`` value of the DVR's DCP description, None when absent or odd."""
-    return ascii_number(info.get("channels", "").strip("\r\n\x00 "), 3) or None
+    return helpers.ascii_number(info.get("channels", "").strip("\r\n\x00 "), 3) or None
 
 
 def read_deadline(
@@ -2233,7 +2222,7 @@ def parse_hostport(
     """``host:port``, ``host`` or ``port`` to a (host, port) pair; ValueError if malformed."""
     host, sep, port = text.rpartition(":")
     if not sep:
-        if text.isascii() and text.isdigit():
+        if helpers.ascii_number(text, 5) is not None:
             host, port = default_host, text
         else:
             host, port = text, ""
@@ -2242,7 +2231,7 @@ def parse_hostport(
         if default_port is None:
             raise ValueError(f"{text!r} needs a port")
         return host, default_port
-    number = ascii_number(port, 5)
+    number = helpers.ascii_number(port, 5)
     if number is None or not lowest_port <= number <= 65535:
         raise ValueError(f"port must be {lowest_port}-65535 in {text!r}")
     return host, number
