@@ -586,10 +586,9 @@ class Handshake:
         fields = reply.fields
         local = fields.get("LocalAddr", "")
         if self.key is not None and "Nonce" in fields:
-            try:
-                self.device_nonce = int(fields["Nonce"])
-            except ValueError as exc:
-                raise P2PProtocolError("non-numeric device Nonce") from exc
+            self.device_nonce = helpers.ascii_number(fields["Nonce"])
+            if self.device_nonce is None:
+                raise P2PProtocolError("non-numeric device Nonce")
             local = helpers.decrypt_local_addr(self.key, self.device_nonce, local)
         # PubAddr is occasionally missing (PROTOCOLS 2.7 (c)): then the LAN address only
         pub = fields.get("PubAddr", "")
