@@ -1404,7 +1404,7 @@ class Client:
                 punch_check=self.args.punch_check,
                 session_options={
                     "dead_after": self.args.peer_timeout,
-                    **ptcp.ids_options(self.args.ptcp_ids),
+                    **ptcp.wire_options(self.args),
                 },
                 identities=tuple(identities),
                 diagnose=tuple(diagnose),
@@ -1870,7 +1870,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which punches are the device's: from its IP and carrying our Identify "
         "(default), or from its IP only",
     )
-    ptcp.add_ids_argument(p)
+    ptcp.add_wire_arguments(p)
     p.add_argument(
         "--max-realms",
         type=int,

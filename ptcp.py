@@ -110,6 +110,9 @@ IDS_CAPTURE, IDS_COUNTER = "capture", "counter"  # how pid and lmid are made (PR
 LMID_START = 60_000  # capture-style lmid: ms since the session began, plus this
 LMID_MASK = 0x7FFFFFFF  # PROTOCOLS 2.7 (a): a device stops consuming once lmid >= 2^31
 PID_BAND = 4096  # capture-style pid stays within this many bytes below 0xFFFF
+ACK_EVERY = 2  # PROTOCOLS 2.7 (b): the app answers about every second data packet...
+ACK_DELAY = 0.02  # ...and [G] answers a lone one after 20 ms
+MAX_ACK_EVERY = 3  # three full data bodies still keep the capture-style pid within PID_BAND
 MAX_WINDOW = 1 << 30  # the largest send window or queue the command line takes
 
 
@@ -504,12 +507,16 @@ class Session:
     let the counters start anywhere; they wrap modulo 2^32.  ``rng`` draws realm
     ids.  ``open_timeout`` bounds the wait for CONN (and for the DISC answer).
 
-    PROTOCOLS 2.5 answers every non-empty packet with an empty one, and so does
-    this class by default.  ``delayed_ack=True`` (an extension for peers known to
-    cope, e.g. two instances of this module) answers in-order packets with one
-    acknowledgement per :meth:`datagrams_to_send` call, or none when a packet
-    going out carries it; out-of-order and duplicate packets are still answered
-    at once, so the sender's duplicate-ack detection keeps working.
+    Acknowledgements (PROTOCOLS 2.5, 2.7 (b)): in-order data packets are
+    answered every ``ack_every`` packets (2 by default, as the official app does:
+    one ack per 1.88 packets in its capture), and at the latest ``ack_delay``
+    seconds after the first one left unanswered; ``ack_every=1`` answers each
+    one, as the older public tools do.  Any other body, a packet out of order and
+    a duplicate are answered at once, so the sender's duplicate-ack detection
+    keeps working; a packet going out carries the acknowledgement too.
+    ``delayed_ack=True`` (an extension for peers known to cope, e.g. two
+    instances of this module) answers in-order data with one acknowledgement per
+    :meth:`datagrams_to_send` call instead.
     """
 
     def __init__(
@@ -532,6 +539,8 @@ class Session:
         initial_lmid: int = 0,
         ids: str = IDS_CAPTURE,
         bind_length: int = BIND_LENGTH,
+        ack_every: int = ACK_EVERY,
+        ack_delay: float = ACK_DELAY,
         delayed_ack: bool = False,
         rng: random.Random | None = None,
     ) -> None:
@@ -539,6 +548,8 @@ class Session:
             raise ValueError("max_data out of range")
         if window_bytes < max_data + REALM_HEAD_LEN:
             raise ValueError("window_bytes must hold at least one data body")
+        if not 1 <= ack_every <= MAX_ACK_EVERY:
+            raise ValueError(f"ack_every must be 1 to {MAX_ACK_EVERY}")
         if ids not in (IDS_CAPTURE, IDS_COUNTER):
             raise ValueError(f"ids must be {IDS_CAPTURE!r} or {IDS_COUNTER!r}, not {ids!r}")
         self.ids = ids
@@ -554,7 +565,11 @@ class Session:
         self.min_rto = min_rto
         self.max_rto = max_rto
         self.delayed_ack = delayed_ack
-        self._ack_owed = False
+        self.ack_every = ack_every
+        self.ack_delay = ack_delay
+        self._ack_owed = False  # delayed_ack: one acknowledgement at datagrams_to_send()
+        self._unanswered = 0  # in-order data packets received since we last sent
+        self._ack_deadline: float | None = None  # answer them by then
         self.stats = SessionStats()
         self._rng = rng or random.SystemRandom()
         self._out: list[bytes] = []
@@ -741,6 +756,8 @@ class Session:
         if not self._clock:
             self._lmid = (self._lmid + 1) & MASK32
         self._ack_owed = False  # this packet carries the acknowledgement too
+        self._unanswered = 0
+        self._ack_deadline = None
         self.stats.packets_out += 1
 
     def _ack(self) -> None:
@@ -754,9 +771,22 @@ class Session:
             HEADER.pack(MAGIC, self._tx_nxt, self._rcv_nxt, pid, self._lmid, self._rmid)
         )
         self._ack_owed = False
+        self._unanswered = 0
+        self._ack_deadline = None
         if not self._clock:
             self._lmid = (self._lmid + 1) & MASK32
         self.stats.packets_out += 1
+
+    def _ack_in_order(self, now: float) -> None:
+        """An in-order data packet arrived: answer it now, or with a later one."""
+        if self.delayed_ack:
+            self._ack_owed = True
+            return
+        self._unanswered += 1
+        if self._unanswered >= self.ack_every:
+            self._ack()
+        elif self._ack_deadline is None:
+            self._ack_deadline = now + self.ack_delay
 
     def _push(self, now: float) -> None:
         """Move pending segments into flight while the congestion window allows."""
@@ -949,10 +979,7 @@ class Session:
                         run.append(memoryview(data)[_DATA_HEAD.size :])
                     else:
                         self.stats.ignored += 1
-                    if self.delayed_ack:
-                        self._ack_owed = True
-                    else:
-                        self._ack()
+                    self._ack_in_order(now)
                     if self._pending:
                         self._push(now)
                     continue
@@ -1020,8 +1047,8 @@ class Session:
             self._deliver(body, now)
             if self._ooo:
                 self._drain_ooo(now)  # a hole filled: acknowledge at once
-            elif self.delayed_ack:
-                self._ack_owed = True  # one ack for the whole batch, at datagrams_to_send()
+            elif type(body) is Data:
+                self._ack_in_order(now)
                 if self._pending:
                     self._push(now)
                 return
@@ -1232,6 +1259,8 @@ class Session:
         stall = self._stall_deadline()
         if stall is not None and stall < best:
             best = stall
+        if self._ack_deadline is not None and self._ack_deadline < best:
+            best = self._ack_deadline
         return best
 
     def _stall_deadline(self) -> float | None:
@@ -1259,6 +1288,8 @@ class Session:
             self._dead = True
             self._events.append(PeerDead(now - self._last_rx, "stall"))
             return
+        if self._ack_deadline is not None and now >= self._ack_deadline:
+            self._ack()  # the second packet of a pair did not come (PROTOCOLS 2.7 (b))
         if self._rto_deadline is not None and now >= self._rto_deadline and self._inflight:
             self.stats.timeouts += 1
             self._ssthresh = max(self._inflight_bytes // 2, 2 * self._mss)
@@ -2333,9 +2364,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--delayed-ack",
         action="store_true",
-        help="one ack per received batch instead of one per packet (both ends must be ptcp.py)",
+        help="one ack per received batch instead of --ack-every (both ends must be ptcp.py)",
     )
-    add_ids_argument(p)
+    add_wire_arguments(p)
     p.add_argument(
         "--queue",
         type=helpers.integer_in(65536, MAX_WINDOW, "byte count"),
@@ -2389,26 +2420,39 @@ def _session_options(args: argparse.Namespace) -> dict[str, object]:
         "max_data": args.max_data,
         "window_bytes": args.window,
         "delayed_ack": args.delayed_ack,
-        **ids_options(args.ptcp_ids),
+        **wire_options(args),
     }
 
 
-def ids_options(style: str) -> dict[str, object]:
-    """Session options of a ``--ptcp-ids`` style (PROTOCOLS 2.5, 2.7 (a))."""
-    if style == IDS_COUNTER:  # the older public tools, whole: counters and BIND length 0
-        return {"ids": IDS_COUNTER, "bind_length": 0}
-    return {"ids": IDS_CAPTURE, "bind_length": BIND_LENGTH}
+def wire_options(args: argparse.Namespace) -> dict[str, object]:
+    """Session options of ``--ptcp-ids`` and ``--ack-every`` (PROTOCOLS 2.5, 2.7 (a), (b))."""
+    if args.ptcp_ids == IDS_COUNTER:  # the older public tools, whole: counters, BIND length 0,
+        options: dict[str, object] = {"ids": IDS_COUNTER, "bind_length": 0, "ack_every": 1}
+    else:  # ...and an ack for every data packet
+        options = {"ids": IDS_CAPTURE, "bind_length": BIND_LENGTH, "ack_every": ACK_EVERY}
+    if args.ack_every is not None:
+        options["ack_every"] = args.ack_every
+    return options
 
 
-def add_ids_argument(parser: argparse.ArgumentParser) -> None:
-    """``--ptcp-ids capture|counter``, shared by ptcp.py and dh_p2p.py."""
+def add_wire_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ptcp-ids capture|counter`` and ``--ack-every N``, shared by ptcp.py and dh_p2p.py."""
     parser.add_argument(
         "--ptcp-ids",
         choices=(IDS_CAPTURE, IDS_COUNTER),
         default=IDS_CAPTURE,
-        help="PTCP header fields: as a capture of the official app shows them (capture, "
-        "default: lmid a millisecond clock, pid 0xFFFF less the bytes received since our "
-        "last packet, BIND length 8) or as the older public tools made them (counter)",
+        help="PTCP as a capture of the official app shows it (capture, default: lmid a "
+        "millisecond clock, pid 0xFFFF less the bytes received since our last packet, BIND "
+        "length 8, an ack for every second data packet) or as the older public tools made "
+        "it (counter: counters, BIND length 0, an ack for every data packet)",
+    )
+    parser.add_argument(
+        "--ack-every",
+        type=helpers.integer_in(1, MAX_ACK_EVERY, "packet count"),
+        metavar="N",
+        help=f"acknowledge every Nth in-order data packet, a lone one after "
+        f"{ACK_DELAY * 1000:.0f} ms (1-{MAX_ACK_EVERY}; default {ACK_EVERY}, 1 with "
+        "--ptcp-ids counter)",
     )
 
 

@@ -421,7 +421,9 @@ def tunnel_bench(args: argparse.Namespace) -> dict:
     out["realms_32_vs_1"] = out["realms_32_MBps"] / out["realms_1_MBps"]
     # As from a device: the far end sends one datagram per packet (no GSO) and acks
     # each packet it gets; the near end is the driver dh_p2p uses, as configured.
-    device = Tunnel(extra, far_extra=["--no-gso"], script=args.ptcp_script)
+    # (an older --ptcp-script has no --ack-every: it acks each packet anyway)
+    far = ["--no-gso"] if args.ptcp_script else ["--no-gso", "--ack-every=1"]
+    device = Tunnel(extra, far_extra=far, script=args.ptcp_script)
     try:
         got = device.download(args.mb * MB)
     finally:
@@ -1004,7 +1006,11 @@ def main(argv: list[str] | None = None) -> int:
         raw_sender(int(args.raw_tx[0]), args.raw_tx[1])
         return 0
     info = machine()
-    res: dict = {"acks": "one per batch (--delayed-ack)" if args.delayed_ack else "one per packet"}
+    res: dict = {
+        "acks": "one per batch (--delayed-ack)"
+        if args.delayed_ack
+        else "one per second data packet (as captured)"
+    }
     res["datagram_calls"] = (
         "one per datagram (--no-gso)" if args.no_gso else "runs via UDP GSO/GRO where Linux allows"
     )

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from conftest import load_vectors
 from ptcp import (
+    ACK_DELAY,
     MASK32,
+    REALM_HEAD_LEN,
     Bind,
     BindRequested,
     Command,
@@ -177,7 +179,7 @@ def test_retransmission_gets_a_fresh_lmid_and_pid(ids: str):
 
 
 def test_rto_follows_measured_round_trips():
-    a, b = Session(now=0.0, min_rto=0.001), Session(now=0.0)
+    a, b = Session(now=0.0, min_rto=0.001), Session(now=0.0, ack_every=1)
     realm = connect_pair(a, b)
     t = 1.0
     for _ in range(50):
@@ -525,7 +527,9 @@ def test_three_duplicate_acks_trigger_fast_retransmit_before_the_timer():
     for d in out[:1] + out[2:]:
         b.receive_datagram(d, 1.01)
     acks = b.datagrams_to_send()
-    assert [decode_packet(d).recv for d in acks[1:]] == [lost.sent] * 4  # duplicates
+    # the first packet's ack waits for a second one; every packet past the hole is
+    # answered at once: an ack that advances, then three duplicates
+    assert [decode_packet(d).recv for d in acks] == [lost.sent] * 4
     for d in acks:
         a.receive_datagram(d, 1.02)
     (re,) = decoded(a)
@@ -721,14 +725,92 @@ def test_pid_is_ffff_less_the_bytes_received_since_our_last_packet():
     assert ack.pid == 0xFFFF - 12
     # three packets read in one batch are acknowledged one by one: each ack
     # carries the bytes it acknowledges, not the whole batch
-    batch = [pkt(12 + i * 1012, 0, 2 + i, 0, realm_data) for i in range(3)]
+    # packets read in one batch are acknowledged pair by pair: each ack carries
+    # the bytes it acknowledges, not the whole batch; the fifth waits for the backstop
+    batch = [pkt(12 + i * 1012, 0, 2 + i, 0, realm_data) for i in range(5)]
     s.receive_datagrams(batch, 0.1)
     acks = decoded(s)
-    assert [a.pid for a in acks] == [0xFFFF - 1012] * 3
-    s.handle_timers(0.2)
+    assert [a.pid for a in acks] == [0xFFFF - 2024] * 2
+    s.handle_timers(0.1 + ACK_DELAY)
+    (late,) = decoded(s)
+    assert late.pid == 0xFFFF - 1012 and late.recv == 12 + 5 * 1012
     s.send_heartbeat(0.2)
     (hb,) = decoded(s)
     assert hb.pid == 0xFFFF  # nothing received since the last ack
+
+
+# -- acknowledgement rate (PROTOCOLS 2.7 (b)) ------------------------------------
+
+
+def paired(**options: object) -> Session:
+    """A client session whose realm will be 7."""
+    return Session(now=0.0, heartbeat_interval=None, rng=FixedRealms(7), **options)
+
+
+def open_device_realm(s: Session, realm: int = 7) -> int:
+    """``s`` binds ``realm``; the device grants it. Returns the device's next sent."""
+    assert s.open_realm(554, 0.0) == realm
+    s.datagrams_to_send()
+    s.receive_datagram(pkt(0, s.sent, 1, 0, Status(realm, True)), 0.0)
+    s.datagrams_to_send()
+    return s.recv
+
+
+def device_data(s: Session, sent: int, count: int, now: float, size: int = 1000) -> int:
+    """``count`` in-order data packets from the device; returns the next sent."""
+    for _ in range(count):
+        s.receive_datagram(pkt(sent, s.sent, 2, 0, Data(7, b"d" * size)), now)
+        sent += REALM_HEAD_LEN + size
+    return sent
+
+
+def test_in_order_data_is_acknowledged_every_second_packet() -> None:
+    s = paired()
+    sent = device_data(s, open_device_realm(s), 1, 1.0)
+    assert s.datagrams_to_send() == []  # owed, not yet sent
+    assert s.next_deadline() == pytest.approx(1.0 + ACK_DELAY)
+    sent = device_data(s, sent, 1, 1.005)
+    (ack,) = decoded(s)
+    assert ack.body is None and ack.recv == sent and ack.pid == 0xFFFF - 2024
+    sent = device_data(s, sent, 3, 1.01)
+    assert [a.recv for a in decoded(s)] == [sent - 1012]  # the third waits for a partner
+    s.handle_timers(1.01 + ACK_DELAY / 2)
+    assert s.datagrams_to_send() == []
+    s.handle_timers(1.01 + ACK_DELAY)  # the backstop
+    (late,) = decoded(s)
+    assert late.recv == sent and late.pid == 0xFFFF - 1012
+    s.handle_timers(2.0)
+    assert s.datagrams_to_send() == []  # nothing owed: no further ack
+
+
+def test_an_owed_ack_rides_on_our_next_packet() -> None:
+    s = paired()
+    sent = device_data(s, open_device_realm(s), 1, 1.0)
+    s.send(7, b"GET / HTTP/1.0\r\n\r\n", 1.001)
+    (data,) = decoded(s)
+    assert data.recv == sent and isinstance(data.body, Data)
+    s.handle_timers(1.0 + ACK_DELAY)
+    assert s.datagrams_to_send() == []  # already acknowledged by the data packet
+
+
+def test_other_bodies_holes_and_duplicates_are_answered_at_once() -> None:
+    s = paired()
+    sent = open_device_realm(s)
+    s.receive_datagram(pkt(sent, s.sent, 2, 0, Heartbeat()), 1.0)
+    assert [a.recv for a in decoded(s)] == [sent + 12]
+    sent += 12
+    s.receive_datagram(pkt(sent + 1012, s.sent, 3, 0, Data(7, b"d" * 1000)), 1.0)  # a hole
+    assert [a.recv for a in decoded(s)] == [sent]
+    s.receive_datagram(pkt(sent - 12, s.sent, 4, 0, Heartbeat()), 1.0)  # a duplicate
+    assert [a.recv for a in decoded(s)] == [sent]
+
+
+def test_ack_every_one_answers_each_data_packet_as_the_older_tools_do() -> None:
+    s = paired(ack_every=1)
+    sent = device_data(s, open_device_realm(s), 3, 1.0)
+    assert [a.recv for a in decoded(s)] == [sent - 2024, sent - 1012, sent]
+    with pytest.raises(ValueError):
+        Session(now=0.0, ack_every=4)  # three bodies already reach the pid band
 
 
 # -- 0x0a: the device's retransmission request (PROTOCOLS 2.7 (b)) ---------------
