@@ -1323,6 +1323,7 @@ class Session:
 # ---------------------------------------------------------------------------
 
 _RECV_BATCH = 256
+_GRO_PROBE = 4096  # datagrams read with UDP_GRO on before it goes off if it coalesced none
 _TURN = 256 * 1024  # bytes one realm may put into the shared window per turn
 _WRITE_BATCH = 256 * 1024  # queued bytes a writer hands to one sendmsg
 _MAX_PARTS = 512  # buffers per sendmsg (IOV_MAX is 1024 on Linux)
@@ -1401,6 +1402,7 @@ class TunnelStats:
     data_out: int = 0  # realm data bytes handed to the session for the peer
     gso_sends: int = 0  # sendmsg calls that carried a run of datagrams (UDP_SEGMENT)
     gro_runs: int = 0  # recvmsg calls that returned a coalesced run (UDP_GRO)
+    exact_batches: int = 0  # batches read from the connected socket without sender checks
 
 
 @dataclass(frozen=True, slots=True)
@@ -1620,8 +1622,9 @@ class PTCPTunnel:
     thread holds the lock when there is room) and a writer (bounded queue ->
     local socket).
     Datagrams are sent while holding the Session lock, so lmid order is kept on
-    the wire.  Stray datagrams (not PTCP, or from another address) are counted
-    in ``stats.stray`` and ignored.
+    the wire.  :meth:`start` connects the socket to the peer, so the kernel drops
+    datagrams from other addresses; those queued before, and datagrams that are
+    not PTCP, are counted in ``stats.stray`` and ignored.
 
     Client side: :meth:`listen` / :meth:`forward`.  Device side: ``on_bind(port,
     ip)`` returns a connected TCP socket (or None to refuse) for each bind.
@@ -1630,7 +1633,9 @@ class PTCPTunnel:
     ``own_socket`` it also closes it.  Without ``session`` a new one is made
     with ``session_options``.  ``gso`` (Linux) sends runs of datagrams with one
     UDP_SEGMENT sendmsg and reads coalesced runs with UDP_GRO; it turns itself
-    off when the kernel refuses it.
+    off when the kernel refuses it.  UDP_GRO goes off once the first 4096
+    datagrams came without a single run (a device sends one datagram at a
+    time); the connected socket is then read one datagram per ``recv``.
     """
 
     def __init__(
@@ -1688,6 +1693,8 @@ class PTCPTunnel:
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
             except OSError:
                 pass
+        self._connected = False  # start() connects the socket to the peer
+        self._settling = True  # datagrams of others may be queued from before connect()
         self._gso = gso and sys.platform.startswith("linux")
         self._gro = False
         if self._gso:
@@ -1696,6 +1703,13 @@ class PTCPTunnel:
                 self._gro = True
             except OSError:
                 pass
+        self._peer_ok = {peer}  # senders the checked reader takes
+        try:
+            self._peer_ok.add((socket.gethostbyname(peer[0]), peer[1]))
+        except OSError:
+            pass
+        self._recv = self._receiver()
+        self._read = self._read_checked  # _queue_drained() may switch to _read_exact
         self._io_thread = threading.Thread(
             target=self._guarded, args=(self._io_loop,), name="ptcp-io", daemon=True
         )
@@ -1706,7 +1720,15 @@ class PTCPTunnel:
     # -- lifecycle --------------------------------------------------------
 
     def start(self) -> PTCPTunnel:
-        """Send what the Session already queued, then start the I/O thread."""
+        """Connect the socket to the peer, send what the Session already queued,
+        then start the I/O thread."""
+        try:
+            # the kernel now drops datagrams from anyone else, as the reader would
+            self.sock.connect(self.peer)
+        except OSError as exc:
+            log.debug("UDP socket not connected to the peer (%s): checking each sender", exc)
+        else:
+            self._connected = True
         with self._lock:
             self._flush()
             events = self.session.events()
@@ -2131,40 +2153,86 @@ class PTCPTunnel:
 
         return recv_runs
 
-    def _io_loop(self) -> None:
-        session, stats = self.session, self.stats
-        recv, dontwait = self._receiver(), socket.MSG_DONTWAIT
-        peer_ok = {self.peer}
+    def _read_checked(self) -> list[bytes]:
+        """One batch: a blocking read, then what else is queued; the sender of each
+        datagram is checked, runs coalesced by UDP_GRO are split."""
+        stats, dontwait = self.stats, socket.MSG_DONTWAIT
+        recv, peer_ok = self._recv, self._peer_ok
+        batch: list[bytes] = []
         try:
-            peer_ok.add((socket.gethostbyname(self.peer[0]), self.peer[1]))
-        except OSError:
-            pass
-        while True:
-            batch: list[bytes] = []
+            datagrams, addr = recv(0)  # blocks; close() wakes it
+        except OSError:  # e.g. ICMP port unreachable reported on the socket
+            if not self._stop:
+                stats.send_errors += 1
+            return batch
+        if addr in peer_ok:
+            batch += datagrams
+        elif not self._stop:
+            stats.stray += len(datagrams)
+        while len(batch) < _RECV_BATCH:  # take what else is already there
             try:
-                datagrams, addr = recv(0)  # blocks; close() wakes it
-            except OSError:  # e.g. ICMP port unreachable reported on the socket
-                addr = None
-                if not self._stop:
-                    stats.send_errors += 1
-            if self._stop:
-                return
+                datagrams, addr = recv(dontwait)
+            except BlockingIOError:
+                self._queue_drained()
+                break
+            except OSError:
+                stats.send_errors += 1
+                continue
             if addr in peer_ok:
                 batch += datagrams
-            elif addr is not None:
+            else:
                 stats.stray += len(datagrams)
-            while len(batch) < _RECV_BATCH:  # take what else is already there
-                try:
-                    datagrams, addr = recv(dontwait)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    stats.send_errors += 1
-                    continue
-                if addr in peer_ok:
-                    batch += datagrams
-                else:
-                    stats.stray += len(datagrams)
+        if self._gro and not stats.gro_runs and stats.datagrams_in > _GRO_PROBE:
+            self._gro_off()
+        return batch
+
+    def _read_exact(self) -> list[bytes]:
+        """One batch from a socket connected to the peer, with UDP_GRO off and no
+        datagram of anyone else left in its queue: one recv per datagram, no sender
+        address to build and check (about 0.4 us less per datagram)."""
+        recv, dontwait = self.sock.recv, socket.MSG_DONTWAIT
+        batch: list[bytes] = []
+        try:
+            batch.append(recv(65536))  # blocks; close() wakes it
+        except OSError:
+            if not self._stop:
+                self.stats.send_errors += 1
+            return batch
+        self.stats.exact_batches += 1
+        while len(batch) < _RECV_BATCH:
+            try:
+                batch.append(recv(65536, dontwait))
+            except BlockingIOError:
+                break
+            except OSError:
+                self.stats.send_errors += 1
+        return batch
+
+    def _gro_off(self) -> None:
+        """The peer never sends runs that UDP_GRO could hand over whole (a device
+        sends one datagram at a time): read one datagram per call instead."""
+        try:
+            self.sock.setsockopt(_SOL_UDP, _UDP_GRO, 0)
+        except OSError:
+            return
+        log.debug("no coalesced runs in %d datagrams: UDP GRO off", self.stats.datagrams_in)
+        self._gro = False  # the reader keeps splitting runs: some may be queued still
+        self._settling = True
+
+    def _queue_drained(self) -> None:
+        """The socket's queue was empty: what comes next was queued after connect()
+        and after UDP_GRO went off, so the exact reader may take over."""
+        if self._settling and self._connected and not self._gro:
+            self._settling = False
+            self._read = self._read_exact
+            log.debug("reading the connected socket one datagram per call")
+
+    def _io_loop(self) -> None:
+        session, stats = self.session, self.stats
+        while True:
+            batch = self._read()
+            if self._stop:
+                return
             if not batch:
                 continue
             stats.datagrams_in += len(batch)

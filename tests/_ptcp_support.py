@@ -325,7 +325,8 @@ def udp_socket(sock_type: type[socket.socket] = socket.socket) -> socket.socket:
 class Pair:
     """A client tunnel and a device tunnel in this process, joined over loopback UDP.
 
-    ``tunnel`` holds PTCPTunnel options, ``sock_type`` makes the client's socket.
+    ``tunnel`` holds PTCPTunnel options (``device_tunnel`` more for the device's
+    side only), ``sock_type`` makes the client's socket.
     """
 
     def __init__(
@@ -334,6 +335,7 @@ class Pair:
         relay: dict | None = None,
         *,
         tunnel: dict | None = None,
+        device_tunnel: dict | None = None,
         sock_type: type[socket.socket] = socket.socket,
         **options,
     ) -> None:
@@ -363,7 +365,12 @@ class Pair:
             a_peer, b_peer = self.relay.addr_for_a, self.relay.addr_for_b
         tunnel = tunnel or {}
         self.device = PTCPTunnel(
-            b_sock, b_peer, b, on_bind=on_bind, on_event=self._device_event, **tunnel
+            b_sock,
+            b_peer,
+            b,
+            on_bind=on_bind,
+            on_event=self._device_event,
+            **(tunnel | (device_tunnel or {})),
         )
         self.client = PTCPTunnel(a_sock, a_peer, a, **tunnel)
         self.client_sock, self.device_sock = a_sock, b_sock

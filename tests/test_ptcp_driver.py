@@ -21,12 +21,14 @@ from _ptcp_support import (
 
 from helpers import ExitCode
 from ptcp import (
+    Packet,
     PTCPError,
     PTCPTunnel,
     RealmClosed,
     Session,
     Syn,
     decode_packet,
+    encode_packet,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,13 +68,63 @@ def test_in_process_echo_and_stray_datagrams(pair_factory, echo):
     # signalling text and an inverted STUN punch from the peer's own socket
     pair.device_sock.sendto(b"HTTP/1.1 200 OK\r\nCSeq: 3\r\n\r\n", pair.client_sock.getsockname())
     pair.device_sock.sendto(bytes(b ^ 0xFF for b in bytes(20)), pair.client_sock.getsockname())
-    # and a datagram from a stranger
+    # and a datagram from a stranger: the socket is connected to the peer, so the
+    # kernel drops it before anyone reads it
     with udp_socket() as stranger:
         stranger.sendto(b"PTCP" + bytes(20), pair.client_sock.getsockname())
     sent, got = echo_roundtrip(port, seed=1, total=3 * MB)
     assert sent == got
-    assert pair.client.stats.stray == 3
+    assert pair.client.stats.stray == 2
     assert not pair.client.dead.is_set()
+
+
+def test_datagrams_of_others_queued_before_start_are_counted_not_taken() -> None:
+    events: list = []
+    seen = threading.Condition()
+
+    def on_event(ev) -> None:
+        with seen:
+            events.append(type(ev).__name__)
+            seen.notify_all()
+
+    with udp_socket() as sock, udp_socket() as device, udp_socket() as stranger:
+        # a forged acknowledgement of bytes never sent, and a forged SYN, from a stranger
+        stranger.sendto(encode_packet(Packet(0, 4, 0xFFFF, 1, 0, None)), sock.getsockname())
+        stranger.sendto(encode_packet(Packet(0, 0, 0x2FFFF, 1, 0, Syn())), sock.getsockname())
+        tunnel = PTCPTunnel(sock, device.getsockname(), own_socket=False, on_event=on_event)
+        tunnel.send_syn()
+        tunnel.start()
+        try:
+            device.settimeout(10)
+            syn = decode_packet(device.recv(2048))
+            assert isinstance(syn.body, Syn)
+            stranger.sendto(encode_packet(Packet(0, 0, 0x2FFFF, 1, 0, Syn())), sock.getsockname())
+            device.sendto(encode_packet(Packet(0, 4, 0x2FFFF, 7, 1, Syn())), sock.getsockname())
+            with seen:
+                assert seen.wait_for(lambda: "SynReceived" in events, 10)
+            assert events == ["SynReceived"]  # only the device's
+            assert tunnel.stats.stray == 2  # the two from before start(); the third never came
+            assert tunnel.session.unacked_bytes == 0  # the device's SYN acknowledged ours
+        finally:
+            tunnel.close()
+
+
+@pytest.mark.parametrize("device_gso", [False, True])
+def test_a_peer_that_sends_no_runs_is_read_one_datagram_per_call(
+    pair_factory, device_gso: bool
+) -> None:
+    bulk = BulkServer(seed=3, total=16 * MB)  # over 12000 datagrams
+    try:
+        pair = pair_factory({9: bulk.port}, device_tunnel={"gso": device_gso})
+        _host, port = pair.client.listen(9)
+        assert read_all(port) == (16 * MB, digest_of(3, 16 * MB))
+    finally:
+        bulk.close()
+    stats = pair.client.stats
+    if device_gso:  # runs came, and UDP_GRO handed them over whole
+        assert stats.gro_runs > 0 and stats.exact_batches == 0
+    else:  # a device sends one datagram at a time: GRO off, plain recv on the connected socket
+        assert stats.gro_runs == 0 and stats.exact_batches > 0
 
 
 @pytest.mark.timeout(120)
