@@ -1171,19 +1171,21 @@ def read_deadline(
     *,
     partial_since: float | None,
     last_request: float,
-    has_session: bool,
+    streaming: bool,
     header_timeout: float,
     idle_timeout: float,
 ) -> float | None:
     """Seconds left before a client connection is closed for slowness (None: no limit).
 
     A request must be complete ``header_timeout`` seconds after its first byte;
-    a connection without a session must send a request every ``idle_timeout``
-    seconds.  A session ends by TEARDOWN, by its own timeout or by the client.
+    a connection that is not streaming (no session, or one set up or paused, but
+    not playing or waiting for its PLAY reply) must send a request every
+    ``idle_timeout`` seconds, as an RTSP session must be kept alive within its
+    timeout.  A playing session ends by TEARDOWN or by the client.
     """
     if partial_since is not None:
         return partial_since + header_timeout - now
-    if not has_session:
+    if not streaming:
         return last_request + idle_timeout - now
     return None
 
@@ -1742,8 +1744,8 @@ class ProxyServer:
     Exposure limits: at most ``max_clients`` connections (when full, the
     oldest one that never sent a complete request makes room, else the new one
     gets 503); a request complete within ``header_timeout`` seconds of its
-    first byte; a connection without a session closed after ``idle_timeout``
-    seconds without a request; replies queued up to ``client_buffer`` bytes
+    first byte; a connection that is not streaming closed after ``idle_timeout``
+    seconds without a request (DVR sessions it set up are released); replies queued up to ``client_buffer`` bytes
     (a client that then takes nothing for ``client_stall`` seconds is closed);
     at most ``max_client_sessions`` DVR channels per connection; channels the
     DVR does not have are 404 without a DVR request; ``login_backoff`` for
@@ -2000,7 +2002,7 @@ class ProxyServer:
                     time.monotonic(),
                     partial_since=partial_since,
                     last_request=viewer.last_seen,
-                    has_session=viewer.proto.session_id is not None,
+                    streaming=viewer.proto.playing or viewer.play_request is not None,
                     header_timeout=self.header_timeout,
                     idle_timeout=self.idle_timeout,
                 )
@@ -2332,7 +2334,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--idle-timeout", type=positive, default=60.0,
-        help="seconds a connection without a session may send nothing (60)",
+        help="seconds a connection that is not playing (no session yet, or one set up or "
+        "paused) may send nothing; the proxy advertises a 60 s session timeout (60)",
     )
     limits.add_argument(
         "--max-client-sessions", type=helpers.integer_in(1, 1000, "count"), default=2,

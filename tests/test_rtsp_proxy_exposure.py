@@ -187,6 +187,25 @@ def test_incomplete_requests_and_idle_connections_are_closed(proxied) -> None:  
     assert "(incomplete request)" in proc.output and "(idle)" in proc.output
 
 
+def test_a_session_set_up_but_never_played_is_closed_and_released(proxied) -> None:  # noqa: F811
+    # A connection that SETUPs a channel and then says nothing held its DVR
+    # session for ever: a handful of them would take every channel of the box.
+    dvr, proc, address = proxied("tcp", "--idle-timeout", "1", "--linger", "0.5")
+    with RawRTSP(address) as parked, RawRTSP(address) as paused:
+        assert parked.request("DESCRIBE")[0] == 200
+        transport = "RTP/AVP/TCP;unicast;interleaved=0-1"
+        status, headers, _ = parked.request("SETUP", Transport=transport)
+        assert status == 200 and "session" in headers
+        session = paused.play_tcp()["session"]
+        assert paused.request("PAUSE", Session=session)[0] == 200
+        assert dvr.active_sessions >= 1
+        for raw in (parked, paused):
+            raw.sock.setblocking(False)
+            wait_until(lambda r=raw: closed_by_peer(r.sock), what="the proxy to close it")
+    wait_until(lambda: dvr.active_sessions == 0, what="the DVR sessions to be released")
+    assert proc.output.count("(idle)") >= 2
+
+
 # --------------------------------------------------------------------------
 # Clients that do not read
 
@@ -356,9 +375,9 @@ def test_login_guard_memory_is_bounded() -> None:
 def test_read_deadline() -> None:
     limits = {"header_timeout": 10.0, "idle_timeout": 60.0}
     deadline = rtsp_proxy.read_deadline
-    assert deadline(5.0, partial_since=2.0, last_request=0, has_session=True, **limits) == 7.0
-    assert deadline(5.0, partial_since=None, last_request=1, has_session=False, **limits) == 56
-    assert deadline(5.0, partial_since=None, last_request=1, has_session=True, **limits) is None
+    assert deadline(5.0, partial_since=2.0, last_request=0, streaming=True, **limits) == 7.0
+    assert deadline(5.0, partial_since=None, last_request=1, streaming=False, **limits) == 56
+    assert deadline(5.0, partial_since=None, last_request=1, streaming=True, **limits) is None
 
 
 class _SilentSocket:
