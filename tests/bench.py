@@ -724,7 +724,7 @@ def service_bench(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         service, _ = start(argv, r"^service: ")
         _poll(lambda: _http_json(health, "/readyz")[0] == 200, "every device up", 180)
         status = _http_json(health, "/status")[1]["devices"]
-        for serial, _port in devices[:count]:
+        for serial, *_ in devices[:count]:
             local = int(status[serial]["forwards"][0].split("->")[0].rsplit(":", 1)[1])
             clients.append(socket.create_connection(("127.0.0.1", local)))
         got = [0] * count
