@@ -1745,8 +1745,9 @@ class ProxyServer:
     oldest one that never sent a complete request makes room, else the new one
     gets 503); a request complete within ``header_timeout`` seconds of its
     first byte; a connection that is not streaming closed after ``idle_timeout``
-    seconds without a request (DVR sessions it set up are released); replies queued up to ``client_buffer`` bytes
-    (a client that then takes nothing for ``client_stall`` seconds is closed);
+    seconds without a request (DVR sessions it set up are released); replies
+    queued up to ``client_buffer`` bytes (a client that then takes nothing for
+    ``client_stall`` seconds is closed);
     at most ``max_client_sessions`` DVR channels per connection; channels the
     DVR does not have are 404 without a DVR request; ``login_backoff`` for
     :class:`LoginGuard`.
