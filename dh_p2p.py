@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import array
 import collections
+import functools
 import ipaddress
 import logging
 import os
@@ -1351,6 +1352,15 @@ class Client:
         self.sign_mode: str = args.sign  # becomes "never" after the fallback
         self.watch: SilentRealmWatch | None = None
 
+    def in_thread(self, work: Callable[[], object]) -> object:
+        """Runs the work of every thread this client and its tunnels start."""
+        return work()
+
+    def _spawn(self, target: Callable[..., object], *args: object, name: str | None = None) -> None:
+        """Start a daemon thread that runs ``target(*args)`` through :meth:`in_thread`."""
+        work = functools.partial(target, *args)
+        threading.Thread(target=self.in_thread, args=(work,), name=name, daemon=True).start()
+
     # -- handshake driver -----------------------------------------------------
 
     def _resolve(self, addr: tuple[str, int]) -> tuple[str, int]:
@@ -1474,7 +1484,7 @@ class Client:
                 fwd = fallback
             host, port = lst.getsockname()[:2]
             self.listeners.append((lst, Forward(host, port, fwd.remote, fwd.explicit)))
-            threading.Thread(target=self._accept_loop, args=(lst, fwd.remote), daemon=True).start()
+            self._spawn(self._accept_loop, lst, fwd.remote)
 
     def _accept_loop(self, lst: socket.socket, remote: int) -> None:
         while not self.stop.is_set():
@@ -1482,7 +1492,7 @@ class Client:
                 client, _ = lst.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(client, remote), daemon=True).start()
+            self._spawn(self._serve, client, remote)
 
     def _serve(self, client: socket.socket, remote: int) -> None:
         try:
@@ -1518,7 +1528,7 @@ class Client:
                         return slot
                 if self.main is not None and not self.opening_extra:
                     self.opening_extra = True
-                    threading.Thread(target=self._open_extra, daemon=True).start()
+                    self._spawn(self._open_extra)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     log.warning("no tunnel could take a new client within 60 s")
@@ -1541,7 +1551,7 @@ class Client:
         with self.cond:
             self.opening_extra = False
             if self.stop.is_set():
-                threading.Thread(target=self._close_slot, args=(slot,), daemon=True).start()
+                self._spawn(self._close_slot, slot)
             else:
                 self.extras.append(slot)
             self.cond.notify_all()
@@ -1579,6 +1589,7 @@ class Client:
             gso=not self.args.no_gso,
             max_realms=self.args.max_realms,
             bind_timeout=self.args.bind_timeout,
+            run_thread=self.in_thread,
         )
         slot = _Slot(tunnel, est, socks, extra)
         box.append(slot)
@@ -1592,7 +1603,7 @@ class Client:
             self.extras.remove(slot)
             self.cond.notify_all()
         log.info("extra tunnel to %s closes (no realm left)", slot.est.peer)
-        threading.Thread(target=self._close_slot, args=(slot,), daemon=True).start()
+        self._spawn(self._close_slot, slot)
 
     def _close_slot(self, slot: _Slot) -> None:
         """DISC what is open, release a relay, close the sockets."""
@@ -1622,7 +1633,7 @@ class Client:
         backoff = 1.0
         attempts = 0
         if self.args.stats_interval > 0:
-            threading.Thread(target=self._report, name="report", daemon=True).start()
+            self._spawn(self._report, name="report")
         while not self.stop.is_set():
             try:
                 est, socks = self.handshake()
@@ -1707,7 +1718,7 @@ class Client:
             print(line, flush=True)
         print(f"ready: {est.path} tunnel to {self.args.serial}", flush=True)
         if self.args.channels:
-            threading.Thread(target=self._print_channels, daemon=True).start()
+            self._spawn(self._print_channels)
 
     def _print_channels(self) -> None:
         import requests
@@ -2234,22 +2245,16 @@ class DeviceClient(Client):
         if not self.stop.is_set():
             self.state, self.reason = "down", "the session with the device died; reconnecting"
 
+    def in_thread(self, work: Callable[[], object]) -> object:
+        _log_context.device = self.config.name  # log lines of this thread name the device
+        return work()
+
     def _report(self) -> None:
-        _log_context.device = self.config.name
         if not self._reporting:  # run() starts one per call; the supervisor may call it again
             self._reporting = True
             super()._report()
 
-    def _accept_loop(self, lst: socket.socket, remote: int) -> None:
-        _log_context.device = self.config.name
-        super()._accept_loop(lst, remote)
-
-    def _open_extra(self) -> None:
-        _log_context.device = self.config.name
-        super()._open_extra()
-
     def _serve(self, client: socket.socket, remote: int) -> None:
-        _log_context.device = self.config.name
         with self.cond:
             self.waiting += 1
             self.cond.notify_all()

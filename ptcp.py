@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
+import functools
 import logging
 import random
 import socket
@@ -1489,7 +1490,7 @@ class _Bridge:
 
     def start(self) -> None:
         for name, target in (("rd", self._reader), ("wr", self._writer)):
-            t = threading.Thread(target=target, name=f"ptcp-{name}-{self.realm:08x}", daemon=True)
+            t = self.tunnel._thread(f"ptcp-{name}-{self.realm:08x}", target)
             self.threads.append(t)
             t.start()
 
@@ -1629,7 +1630,9 @@ class PTCPTunnel:
     Client side: :meth:`listen` / :meth:`forward`.  Device side: ``on_bind(port,
     ip)`` returns a connected TCP socket (or None to refuse) for each bind.
     ``on_event`` sees every Session event except data; ``on_dead`` is called
-    once the peer is declared dead.  The tunnel makes ``sock`` blocking; with
+    once the peer is declared dead.  Every thread the tunnel starts runs its work
+    as ``run_thread(work)`` when given (e.g. to set a log context for it).  The
+    tunnel makes ``sock`` blocking; with
     ``own_socket`` it also closes it.  Without ``session`` a new one is made
     with ``session_options``.  ``gso`` (Linux) sends runs of datagrams with one
     UDP_SEGMENT sendmsg and reads coalesced runs with UDP_GRO; it turns itself
@@ -1654,9 +1657,11 @@ class PTCPTunnel:
         gso: bool = True,
         max_realms: int | None = None,
         bind_timeout: float | None = None,
+        run_thread: Callable[[Callable[[], object]], object] | None = None,
         **session_options: object,
     ) -> None:
         self.sock = sock
+        self.run_thread = run_thread
         self.max_realms = max_realms
         self.bind_timeout = bind_timeout
         self.retired = False  # a bind went unanswered: serve the realms we have, no new one
@@ -1710,12 +1715,8 @@ class PTCPTunnel:
             pass
         self._recv = self._receiver()
         self._read = self._read_checked  # _queue_drained() may switch to _read_exact
-        self._io_thread = threading.Thread(
-            target=self._guarded, args=(self._io_loop,), name="ptcp-io", daemon=True
-        )
-        self._timer_thread = threading.Thread(
-            target=self._guarded, args=(self._timer_loop,), name="ptcp-timer", daemon=True
-        )
+        self._io_thread = self._thread("ptcp-io", self._guarded, self._io_loop)
+        self._timer_thread = self._thread("ptcp-timer", self._guarded, self._timer_loop)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -1886,12 +1887,21 @@ class PTCPTunnel:
         """Accept local TCP clients on ``host:local_port``, each forwarded to ``remote_port``."""
         lst = socket.create_server((host, local_port))
         self._listeners.append(lst)
-        t = threading.Thread(
-            target=self._accept_loop, args=(lst, remote_port), name="ptcp-accept", daemon=True
-        )
+        t = self._thread("ptcp-accept", self._accept_loop, lst, remote_port)
         self._threads.append(t)
         t.start()
         return lst.getsockname()[:2]
+
+    def _thread(
+        self, name: str | None, target: Callable[..., object], *args: object
+    ) -> threading.Thread:
+        """A daemon thread (not started) that runs ``target(*args)`` through run_thread."""
+        run_thread = self.run_thread
+        if run_thread is None:
+            return threading.Thread(target=target, args=args, name=name, daemon=True)
+        return threading.Thread(
+            target=run_thread, args=(functools.partial(target, *args),), name=name, daemon=True
+        )
 
     def _accept_loop(self, lst: socket.socket, remote_port: int) -> None:
         while not self._stop:
@@ -1899,9 +1909,7 @@ class PTCPTunnel:
                 client, _addr = lst.accept()
             except OSError:
                 return
-            threading.Thread(
-                target=self._forward_quiet, args=(client, remote_port), daemon=True
-            ).start()
+            self._thread(None, self._forward_quiet, client, remote_port).start()
 
     def _forward_quiet(self, client: socket.socket, remote_port: int) -> None:
         try:
@@ -2295,9 +2303,7 @@ class PTCPTunnel:
                         bridge.set_opened(ev.reason)
                         bridge.abort()
             elif isinstance(ev, BindRequested):
-                threading.Thread(
-                    target=self._bind_requested, args=(ev.realm, ev.port, ev.ip), daemon=True
-                ).start()
+                self._thread(None, self._bind_requested, ev.realm, ev.port, ev.ip).start()
             elif isinstance(ev, PeerDead):
                 if ev.reason == "stall":
                     stalled = self.session.stall_after or 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sys
@@ -71,7 +72,7 @@ def test_three_devices_one_unknown_then_fixed_by_sighup(
         f'health = "{health}"\n' + "".join(good)
         + device_toml("c", "NOSUCHSERIAL", emulators[2], ports[2]),
     )
-    argv = [sys.executable, DH_P2P, "--config", config, "-v"]
+    argv = [sys.executable, DH_P2P, "--config", config, "-vv"]
     proc = spawn(argv, ready=r"^service: ", timeout=20)
 
     def only_c_missing() -> dict | None:
@@ -84,6 +85,8 @@ def test_three_devices_one_unknown_then_fixed_by_sighup(
     assert "INFO dh_p2p: [c] " in proc.output and "INFO dh_p2p: [a] " in proc.output  # log names
     for port in ports[:2]:
         frames(port)
+    # the tunnel's own threads name their device too (ffprobe's realm ended)
+    assert re.search(r"DEBUG ptcp: \[a\] realm [0-9a-f]{8}: local EOF", proc.output), proc.output
 
     before = metric_samples(health)
     assert before[("dh_p2p_device_up", (("device", "a"),))] == 1
