@@ -1797,9 +1797,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-u", "--user", default=env("DH_P2P_USERNAME"), help="device user name")
     p.add_argument(
-        "--password", default=env("DH_P2P_PASSWORD"), help="device password (or DH_P2P_PASSWORD)"
+        "--password",
+        help="device password (visible in ps: prefer --password-file or DH_P2P_PASSWORD)",
     )
-    p.add_argument("--password-file", metavar="PATH", help="read --password from this file")
+    p.add_argument(
+        "--password-file", metavar="PATH", help="read the device password from its first line"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--direct", dest="mode", action="store_const", const="direct")
     mode.add_argument("--relay", dest="mode", action="store_const", const="relay")
@@ -1934,8 +1937,9 @@ def main(argv: list[str] | None = None) -> int:
         cloud = identities[0].cloud
         health_addr = helpers.parse_listen_address(args.health, "--health") if args.health else None
         forwards = [parse_forward(f) for f in args.port]
-        if args.password_file is not None:
-            args.password = helpers.read_password_file(args.password_file)
+        args.password = helpers.password_from(
+            args.password, args.password_file, "DH_P2P_PASSWORD"
+        )
     except ValueError as exc:  # helpers.UsageError too
         parser.error(str(exc))
     args.user = args.user or None  # an empty environment variable means "not given"

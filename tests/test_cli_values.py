@@ -116,5 +116,41 @@ def test_password_file_gives_the_first_line(tmp_path, monkeypatch, tool: str) ->
     assert seen == ["s3cret: with spaces "]
 
 
+@pytest.mark.parametrize("tool", ["svtool", "rtsp_proxy", "dh_p2p"])
+def test_password_and_password_file_together_are_a_usage_error(
+    tmp_path, capsys, monkeypatch, tool: str
+) -> None:
+    path = tmp_path / "pw"
+    path.write_text("from the file\n")
+    both = ["--password", "on the line", "--password-file", str(path)]
+    argv = {
+        "svtool": ["--username", "admin", *both, *SVTOOL, "describe"],
+        "rtsp_proxy": [*PROXY, "--username", "admin", *both],
+        "dh_p2p": [*DH, "-u", "admin", *both],
+    }[tool]
+    try:
+        code = MAINS[tool](argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_dh_p2p_password_from_the_environment(monkeypatch) -> None:
+    seen: list[str | None] = []
+
+    def record(args, _cloud) -> None:
+        seen.append(args.password)
+        raise _Stop
+
+    monkeypatch.setattr(dh_p2p, "Client", record)
+    monkeypatch.setenv("DH_P2P_PASSWORD", "from the environment")
+    with pytest.raises(_Stop):
+        dh_p2p.main([*DH, "-u", "admin"])
+    with pytest.raises(_Stop):
+        dh_p2p.main([*DH, "-u", "admin", "--password", "given"])
+    assert seen == ["from the environment", "given"]
+
+
 class _Stop(Exception):
     """Ends main() once the password was seen."""
