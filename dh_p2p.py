@@ -2404,6 +2404,7 @@ class Service(helpers.HealthSource):
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.reload_wanted = False
+        self.health_in_file: str | None = None  # the file's health at start
         self.stopping = False
         self.last_tick = time.monotonic()
 
@@ -2465,6 +2466,10 @@ class Service(helpers.HealthSource):
         except helpers.ConfigError as exc:
             print(f"dh_p2p: {exc}; keeping the running devices", file=sys.stderr, flush=True)
             return
+        if not self.base_args.health:  # --health overrides the file
+            note = helpers.health_change_note(self.health_in_file, config.health)
+            if note:
+                print(f"dh_p2p: {note}", file=sys.stderr, flush=True)
         self.apply(config)
         print(f"reloaded {self.path}: {len(self.devices)} devices", flush=True)
 
@@ -2577,6 +2582,7 @@ def run_service(args: argparse.Namespace) -> int:
         handler.addFilter(DeviceLogPrefix())
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(device)s%(message)s"))
     service = Service(args, args.config, cloud)
+    service.health_in_file = config.health
     health = None
     if health_addr is not None:
         try:

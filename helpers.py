@@ -1121,6 +1121,17 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
 
 
+def health_change_note(started: str | None, in_file: str | None) -> str | None:
+    """What a SIGHUP reload says when the file names another health address than
+    the one serving (the endpoints stay where they are until a restart)."""
+    if in_file == started:
+        return None
+    return (
+        f"health {in_file or '(none)'} takes effect at the next start; "
+        f"serving {started or 'no health endpoint'} until then"
+    )
+
+
 def parse_listen_address(text: str, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` or ``PORT`` (then 127.0.0.1) -> (host, port); raises ConfigError."""
     if not isinstance(text, str | int) or isinstance(text, bool):

@@ -2638,10 +2638,15 @@ def run_proxy_service(args: argparse.Namespace) -> int:
     def reload() -> None:
         hup.clear()
         try:
-            service.apply(parse_proxy_config(helpers.load_toml(args.config)))
+            new = parse_proxy_config(helpers.load_toml(args.config))
         except helpers.ConfigError as exc:
             print(f"rtsp_proxy.py: {exc}; keeping the running DVRs", file=sys.stderr, flush=True)
             return
+        if not args.health:  # --health overrides the file
+            note = helpers.health_change_note(config.health, new.health)
+            if note:
+                print(f"rtsp_proxy.py: {note}", file=sys.stderr, flush=True)
+        service.apply(new)
         print(f"reloaded {args.config}", flush=True)
 
     return _serve_until_stopped(stop, service, health_addr, hup, reload)

@@ -132,6 +132,11 @@ def test_three_devices_one_unknown_then_fixed_by_sighup(
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
     assert rtsp_options(held, ports[0], 3).startswith(b"RTSP/1.0 200"), "a was disturbed"
+    # another health address takes a restart: said so, and the endpoints stay
+    write_config(config, f'health = "{free_port()}"\n' + good[0] + fixed)
+    proc.popen.send_signal(signal.SIGHUP)
+    proc.wait_line(r"takes effect at the next start; serving " + str(health))
+    assert get(health, "/livez")[0] == 200
     held.close()
     assert proc.stop(signal.SIGTERM) == 0
     wait_until(lambda: all(emu.open_realms() == 0 for emu in emulators), "realms closed on exit")

@@ -93,6 +93,12 @@ def test_two_dvrs_play_and_metrics_show_their_viewers(
     assert results["shop"].frames >= 50 and not results["shop"].errors, results["shop"].output
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
+    # another health address takes a restart: said so, and the endpoints stay
+    write_config(config, f'health = "{free_port()}"\n' + entries[0] + gate)
+    proc.popen.send_signal(signal.SIGHUP)
+    proc.wait_line(r"takes effect at the next start; serving " + str(health))
+    proc.wait_line(r"^reloaded ")
+    assert get(health, "/readyz")[0] == 200
     assert proc.stop(signal.SIGTERM) == 0
     assert "4321" not in proc.output
 
