@@ -1181,16 +1181,8 @@ def parse_forward(text: str) -> Forward:
 
 
 def parse_cloud(text: str) -> tuple[str, int]:
-    """``HOST[:PORT]`` (default port 8800)."""
-    host, colon, port = text.rpartition(":")
-    if not colon:
-        return text, helpers.DEFAULT_CLOUD_PORT
-    if not host:
-        raise ValueError(f"expected HOST[:PORT], got {text!r}")
-    try:
-        return host, helpers.split_port(port)
-    except argparse.ArgumentTypeError as exc:
-        raise ValueError(f"{exc} in {text!r}") from None
+    """``HOST[:PORT]`` (default port 8800); raises ValueError."""
+    return helpers.split_host_port(text, default_port=helpers.DEFAULT_CLOUD_PORT)
 
 
 def parse_cloud_option(text: str) -> tuple[str | None, tuple[str, int]]:

@@ -591,15 +591,41 @@ def xml_body(items: Iterable[tuple[str, object]] | dict[str, object]) -> str:
     return f"<body>{inner}</body>"
 
 
+def split_host_port(
+    text: str,
+    *,
+    default_host: str | None = None,
+    default_port: int | None = None,
+    lowest_port: int = 1,
+) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST`` (then ``default_port``) or ``PORT`` (then
+    ``default_host``) -> (host, port); ``[v6]`` brackets are dropped.  The one
+    host:port parser of every tool, its option types, config files and cloud
+    replies.  Raises ValueError when a part is missing without a default, or the
+    port is not ASCII digits from ``lowest_port`` to 65535."""
+    text = text.strip()
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = ("", text) if ascii_number(text, 5) is not None else (text, "")
+    host = host.strip("[]") or default_host or ""
+    if not host:
+        raise ValueError(f"{text[:60]!r} needs a host")
+    if not port:
+        if colon or default_port is None:  # "host:" promises a port it does not give
+            raise ValueError(f"{text[:60]!r} needs a port")
+        return host, default_port
+    number = ascii_number(port, 5)
+    if number is None or not lowest_port <= number <= 65535:
+        raise ValueError(f"port must be {lowest_port}-65535 in {text[:60]!r}")
+    return host, number
+
+
 def parse_host_port(text: str) -> tuple[str, int]:
     """Parse ``host:port`` (as in ``<US>``, ``<Address>``, ``<LocalAddr>``)."""
-    host, colon, port = text.strip().rpartition(":")
-    number = ascii_number(port, 5) if colon and host else None
-    if number is None:
-        raise P2PProtocolError(f"bad address {text[:60]!r}")
-    if not 0 < number < 65536:
-        raise P2PProtocolError(f"bad port in {text[:60]!r}")
-    return host, number
+    try:
+        return split_host_port(text)
+    except ValueError:
+        raise P2PProtocolError(f"bad address {text[:60]!r}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -989,10 +1015,10 @@ def host_port(default_host: str, lowest_port: int = 1) -> Callable[[str], tuple[
     """A type for ``HOST:PORT`` or ``PORT`` (then on ``default_host``)."""
 
     def parse(text: str) -> tuple[str, int]:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = default_host, text
-        return (host.strip("[]") or default_host), split_port(port, lowest_port)
+        try:
+            return split_host_port(text, default_host=default_host, lowest_port=lowest_port)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     parse.__name__ = "HOST:PORT"
     return parse
@@ -1136,12 +1162,12 @@ def parse_listen_address(text: str, what: str = "address") -> tuple[str, int]:
     """``HOST:PORT`` or ``PORT`` (then 127.0.0.1) -> (host, port); raises ConfigError."""
     if not isinstance(text, str | int) or isinstance(text, bool):
         raise ConfigError(f"{what} must be a string HOST:PORT or a port")
-    host, colon, port = str(text).strip().rpartition(":")
-    host = host.strip("[]") if colon else "127.0.0.1"
-    number = ascii_number(port, 5)
-    if not host or number is None or not 0 < number < 65536:
-        raise ConfigError(f"{what} must be HOST:PORT or PORT (1-65535), not {str(text)[:60]!r}")
-    return host, number
+    try:
+        return split_host_port(str(text), default_host="127.0.0.1")
+    except ValueError:
+        raise ConfigError(
+            f"{what} must be HOST:PORT or PORT (1-65535), not {str(text)[:60]!r}"
+        ) from None
 
 
 def entry_password(entry: dict, where: str, environ: dict[str, str] | None = None) -> str | None:

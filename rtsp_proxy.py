@@ -2219,31 +2219,12 @@ class ProxyServer:
 EXIT_OK, EXIT_USAGE, EXIT_CANNOT_LISTEN = ExitCode.OK, ExitCode.USAGE, ExitCode.ERROR
 
 
-def parse_hostport(
-    text: str, default_host: str, default_port: int | None, lowest_port: int = 1
-) -> tuple[str, int]:
-    """``host:port``, ``host`` or ``port`` to a (host, port) pair; ValueError if malformed."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        if helpers.ascii_number(text, 5) is not None:
-            host, port = default_host, text
-        else:
-            host, port = text, ""
-    host = host.strip("[]") or default_host
-    if not port:
-        if default_port is None:
-            raise ValueError(f"{text!r} needs a port")
-        return host, default_port
-    number = helpers.ascii_number(port, 5)
-    if number is None or not lowest_port <= number <= 65535:
-        raise ValueError(f"port must be {lowest_port}-65535 in {text!r}")
-    return host, number
-
-
 def _listen_address(text: str) -> tuple[str, int]:
     """argparse type of LOCAL: port 0 means any free port."""
     try:
-        return parse_hostport(text, "127.0.0.1", 8554, lowest_port=0)
+        return helpers.split_host_port(
+            text, default_host="127.0.0.1", default_port=8554, lowest_port=0
+        )
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -2251,12 +2232,9 @@ def _listen_address(text: str) -> tuple[str, int]:
 def _dvr_address(text: str) -> tuple[str, int]:
     """argparse type of REMOTE."""
     try:
-        host, port = parse_hostport(text, "", 554)
+        return helpers.split_host_port(text, default_port=554)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if not host:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a host")
-    return host, port
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -2470,11 +2448,9 @@ def parse_dvr_entry(
     if not isinstance(remote_text, str):
         raise helpers.ConfigError(f"{where}: remote must be the DVR's HOST[:PORT]")
     try:
-        remote = parse_hostport(remote_text, "", 554)
+        remote = helpers.split_host_port(remote_text, default_port=554)
     except ValueError as exc:
         raise helpers.ConfigError(f"{where}: remote: {exc}") from None
-    if not remote[0]:
-        raise helpers.ConfigError(f"{where}: remote needs a host")
     username = entry.get("username")
     if username is not None and (not isinstance(username, str) or not username):
         raise helpers.ConfigError(f"{where}: username must be a non-empty string")

@@ -79,6 +79,38 @@ def test_parse_host_port_takes_ascii_digits_only(text: str) -> None:
         helpers.parse_host_port(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "defaults", "expected"),
+    [
+        ("10.0.0.5:1554", {}, ("10.0.0.5", 1554)),
+        (" [::1]:80 ", {}, ("::1", 80)),
+        ("8554", {"default_host": "127.0.0.1"}, ("127.0.0.1", 8554)),
+        (":8554", {"default_host": "127.0.0.1"}, ("127.0.0.1", 8554)),
+        ("dvr.lan", {"default_port": 554}, ("dvr.lan", 554)),
+        ("0", {"default_host": "127.0.0.1", "lowest_port": 0}, ("127.0.0.1", 0)),
+    ],
+)
+def test_split_host_port(text: str, defaults: dict, expected: tuple[str, int]) -> None:
+    assert helpers.split_host_port(text, **defaults) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "defaults"),
+    [
+        ("8554", {}),  # no host and no default host
+        ("dvr.lan", {}),  # no port and no default port
+        ("h:99999", {}),
+        ("h:0", {}),
+        ("h:", {"default_port": 554}),  # a colon promises a port
+        ("h:\u0661", {}),
+        ("", {"default_port": 554}),
+    ],
+)
+def test_split_host_port_rejects(text: str, defaults: dict) -> None:
+    with pytest.raises(ValueError):
+        helpers.split_host_port(text, **defaults)
+
+
 @pytest.mark.parametrize("host", ["1.2.3", "1.2.3.256", "\u0661.2.3.4", " 1.2.3.4", "1_0.2.3.4"])
 def test_punch_address_must_be_dotted_ascii_ipv4(host: str) -> None:
     with pytest.raises(ValueError, match="not an IPv4 address"):

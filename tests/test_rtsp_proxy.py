@@ -455,15 +455,6 @@ def test_cli_cannot_listen(monkeypatch) -> None:
         assert rtsp_proxy.main([f"127.0.0.1:{port}", "127.0.0.1:554", "-q"]) == ExitCode.ERROR
 
 
-def test_parse_hostport() -> None:
-    assert rtsp_proxy.parse_hostport("8554", "127.0.0.1", None) == ("127.0.0.1", 8554)
-    assert rtsp_proxy.parse_hostport("dvr.lan", "", 554) == ("dvr.lan", 554)
-    assert rtsp_proxy.parse_hostport("10.0.0.5:1554", "", 554) == ("10.0.0.5", 1554)
-    with pytest.raises(ValueError):
-        rtsp_proxy.parse_hostport("h:99999", "", 554)
-
-
-
 def test_library_use_in_process(dvr_factory, h264_small) -> None:  # noqa: F811
     dvr = dvr_factory("udp", h264=h264_small)
     server = rtsp_proxy.ProxyServer(
