@@ -61,11 +61,13 @@ EXIT_CLOUD_UNREACHABLE = ExitCode.CLOUD_UNREACHABLE
 EXIT_WRONG_APP = ExitCode.WRONG_APP  # the device is bound to another app's cloud than --app
 
 SIGN_MODES = ("auto", "always", "never")
+SIGN_MISSES = 5  # PROTOCOLS 2.7 (c): agent replies to 0x17 without a sign before giving it up
 
 
 class HandshakeError(Exception):
     """The handshake failed; ``kind`` is offline, wrong_app, auth, unreachable,
-    timeout or punch."""
+    timeout, punch or no_sign (the agent answers the sign request without a sign:
+    try again without the sign exchange)."""
 
     def __init__(self, message: str, kind: str = "timeout") -> None:
         super().__init__(message)
@@ -292,6 +294,7 @@ class Handshake:
         self.sign_exchange: bool | None = None  # decided by the p2p-channel reply
         self.nat_info = False
         self.sign: bytes | None = None
+        self.sign_misses = 0  # agent packets in Stage.SIGN that carried no sign
         self.agent_session: ptcp.Session | None = None
         self.device_session: ptcp.Session | None = None
         self.device_peer: tuple[str, int] | None = None
@@ -815,6 +818,8 @@ class Handshake:
         for event in session.events():
             if isinstance(event, ptcp.CommandReceived):
                 self._on_command(session, event, now)
+            elif isinstance(event, ptcp.HeartbeatReceived) and session is self.agent_session:
+                self._sign_missed()
         self._flush_session(sock, peer, session)
         path = self._path_of(session)
         if path.step in (PathStep.SYN, PathStep.CONFIRM) and session.unacked_bytes == 0:
@@ -823,14 +828,31 @@ class Handshake:
         self._advance(now)
 
     def _on_command(self, session: ptcp.Session, event: ptcp.CommandReceived, now: float) -> None:
-        if session is self.agent_session and self.stage == Stage.SIGN and event.payload:
-            self.sign = event.payload
+        if session is self.agent_session and self.stage == Stage.SIGN:
+            if event.payload:
+                self.sign = event.payload
+            else:
+                self._sign_missed()
             return
         path = self._path_of(session)
         if event.body_type == ptcp.T_SIGN_ACCEPT and path.step == PathStep.SIGN:
             # PROTOCOLS 2.2 step 10: 1a from the peer, we answer 1b and wait for its ack.
             path.step = PathStep.CONFIRM
             session.send_command(ptcp.T_SIGN_CONFIRM, b"", now)
+
+    def _sign_missed(self) -> None:
+        """The agent answered while we wait for the sign, but with a short packet or a
+        heartbeat (PROTOCOLS 2.7 (c)): after SIGN_MISSES of them, --sign auto gives
+        the exchange up; the driver then starts over without it."""
+        if self.stage != Stage.SIGN or self.sign_mode != "auto":
+            return
+        self.sign_misses += 1
+        if self.sign_misses >= SIGN_MISSES:
+            self._fail(
+                f"the relay agent answered the sign request {self.sign_misses} times "
+                "without a sign (2024+ firmware?)",
+                "no_sign",
+            )
 
     def _relay_pending(self) -> bool:
         """Whether the relayed path may still start (its signalling is under way)."""
@@ -1632,6 +1654,10 @@ class Client:
             except HandshakeError as exc:
                 if exc.kind == "stopped":
                     break
+                if exc.kind == "no_sign" and self.sign_mode == "auto":
+                    log.warning("%s: trying again without the sign exchange", exc)
+                    self.sign_mode = "never"  # for this device from now on
+                    continue
                 attempts += 1
                 fatal = exc.kind in ("auth", "local", "wrong_app") or (
                     not self.ready_printed and attempts > self.args.retries

@@ -84,6 +84,7 @@ LMID_LIMIT = 1 << 31  # an lmid at or above this made a device stop consuming (2
 PID_FLOOR = 0xFFFF - 4500  # the captured pid never went more than ~4000 below 0xFFFF
 NACK_EVERY = 0.01  # 0x0a requests while a hole in the client's stream lasts (2.7 (b))
 NACK_GIVE_UP = 3.0  # then the device goes silent
+SIGN_REFUSED_HEARTBEAT = 0.3  # how often an agent that gives no sign sends a heartbeat
 REALM_BUFFER = 1 << 20  # bytes queued for a slow local service before data is refused
 
 
@@ -165,6 +166,7 @@ class PeerSession:
         self.last_rx = time.monotonic()
         self.next_heartbeat = time.monotonic() + 5.0
         self.routes_nothing = False  # fw2024 after a sign exchange (see Emulator.fw2024)
+        self.refusing_sign = False  # agent of Emulator.sign_refused: heartbeats, no sign
 
     # -- sending -------------------------------------------------------------
 
@@ -215,8 +217,8 @@ class PeerSession:
             self._resend_head()
             self.rto = min(self.rto * 2, MAX_RTO)
             self.retx_at = now + self.rto
-        if self.open and now >= self.next_heartbeat:
-            self.next_heartbeat = now + 5.0
+        if (self.open or self.refusing_sign) and now >= self.next_heartbeat:
+            self.next_heartbeat = now + (SIGN_REFUSED_HEARTBEAT if self.refusing_sign else 5.0)
             self.send(b"\x13" + bytes(11))
 
     # -- receiving -----------------------------------------------------------
@@ -368,6 +370,11 @@ class PeerSession:
         if kind == 0x17 and self.role == "agent":
             if body != b"\x17" + bytes(11):
                 self.violation(f"bad sign request {body.hex()}")
+            if self.emu.sign_refused:  # PROTOCOLS 2.7 (c): a short reply, then heartbeats
+                self.send(b"\x18" + bytes(11))
+                self.refusing_sign = True
+                self.next_heartbeat = time.monotonic() + SIGN_REFUSED_HEARTBEAT
+                return
             self.send(b"\x18" + bytes(11) + self.emu.sign_for(self))
             return
         if kind == 0x19:
@@ -527,6 +534,7 @@ class Emulator:
         app: str = "smartpss",
         fw2024: bool = False,
         version: str | None = None,
+        sign_refused: bool = False,
     ) -> None:
         """``cloud_at``/``device_at``: (network namespace, IP) for the cloud's and the
         device's sockets (default: this namespace, 127.0.0.1).  ``bind_limit``: each
@@ -535,7 +543,9 @@ class Emulator:
         first resend, are lost (a hole the device asks for with 0x0a).  ``app``: the
         app whose cloud identity the device is bound to; the other main server
         answers 404 for it.  ``fw2024``: firmware 6.x that wants no sign exchange and
-        routes no data after one (PROTOCOLS 2.7 (c)); ``version``: what p2p-channel
+        routes no data after one (PROTOCOLS 2.7 (c)); ``sign_refused``: the relay
+        agent answers 0x17 with a short packet and heartbeats, never a sign (2.7
+        (c)); ``version``: what p2p-channel
         replies report (default 6.5.0 for fw2024, else 5.0.0).  ``cloud_user``/
         ``cloud_key``: the SmartPSS pair."""
         self.serial = serial
@@ -553,6 +563,7 @@ class Emulator:
             raise ValueError(f"unknown app {app!r}")
         self.app = app
         self.fw2024 = fw2024
+        self.sign_refused = sign_refused
         self.version = version or ("6.5.0" if fw2024 else "5.0.0")
         self.refused: list[str] = []  # requests answered 403 for their dialect
         self.local_channels = 0  # local-channel requests (best effort, PROTOCOLS 2.7 (c))

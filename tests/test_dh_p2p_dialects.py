@@ -463,6 +463,38 @@ def test_sign_exchange_punished_despite_an_old_version_is_retried_without(spawn,
     assert emu.violations == []
 
 
+def test_an_agent_that_never_signs_makes_auto_go_on_without_the_sign_exchange(
+    spawn, emulator
+) -> None:
+    # PROTOCOLS 2.7 (c): short or heartbeat replies to 0x17 instead of a sign
+    echo = EchoServer()
+    emu = emulator(
+        fw2024=True, version="5.3.0", sign_refused=True, port_map={9000: ("127.0.0.1", echo.port)}
+    )
+    local = free_port()
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{local}:9000")
+    proc = spawn(argv, ready=r"^ready:", timeout=30)
+    try:
+        assert "times without a sign" in proc.output
+        assert "trying again without the sign exchange" in proc.output
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as conn:
+            conn.sendall(b"ping")
+            conn.settimeout(10)
+            assert conn.recv(100) == b"ping"  # routed: no sign exchange on this tunnel
+    finally:
+        echo.close()
+    assert emu.violations == []
+
+
+def test_with_sign_always_an_agent_without_a_sign_is_not_given_up(spawn, emulator) -> None:
+    emu = emulator(fw2024=True, version="5.3.0", sign_refused=True)
+    argv = dh_p2p_argv(emu.cloud_port, emu.serial, "-p", f"127.0.0.1:{free_port()}:554")
+    proc = spawn([*argv[:-1], "--sign", "always", "--retries", "0", "--timeout", "3", argv[-1]])
+    assert proc.wait(30) == ExitCode.ERROR
+    assert "trying again without the sign exchange" not in proc.output
+    assert emu.call(lambda: any(s.refusing_sign for s in emu.sessions.values()))
+
+
 # --- the dissector knows the DMSS dialect ----------------------------------------------
 
 
