@@ -1539,11 +1539,13 @@ class _Bridge:
         return True
 
     def finish(self) -> None:
+        """The peer closed the realm: the writer sends what is queued, then closes the
+        socket.  A bridge not started yet (its forward() or bind is still returning,
+        while a short answer and the DISC already came) keeps its queue for the
+        writer that start() runs."""
         with self.cond:
             self.finishing = True
             self.cond.notify()
-        if not self.threads:
-            self.close_socket()
 
     def abort(self) -> None:
         with self.cond:

@@ -27,6 +27,7 @@ from ptcp import (
     RealmClosed,
     Session,
     Syn,
+    _Bridge,
     decode_packet,
     encode_packet,
 )
@@ -107,6 +108,27 @@ def test_datagrams_of_others_queued_before_start_are_counted_not_taken() -> None
             assert tunnel.session.unacked_bytes == 0  # the device's SYN acknowledged ours
         finally:
             tunnel.close()
+
+
+def test_a_realm_the_peer_closed_before_its_bridge_started_still_delivers() -> None:
+    # The race behind a rare hostile-test failure: a short answer and the DISC were
+    # handled while forward() was still returning, and the socket was closed unsent.
+    with udp_socket() as udp:
+        tunnel = PTCPTunnel(udp, ("127.0.0.1", 9), own_socket=False)  # never started
+        near, far = socket.socketpair()
+        bridge = _Bridge(tunnel, 7, near)
+        assert bridge.push([b"a short answer", b", then DISC"], 0.0)
+        bridge.finish()
+        bridge.start()
+        far.settimeout(10)
+        got = b""
+        while chunk := far.recv(100):
+            got += chunk
+        far.close()
+        assert got == b"a short answer, then DISC"
+        for thread in bridge.threads:
+            thread.join(10)
+            assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("device_gso", [False, True])
