@@ -80,7 +80,8 @@ def test_rogue_punches_never_become_the_tunnel_peer(spawn, run: int) -> None:
         assert "ready: direct tunnel" in proc.output, proc.output
         with socket.create_connection(("127.0.0.1", local), timeout=20) as conn:
             got = recv_exactly(conn, SIZE)
-        assert hashlib.sha256(got).digest() == hashlib.sha256(service.data).digest(), (proc.output, emu.violations)
+        same = hashlib.sha256(got).digest() == hashlib.sha256(service.data).digest()
+        assert same, (proc.output, emu.violations)
         assert rogue.sent > 0
         assert rogue.received == 0, "the client talked to the rogue"
         assert "ignoring punch that is not from the device" in proc.output
