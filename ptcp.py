@@ -415,7 +415,8 @@ class DataReceived:
 
 @dataclass(frozen=True, slots=True)
 class RealmClosed:
-    """A realm is gone.  reason: refused, peer, local, timeout."""
+    """A realm is gone.  reason: refused, peer, local, timeout, or retired (its
+    bind never went out: an earlier one was left unanswered, PROTOCOLS 2.7 (b))."""
 
     realm: int
     reason: str
@@ -508,6 +509,12 @@ class Session:
     let the counters start anywhere; they wrap modulo 2^32.  ``rng`` draws realm
     ids.  ``open_timeout`` bounds the wait for CONN (and for the DISC answer).
 
+    Binds (PROTOCOLS 2.7 (b)): one BIND is on the wire at a time, the others
+    wait their turn; ``bind_timeout`` shortens the wait for CONN, and a BIND left
+    unanswered that long *retires* the session: its realms go on, it opens no
+    new one, and the binds still waiting end with ``RealmClosed(reason="retired")``.
+    ``max_realms`` bounds the realms alive at once.  :attr:`can_open` tells.
+
     Acknowledgements (PROTOCOLS 2.5, 2.7 (b)): in-order data packets are
     answered every ``ack_every`` packets (2 by default, as the official app does:
     one ack per 1.88 packets in its capture), and at the latest ``ack_delay``
@@ -543,6 +550,8 @@ class Session:
         ack_every: int = ACK_EVERY,
         ack_delay: float = ACK_DELAY,
         delayed_ack: bool = False,
+        max_realms: int | None = None,
+        bind_timeout: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if not 1 <= max_data <= 0xFFFFFF:
@@ -618,6 +627,11 @@ class Session:
         self._next_heartbeat = now + heartbeat_interval if heartbeat_interval else None
         self._dead = False
         # realms
+        self.max_realms = max_realms
+        self.bind_timeout = bind_timeout
+        self.retired = False  # a bind went unanswered: no new realm (PROTOCOLS 2.7 (b))
+        self._bind_out: int | None = None  # the realm whose BIND is on the wire
+        self._binds_waiting: collections.deque[tuple[int, bytes, float]] = collections.deque()
         self._realms: dict[int, str] = {}
         self._realm_deadline: dict[int, float] = {}
         self._recently_closed: collections.OrderedDict[int, None] = collections.OrderedDict()
@@ -832,19 +846,62 @@ class Session:
             if realm and realm not in self._realms and realm not in self._recently_closed:
                 return realm
 
+    @property
+    def can_open(self) -> bool:
+        """Whether :meth:`open_realm` takes a new realm now (alive, not retired, not full)."""
+        return not (
+            self._dead
+            or self.retired
+            or (self.max_realms is not None and len(self._realms) >= self.max_realms)
+        )
+
     def open_realm(
         self, port: int, now: float, ip: str = "127.0.0.1", timeout: float | None = None
     ) -> int:
-        """Client side: bind a fresh realm to the peer's ``ip:port``; wait for RealmConnected."""
-        bind = Bind(0, port, ip, self.bind_length)
-        encode_body(bind)  # validates before any state changes
-        if self._dead:
-            raise PTCPError("the peer is dead")
+        """Client side: bind a fresh realm to the peer's ``ip:port``; wait for
+        RealmConnected (or RealmClosed).  The BIND goes out once no other is
+        outstanding.  Raises TunnelUnavailable when :attr:`can_open` is false."""
+        encode_body(Bind(0, port, ip, self.bind_length))  # validates before any state changes
+        if not self.can_open:
+            why = "dead" if self._dead else "retired" if self.retired else "full"
+            raise TunnelUnavailable(f"the session is {why}")
+        wait = self.open_timeout if timeout is None else timeout
+        if self.bind_timeout is not None:
+            wait = min(wait, self.bind_timeout)
         realm = self._new_realm()
         self._realms[realm] = OPENING
-        self._realm_deadline[realm] = now + (self.open_timeout if timeout is None else timeout)
-        self._queue(encode_body(Bind(realm, port, ip, self.bind_length)), now)
+        body = encode_body(Bind(realm, port, ip, self.bind_length))
+        if self._bind_out is None:
+            self._send_bind(realm, body, wait, now)
+        else:
+            self._binds_waiting.append((realm, body, wait))
         return realm
+
+    def _send_bind(self, realm: int, body: bytes, wait: float, now: float) -> None:
+        self._bind_out = realm
+        self._realm_deadline[realm] = now + wait
+        self._queue(body, now)
+
+    def _bind_over(self, realm: int, now: float) -> None:
+        """``realm``'s BIND was answered (or given up): the next waiting one may go."""
+        if realm != self._bind_out:
+            return
+        self._bind_out = None
+        while self._binds_waiting and not self._dead and not self.retired:
+            waiting, body, wait = self._binds_waiting.popleft()
+            if self._realms.get(waiting) == OPENING:  # not closed meanwhile
+                self._send_bind(waiting, body, wait, now)
+                return
+
+    def _retire(self) -> None:
+        """A BIND went unanswered for bind_timeout (PROTOCOLS 2.7 (b)): the peer
+        grants no more on this session; the binds still waiting end here."""
+        self.retired = True
+        while self._binds_waiting:
+            realm, _body, _wait = self._binds_waiting.popleft()
+            if self._realms.get(realm) == OPENING:
+                self._forget(realm)
+                self._events.append(RealmClosed(realm, "retired"))
 
     def accept(self, realm: int, now: float) -> None:
         """Device side: answer a BindRequested with CONN."""
@@ -893,6 +950,14 @@ class Session:
         if state == PENDING:
             self.refuse(realm, now)
             return
+        if state == OPENING and realm != self._bind_out:  # its BIND never went out
+            self._binds_waiting = collections.deque(
+                b for b in self._binds_waiting if b[0] != realm
+            )
+            self._forget(realm)
+            self._events.append(RealmClosed(realm, "local"))
+            return
+        self._bind_over(realm, now)
         self._realms[realm] = CLOSING
         self._realm_deadline[realm] = now + self.open_timeout
         self._queue(encode_body(Status(realm, False)), now)
@@ -1157,6 +1222,7 @@ class Session:
             else:
                 self._forget(realm)
                 self._events.append(RealmClosed(realm, "refused"))
+            self._bind_over(realm, now)
         elif connected:
             self.stats.ignored += 1
         elif state == CLOSING:  # the peer's answer to our DISC
@@ -1317,6 +1383,9 @@ class Session:
                     else:
                         self._forget(realm)
                     self._events.append(RealmClosed(realm, "timeout"))
+                    if realm == self._bind_out and self.bind_timeout is not None:
+                        self._retire()
+                    self._bind_over(realm, now)
 
 
 # ---------------------------------------------------------------------------
@@ -1664,15 +1733,15 @@ class PTCPTunnel:
     ) -> None:
         self.sock = sock
         self.run_thread = run_thread
-        self.max_realms = max_realms
-        self.bind_timeout = bind_timeout
-        self.retired = False  # a bind went unanswered: serve the realms we have, no new one
-        self._bind_gate = threading.Lock()  # PROTOCOLS 2.7 (b): one BIND outstanding
         self.peer = peer
         self.clock = clock
         self.session = (
             session if session is not None else Session(now=clock(), **session_options)  # type: ignore[arg-type]
         )
+        if max_realms is not None:  # the pool policy of PROTOCOLS 2.7 (b), kept by the Session
+            self.session.max_realms = max_realms
+        if bind_timeout is not None:
+            self.session.bind_timeout = bind_timeout
         self.on_bind = on_bind
         self.on_event = on_event
         self.on_dead = on_dead
@@ -1815,14 +1884,14 @@ class PTCPTunnel:
         """Realms bridged now (open or being opened)."""
         return len(self._bridges)
 
+    @property
+    def retired(self) -> bool:
+        """A bind went unanswered: the tunnel serves its realms and takes no new one."""
+        return self.session.retired
+
     def has_room(self) -> bool:
         """Whether :meth:`forward` may take a new realm here now."""
-        return not (
-            self._stop
-            or self.session.dead
-            or self.retired
-            or (self.max_realms is not None and len(self._bridges) >= self.max_realms)
-        )
+        return not self._stop and self.session.can_open
 
     def forward(
         self,
@@ -1835,41 +1904,39 @@ class PTCPTunnel:
     ) -> int:
         """Bridge a connected local TCP socket to a new realm bound to ``ip:remote_port``.
 
-        Binds go out one at a time (PROTOCOLS 2.7 (b)).  Blocks until the peer
-        answers (CONN) and returns the realm; raises PTCPError (and closes
-        ``client``) when the bind is refused, times out or the tunnel ends.  With
-        ``keep_client``, when this tunnel cannot take the realm (full, retired,
-        closed, or a bind unanswered within ``bind_timeout``, which retires it) it
-        raises :class:`TunnelUnavailable` and leaves ``client`` open.
+        Binds go out one at a time (the Session queues them, PROTOCOLS 2.7 (b)).
+        Blocks until the peer answers (CONN) and returns the realm; raises
+        PTCPError (and closes ``client``) when the bind is refused, times out or
+        the tunnel ends.  With ``keep_client``, when this tunnel cannot take the
+        realm (full, retired, closed, or a bind unanswered within the Session's
+        ``bind_timeout``, which retires it) it raises :class:`TunnelUnavailable`
+        and leaves ``client`` open.
         """
-        if self.bind_timeout is not None:
-            timeout = min(timeout, self.bind_timeout)
-        with self._bind_gate:
-            with self._lock:
-                if not self.has_room():
-                    why = "closed" if self._stop or self.session.dead else "full or retired"
-                    if not keep_client:
-                        client.close()
-                    raise TunnelUnavailable(f"tunnel is {why}")
-                realm = self.session.open_realm(remote_port, self.clock(), ip, timeout)
-                bridge = _Bridge(self, realm, client)
-                bridge.detachable = keep_client
-                self._bridges[realm] = bridge
-                self._flush()
-                self._wake_locked()
-            if not bridge.opened.wait(timeout + 5.0):  # the Session's timer should fire first
-                bridge.set_opened("timeout")
+        with self._lock:
+            if not self.has_room():
+                why = "closed" if self._stop or self.session.dead else "full or retired"
+                if not keep_client:
+                    client.close()
+                raise TunnelUnavailable(f"tunnel is {why}")
+            realm = self.session.open_realm(remote_port, self.clock(), ip, timeout)
+            bridge = _Bridge(self, realm, client)
+            bridge.detachable = keep_client
+            self._bridges[realm] = bridge
+            self._flush()
+            self._wake_locked()
+        # the Session ends every bind (CONN, refusal, timeout, retirement), and
+        # close() or a dead peer sets every bridge's outcome
+        while not bridge.opened.wait(1.0):
+            if self._stop or self.session.dead:
+                break
         result = bridge.open_result
         if result != "connected":
             bridge.abort()
             with self._lock:
                 self._bridges.pop(realm, None)
-            if result == "timeout" and self.bind_timeout is not None and not self.retired:
-                self.retired = True
-                log.warning(
-                    "no answer to a bind within %.1f s: this tunnel takes no new realms", timeout
-                )
-            if keep_client and result in ("timeout", "peer dead", "closed", ""):
+            if result == "timeout" and self.retired:
+                log.warning("a bind went unanswered: this tunnel takes no new realms")
+            if keep_client and result in ("timeout", "retired", "peer dead", "closed", ""):
                 raise TunnelUnavailable(f"bind to port {remote_port}: {result or 'closed'}")
             bridge.close_socket()
             raise PTCPError(f"bind to port {remote_port} failed: {result or 'closed'}")

@@ -36,6 +36,7 @@ from ptcp import (
     Status,
     Syn,
     SynReceived,
+    TunnelUnavailable,
     decode_packet,
     encode_packet,
 )
@@ -737,6 +738,86 @@ def test_pid_is_ffff_less_the_bytes_received_since_our_last_packet():
     s.send_heartbeat(0.2)
     (hb,) = decoded(s)
     assert hb.pid == 0xFFFF  # nothing received since the last ack
+
+
+# -- binds: one at a time, retirement, max realms (PROTOCOLS 2.7 (b)) -------------
+
+
+def bind_realms(s: Session) -> list[int]:
+    """The realms of the BINDs ``s`` sends now."""
+    return [p.body.realm for p in decoded(s) if isinstance(p.body, Bind)]
+
+
+def device_status(s: Session, sent: int, realm: int, connected: bool, now: float) -> int:
+    """The device answers ``realm``'s BIND; returns its next sent."""
+    s.receive_datagram(pkt(sent, s.sent, 2, 0, Status(realm, connected)), now)
+    return s.recv
+
+
+def test_binds_go_out_one_at_a_time() -> None:
+    s = Session(now=0.0, heartbeat_interval=None, rng=FixedRealms(1, 2, 3))
+    assert [s.open_realm(554, 0.0) for _ in range(3)] == [1, 2, 3]
+    assert bind_realms(s) == [1]  # 2 and 3 wait for the answer to 1
+    sent = device_status(s, 0, 1, True, 0.1)
+    assert s.events() == [RealmConnected(1)] and bind_realms(s) == [2]
+    device_status(s, sent, 2, False, 0.2)  # a refusal is an answer too
+    assert s.events() == [RealmClosed(2, "refused")] and bind_realms(s) == [3]
+
+
+def test_an_unanswered_bind_retires_the_session_and_ends_the_waiting_ones() -> None:
+    s = Session(
+        now=0.0,
+        heartbeat_interval=None,
+        initial_rto=5.0,  # no retransmission of the BIND within this test
+        bind_timeout=2.0,
+        rng=FixedRealms(1, 2, 3),
+    )
+    for _ in range(3):
+        s.open_realm(554, 0.0)
+    assert bind_realms(s) == [1] and s.can_open
+    assert s.next_deadline() == pytest.approx(2.0)  # bind_timeout, not open_timeout
+    s.handle_timers(2.0)
+    events = s.events()
+    assert RealmClosed(1, "timeout") in events
+    assert [e for e in events if e.reason == "retired"] == [
+        RealmClosed(2, "retired"),
+        RealmClosed(3, "retired"),
+    ]
+    assert s.retired and not s.can_open and bind_realms(s) == []
+    with pytest.raises(TunnelUnavailable):
+        s.open_realm(554, 2.0)
+
+
+def test_without_bind_timeout_a_timed_out_bind_lets_the_next_go() -> None:
+    s = Session(now=0.0, heartbeat_interval=None, initial_rto=5.0, rng=FixedRealms(1, 2))
+    s.open_realm(554, 0.0, timeout=3.0)
+    s.open_realm(554, 0.0, timeout=3.0)
+    assert bind_realms(s) == [1]
+    s.handle_timers(3.0)
+    assert s.events() == [RealmClosed(1, "timeout")]
+    assert not s.retired and bind_realms(s) == [2]
+
+
+def test_a_waiting_bind_closed_locally_never_goes_out() -> None:
+    s = Session(now=0.0, heartbeat_interval=None, rng=FixedRealms(1, 2, 3))
+    for _ in range(3):
+        s.open_realm(554, 0.0)
+    decoded(s)
+    s.close_realm(2, 0.1)
+    assert s.events() == [RealmClosed(2, "local")] and decoded(s) == []
+    device_status(s, 0, 1, True, 0.2)
+    assert bind_realms(s) == [3]
+
+
+def test_max_realms_bounds_the_realms_alive_at_once() -> None:
+    s = Session(now=0.0, heartbeat_interval=None, max_realms=2, rng=FixedRealms(1, 2, 3))
+    s.open_realm(554, 0.0)
+    s.open_realm(554, 0.0)
+    assert not s.can_open
+    with pytest.raises(TunnelUnavailable):
+        s.open_realm(554, 0.0)
+    device_status(s, 0, 1, False, 0.1)  # refused: one place free again
+    assert s.can_open and s.open_realm(554, 0.2) == 3
 
 
 # -- acknowledgement rate (PROTOCOLS 2.7 (b)) ------------------------------------
