@@ -1000,8 +1000,15 @@ class Session:
             self._seen_peer = True
             self._peer_clock0 = (lmid, now)
             self._rmid = lmid
-        elif 0 < ((lmid - self._rmid) & MASK32) < HALF32:
-            self._rmid = lmid
+        elif lmid != self._rmid:  # most packets of a tick share it (PROTOCOLS 2.7 (a))
+            if (lmid | self._rmid) <= LMID_MASK:
+                # a capture-style clock lives below 2^31 and wraps there after 24.8
+                # days: compare modulo 2^31, or our echo of it would freeze for good
+                newer = ((lmid - self._rmid) & LMID_MASK) < 1 << 30
+            else:
+                newer = ((lmid - self._rmid) & MASK32) < HALF32
+            if newer:
+                self._rmid = lmid
 
     def _receive(self, datagrams: list, now: float, strict: bool) -> int:
         """The one receive path: in-order data and superseded acks take short cuts,

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from conftest import load_vectors
 from ptcp import (
     ACK_DELAY,
+    LMID_MASK,
     MASK32,
     REALM_HEAD_LEN,
     Bind,
@@ -716,6 +717,18 @@ def test_lmid_is_a_10_ms_clock_starting_well_above_zero_and_below_2_31():
     late.handle_timers(1.0)
     late.send_syn(1.0)
     assert decoded(late)[0].lmid < 2**31  # masked below 2^31, never above
+
+
+def test_rmid_follows_a_peer_clock_that_wraps_below_2_31() -> None:
+    s = Session(now=0.0, heartbeat_interval=None)
+    top = LMID_MASK - 15  # 24.8 days of a millisecond clock kept below 2^31
+    sent = 0
+    for lmid in (top, top + 10, 4, 14):  # the clock wrapped between the second and third
+        s.receive_datagram(pkt(sent, 0, lmid, 0, Heartbeat()), 0.0)
+        sent += 12
+        assert s.rmid == lmid
+    s.receive_datagram(pkt(sent, 0, top + 10, 0, Heartbeat()), 0.0)  # a late one from before
+    assert s.rmid == 14
 
 
 def test_pid_is_ffff_less_the_bytes_received_since_our_last_packet():
