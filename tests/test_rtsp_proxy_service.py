@@ -93,6 +93,13 @@ def test_two_dvrs_play_and_metrics_show_their_viewers(
     assert results["shop"].frames >= 50 and not results["shop"].errors, results["shop"].output
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
+    # a file that cannot be read is reported and the running DVRs keep serving
+    write_config(config, "[[dvr]\nthis is not toml")
+    proc.popen.send_signal(signal.SIGHUP)
+    proc.wait_line(r"keeping the running DVRs")
+    assert set(get_json(health, "/status")[1]["dvrs"]) == {"shop", "gate"}
+    result = play(f"rtsp://127.0.0.1:{gate_port}/live.000", "ffprobe", "tcp", seconds=2.0)
+    assert result.frames >= 25, result.output[-2000:]
     # another health address takes a restart: said so, and the endpoints stay
     write_config(config, f'health = "{free_port()}"\n' + entries[0] + gate)
     proc.popen.send_signal(signal.SIGHUP)
