@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import sys
@@ -86,7 +85,7 @@ def test_three_devices_one_unknown_then_fixed_by_sighup(
     for port in ports[:2]:
         frames(port)
     # the tunnel's own threads name their device too (ffprobe's realm ended)
-    assert re.search(r"DEBUG ptcp: \[a\] realm [0-9a-f]{8}: local EOF", proc.output), proc.output
+    proc.wait_line(r"DEBUG ptcp: \[a\] realm [0-9a-f]{8}: local EOF")  # logged just after
 
     before = metric_samples(health)
     assert before[("dh_p2p_device_up", (("device", "a"),))] == 1
