@@ -203,7 +203,7 @@ def test_a_session_set_up_but_never_played_is_closed_and_released(proxied) -> No
             raw.sock.setblocking(False)
             wait_until(lambda r=raw: closed_by_peer(r.sock), what="the proxy to close it")
     wait_until(lambda: dvr.active_sessions == 0, what="the DVR sessions to be released")
-    assert proc.output.count("(idle)") >= 2
+    wait_until(lambda: proc.output.count("(idle)") >= 2, what="both closes in the log")
 
 
 # --------------------------------------------------------------------------
