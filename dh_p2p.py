@@ -1428,6 +1428,9 @@ class Client:
                 punch_check=self.args.punch_check,
                 session_options={
                     "dead_after": self.args.peer_timeout,
+                    # the tunnel pool's policy, kept by each Session (PROTOCOLS 2.7 (b))
+                    "max_realms": self.args.max_realms,
+                    "bind_timeout": self.args.bind_timeout,
                     **ptcp.wire_options(self.args),
                 },
                 identities=tuple(identities),
@@ -1601,8 +1604,6 @@ class Client:
             on_event=on_event,
             own_socket=False,
             gso=not self.args.no_gso,
-            max_realms=self.args.max_realms,
-            bind_timeout=self.args.bind_timeout,
             run_thread=self.in_thread,
         )
         slot = _Slot(tunnel, est, socks, extra)

@@ -1733,8 +1733,6 @@ class PTCPTunnel:
         clock: Callable[[], float] = time.monotonic,
         own_socket: bool = True,
         gso: bool = True,
-        max_realms: int | None = None,
-        bind_timeout: float | None = None,
         run_thread: Callable[[Callable[[], object]], object] | None = None,
         **session_options: object,
     ) -> None:
@@ -1745,10 +1743,6 @@ class PTCPTunnel:
         self.session = (
             session if session is not None else Session(now=clock(), **session_options)  # type: ignore[arg-type]
         )
-        if max_realms is not None:  # the pool policy of PROTOCOLS 2.7 (b), kept by the Session
-            self.session.max_realms = max_realms
-        if bind_timeout is not None:
-            self.session.bind_timeout = bind_timeout
         self.on_bind = on_bind
         self.on_event = on_event
         self.on_dead = on_dead
@@ -2576,9 +2570,10 @@ def _session_options(args: argparse.Namespace) -> dict[str, object]:
 
 def wire_options(args: argparse.Namespace) -> dict[str, object]:
     """Session options of ``--ptcp-ids`` and ``--ack-every`` (PROTOCOLS 2.5, 2.7 (a), (b))."""
-    if args.ptcp_ids == IDS_COUNTER:  # the older public tools, whole: counters, BIND length 0,
+    if args.ptcp_ids == IDS_COUNTER:
+        # the older public tools, whole: counters, BIND length 0, an ack for every data packet
         options: dict[str, object] = {"ids": IDS_COUNTER, "bind_length": 0, "ack_every": 1}
-    else:  # ...and an ack for every data packet
+    else:
         options = {"ids": IDS_CAPTURE, "bind_length": BIND_LENGTH, "ack_every": ACK_EVERY}
     if args.ack_every is not None:
         options["ack_every"] = args.ack_every
